@@ -1,0 +1,99 @@
+"""Workspaces, users, memberships and API keys."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from .db import utcnow
+from .errors import Conflict, InvalidInput, NotFound
+from .models import ApiKey, Membership, User, Workspace
+
+API_KEY_PREFIX = "hk_"
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_workspace(session: Session, name: str) -> Workspace:
+    name = (name or "").strip()
+    if not name:
+        raise InvalidInput("a workspace needs a name")
+    if session.scalar(select(Workspace).where(Workspace.name == name)):
+        raise Conflict(f"workspace {name!r} already exists")
+    ws = Workspace(name=name)
+    session.add(ws)
+    session.flush()
+    return ws
+
+
+def get_workspace_by_name(session: Session, name: str) -> Workspace:
+    ws = session.scalar(select(Workspace).where(Workspace.name == name))
+    if ws is None:
+        raise NotFound(f"no workspace named {name!r}")
+    return ws
+
+
+def create_user(session: Session, email: str, password: str, workspace: Workspace, role: str = "owner") -> User:
+    email = (email or "").strip().lower()
+    if "@" not in email:
+        raise InvalidInput(f"{email!r} is not an email address")
+    if len(password or "") < 8:
+        raise InvalidInput("the password must have at least 8 characters")
+    user = session.scalar(select(User).where(User.email == email))
+    if user is None:
+        user = User(email=email, password_hash=generate_password_hash(password))
+        session.add(user)
+        session.flush()
+    elif session.get(Membership, (user.id, workspace.id)):
+        raise Conflict(f"{email} is already a member of {workspace.name!r}")
+    session.add(Membership(user_id=user.id, workspace_id=workspace.id, role=role))
+    session.flush()
+    return user
+
+
+def authenticate(session: Session, email: str, password: str) -> User | None:
+    user = session.scalar(select(User).where(User.email == (email or "").strip().lower()))
+    if user is None or not check_password_hash(user.password_hash, password or ""):
+        return None
+    return user
+
+
+def user_workspaces(session: Session, user_id: int) -> list[Workspace]:
+    return list(
+        session.scalars(
+            select(Workspace)
+            .join(Membership, Membership.workspace_id == Workspace.id)
+            .where(Membership.user_id == user_id)
+            .order_by(Workspace.name)
+        )
+    )
+
+
+def create_api_key(session: Session, workspace: Workspace, name: str = "") -> tuple[ApiKey, str]:
+    """Make a key; return the row and the key itself, which is never stored (only its hash)."""
+    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(workspace_id=workspace.id, name=name, prefix=key[:10], key_hash=hash_api_key(key))
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def workspace_for_api_key(session: Session, key: str) -> int | None:
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None)))
+    if row is None:
+        return None
+    return row.workspace_id
+
+
+def revoke_api_key(session: Session, workspace_id: int, key_id: int) -> None:
+    row = session.get(ApiKey, key_id)
+    if row is None or row.workspace_id != workspace_id:
+        raise NotFound("no such API key")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()

@@ -1,0 +1,396 @@
+"""Herald's data model (SQLAlchemy 2). The database is the source of truth; Redis carries ids.
+
+Every row belongs to a workspace (``workspace_id``), and every query the web layer makes is
+scoped by it. Timestamps are naive UTC (``campaigns.db.utcnow``) on both backends.
+
+The message ledger (``messages``) has one row per (enrollment, step) with a stable
+``message_key`` fixed when the row is created; the engine moves a row through
+``scheduled -> queued -> sending -> sent -> delivered | bounced | dropped`` (or ``ambiguous``,
+``failed``, ``cancelled``) and never backwards on a late event.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from .db import utcnow
+
+# BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _pk():
+    return mapped_column(BigId, primary_key=True, autoincrement=True)
+
+
+def _ws():
+    return mapped_column(BigId, ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False, index=True)
+
+
+class Workspace(Base):
+    __tablename__ = "workspaces"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = _pk()
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # How many sends of this workspace may be in flight at once (fairness, issue 4).
+    concurrency: Mapped[int] = mapped_column(Integer, default=8, server_default="8")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = _pk()
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    memberships: Mapped[list[Membership]] = relationship(back_populates="user", cascade="all, delete-orphan")
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+
+    user_id: Mapped[int] = mapped_column(BigId, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    role: Mapped[str] = mapped_column(String(20), default="owner")
+
+    user: Mapped[User] = relationship(back_populates="memberships")
+    workspace: Mapped[Workspace] = relationship()
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    name: Mapped[str] = mapped_column(String(200), default="")
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in the UI to tell keys apart
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the key
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Contact(Base):
+    __tablename__ = "contacts"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "email", name="uq_contacts_workspace_email"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    email: Mapped[str] = mapped_column(String(320))  # normalised (lower-cased) address
+    first_name: Mapped[str | None] = mapped_column(String(200))
+    last_name: Mapped[str | None] = mapped_column(String(200))
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    fields: Mapped[dict] = mapped_column(JSON, default=dict)
+    # active | unsubscribed | bounced | complained
+    status: Mapped[str] = mapped_column(String(20), default="active", server_default="active")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class ContactList(Base):
+    __tablename__ = "lists"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "name", name="uq_lists_workspace_name"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ListMember(Base):
+    __tablename__ = "list_members"
+    __table_args__ = (Index("ix_list_members_contact", "contact_id"),)
+
+    list_id: Mapped[int] = mapped_column(BigId, ForeignKey("lists.id", ondelete="CASCADE"), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True
+    )
+    workspace_id: Mapped[int] = _ws()
+    added_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Suppression(Base):
+    __tablename__ = "suppressions"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "email", name="uq_suppressions_workspace_email"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    email: Mapped[str] = mapped_column(String(320))
+    # manual | unsubscribe | bounce | dropped | spamreport | import
+    reason: Mapped[str] = mapped_column(String(40), default="manual")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+    __table_args__ = (Index("ix_campaigns_status", "status"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    name: Mapped[str] = mapped_column(String(200))
+    list_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("lists.id", ondelete="SET NULL"))
+    from_email: Mapped[str] = mapped_column(String(320))
+    from_name: Mapped[str | None] = mapped_column(String(200))
+    reply_to: Mapped[str | None] = mapped_column(String(320))
+    send_window: Mapped[dict | None] = mapped_column(JSON)
+    limits: Mapped[dict] = mapped_column(JSON, default=dict)
+    stop_on: Mapped[list] = mapped_column(JSON, default=lambda: ["reply"])
+    tracking: Mapped[dict] = mapped_column(JSON, default=lambda: {"opens": True, "clicks": True})
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
+    # draft | running | paused | completed | cancelled
+    status: Mapped[str] = mapped_column(String(20), default="draft", server_default="draft")
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    launched_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Set once the launch fan-out has enrolled the list; later members are enrolled as they come.
+    fanout_done_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    steps: Mapped[list[Step]] = relationship(
+        back_populates="campaign", order_by="Step.position", cascade="all, delete-orphan"
+    )
+
+
+class Step(Base):
+    __tablename__ = "steps"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "position", name="uq_steps_campaign_position"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    campaign_id: Mapped[int] = mapped_column(BigId, ForeignKey("campaigns.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(10))  # email | wait
+    subject: Mapped[str | None] = mapped_column(Text)
+    html: Mapped[str | None] = mapped_column(Text)
+    text: Mapped[str | None] = mapped_column(Text)
+    wait_seconds: Mapped[int | None] = mapped_column(Integer)
+
+    campaign: Mapped[Campaign] = relationship(back_populates="steps")
+
+
+class Enrollment(Base):
+    """One contact in one campaign. ``next_position`` is the step the sequence is at."""
+
+    __tablename__ = "enrollments"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "contact_id", name="uq_enrollments_campaign_contact"),
+        Index("ix_enrollments_contact", "contact_id", "status"),
+        Index("ix_enrollments_campaign_status", "campaign_id", "status"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    campaign_id: Mapped[int] = mapped_column(BigId, ForeignKey("campaigns.id", ondelete="CASCADE"))
+    contact_id: Mapped[int] = mapped_column(BigId, ForeignKey("contacts.id", ondelete="CASCADE"))
+    # active | completed | stopped
+    status: Mapped[str] = mapped_column(String(20), default="active", server_default="active")
+    stopped_reason: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Message(Base):
+    """The ledger: one email of one step to one contact (or a test send)."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("enrollment_id", "step_id", name="uq_messages_enrollment_step"),
+        # The dispatcher's query: work due now, oldest first.
+        Index("ix_messages_status_due", "status", "due_at"),
+        # A campaign's messages by status (stats, dead letters, the message log).
+        Index("ix_messages_campaign_status", "campaign_id", "status"),
+        # The reconciler's query: leases that ran out.
+        Index("ix_messages_lease", "status", "lease_expires_at"),
+        Index("ix_messages_provider_id", "provider_message_id"),
+        Index("ix_messages_contact", "contact_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    campaign_id: Mapped[int] = mapped_column(BigId, ForeignKey("campaigns.id", ondelete="CASCADE"))
+    enrollment_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("enrollments.id", ondelete="CASCADE"))
+    step_id: Mapped[int] = mapped_column(BigId, ForeignKey("steps.id", ondelete="CASCADE"))
+    contact_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("contacts.id", ondelete="SET NULL"))
+    email: Mapped[str] = mapped_column(String(320))
+    message_key: Mapped[str] = mapped_column(String(64), unique=True)
+    # scheduled | queued | sending | sent | delivered | bounced | dropped | ambiguous | failed | cancelled
+    status: Mapped[str] = mapped_column(String(20), default="scheduled", server_default="scheduled")
+    is_test: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    due_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
+    lease_owner: Mapped[str | None] = mapped_column(String(80))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_response: Mapped[str | None] = mapped_column(Text)
+    provider_message_id: Mapped[str | None] = mapped_column(String(100))
+    ambiguous_at: Mapped[datetime | None] = mapped_column(DateTime)
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # First-seen times of engagement (unique opens/clicks per message; replies).
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    opened_at: Mapped[datetime | None] = mapped_column(DateTime)
+    clicked_at: Mapped[datetime | None] = mapped_column(DateTime)
+    replied_at: Mapped[datetime | None] = mapped_column(DateTime)
+    unsubscribed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    spam_reported_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class MessageAttempt(Base):
+    """One try at handing a message to the provider: the retry history and the duration figures."""
+
+    __tablename__ = "message_attempts"
+    __table_args__ = (
+        Index("ix_attempts_message", "message_id"),
+        Index("ix_attempts_finished", "finished_at"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    message_id: Mapped[int] = mapped_column(BigId, ForeignKey("messages.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime] = mapped_column(DateTime)
+    duration_ms: Mapped[float] = mapped_column(Float)
+    # sent | retry | failed | ambiguous | rate_limited
+    outcome: Mapped[str] = mapped_column(String(20))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Event(Base):
+    """A delivery event from the SendGrid Event Webhook (kept even when unmatched)."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_message", "message_id"),
+        Index("ix_events_message_key", "message_key"),
+        Index("ix_events_unprocessed", "processed_at"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("workspaces.id", ondelete="CASCADE"))
+    message_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"))
+    message_key: Mapped[str | None] = mapped_column(String(64))
+    dedupe_key: Mapped[str] = mapped_column(String(128), unique=True)
+    sg_event_id: Mapped[str | None] = mapped_column(String(100))
+    sg_message_id: Mapped[str | None] = mapped_column(String(200))
+    event: Mapped[str] = mapped_column(String(40))
+    email: Mapped[str | None] = mapped_column(String(320))
+    timestamp: Mapped[datetime | None] = mapped_column(DateTime)
+    url: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[dict] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Reply(Base):
+    """An inbound email (Inbound Parse), matched to a message when possible."""
+
+    __tablename__ = "replies"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("workspaces.id", ondelete="CASCADE"))
+    message_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"))
+    from_email: Mapped[str | None] = mapped_column(String(320))
+    subject: Mapped[str | None] = mapped_column(Text)
+    is_auto: Mapped[bool] = mapped_column(Boolean, default=False)
+    matched_by: Mapped[str | None] = mapped_column(String(20))
+    headers: Mapped[str | None] = mapped_column(Text)
+    text: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Import(Base):
+    """A CSV import run in the background, with its progress and per-row report."""
+
+    __tablename__ = "imports"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    list_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("lists.id", ondelete="SET NULL"))
+    # pending | running | done | failed
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    path: Mapped[str | None] = mapped_column(Text)
+    total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_done: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[int] = mapped_column(Integer, default=0)
+    updated: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class JobLock(Base):
+    """A lease held in the database, so a recurring job never overlaps itself across consumers."""
+
+    __tablename__ = "job_locks"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(100))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Counter(Base):
+    """Shared counters the consumers bump and /metrics reads (e.g. rate-limit waits)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

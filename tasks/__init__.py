@@ -1,0 +1,74 @@
+"""The Huey instance (``tasks.huey``) and Herald's tasks.
+
+``REDIS_URL`` set: ``PriorityRedisExpireHuey`` on Redis. Unset: ``SqliteHuey`` under
+``instance/`` (WAL, busy timeout), shared by the web app and the consumers. Creating the
+instance connects to nothing; tasks carry ids only, and the database is the source of truth.
+
+Run consumers with ``huey_consumer tasks.huey -k thread -w 8 -g TERM -t 30``.
+"""
+
+from __future__ import annotations
+
+from huey import PriorityRedisExpireHuey, SqliteHuey
+from huey.storage import SqliteStorage
+
+from campaigns.config import ConfigError, get_settings
+
+
+class LazySqliteStorage(SqliteStorage):
+    """SqliteStorage that creates its tables on first connection, not at construction."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["create_tables"] = False
+        self._schema_ready = False
+        super().__init__(*args, **kwargs)
+
+    def _create_connection(self):
+        conn = super()._create_connection()
+        if not self._schema_ready:
+            self._schema_ready = True
+            conn.execute("begin exclusive")
+            try:
+                for sql in self.ddl:
+                    conn.execute(sql)
+                conn.execute("commit")
+            except Exception:
+                conn.execute("rollback")
+                raise
+        return conn
+
+
+class LazySqliteHuey(SqliteHuey):
+    storage_class = LazySqliteStorage
+
+
+def make_huey():
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    common = dict(results=False, store_none=False, utc=True)
+    if settings.redis_url:
+        import redis
+
+        pool = redis.ConnectionPool.from_url(
+            settings.redis_url, health_check_interval=30, socket_connect_timeout=5, socket_keepalive=True
+        )
+        return PriorityRedisExpireHuey(settings.queue_name, connection_pool=pool, **common)
+    return LazySqliteHuey(
+        settings.queue_name,
+        filename=str(settings.instance_dir / "huey.db"),
+        timeout=30,
+        **common,
+    )
+
+
+huey = make_huey()
+
+
+def queue_store_ok() -> None:
+    """Raise unless the queue store answers (used by /healthz)."""
+    huey.storage.queue_size()
+
+
+from . import jobs  # noqa: E402,F401  (registers the tasks)

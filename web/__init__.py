@@ -1,0 +1,47 @@
+"""Herald's web app: ``create_app`` builds it; nothing connects until a request needs it."""
+
+from __future__ import annotations
+
+from flask import Flask
+from flask_wtf.csrf import CSRFProtect
+
+from campaigns.config import ConfigError, load_settings
+
+csrf = CSRFProtect()
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+    app = Flask(__name__, template_folder="../templates", instance_path=str(settings.instance_dir))
+    app.config.from_mapping(
+        SECRET_KEY=settings.secret_key,
+        HERALD_SETTINGS=settings,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.public_url.startswith("https://"),
+        WTF_CSRF_TIME_LIMIT=None,
+        MAX_CONTENT_LENGTH=64 * 1024 * 1024,
+        JSON_SORT_KEYS=False,
+    )
+    if test_config:
+        app.config.update(test_config)
+
+    from . import api, db, errors, ops, ui, webhooks
+    from .cli import register_commands
+
+    db.init_app(app)
+    errors.init_app(app)
+    csrf.init_app(app)
+    app.register_blueprint(ui.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(webhooks.bp)
+    app.register_blueprint(ops.bp)
+    # The webhooks and Bearer API calls are exempt; the API checks CSRF itself for session callers.
+    csrf.exempt(webhooks.bp)
+    csrf.exempt(api.bp)
+    register_commands(app)
+    return app

@@ -1,0 +1,107 @@
+"""The JSON API (``/api/v1``): Bearer key or the UI session; every query scoped to a workspace.
+
+Handlers are thin: parse and validate the body (marshmallow), call ``campaigns``, return JSON.
+Route modules (``contacts``, ``campaigns_api``, ...) add their routes to ``bp``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from flask import Blueprint, g, request
+from flask_wtf.csrf import CSRFError
+
+from campaigns.errors import BadRequest
+
+from ..auth import api_workspace
+from ..errors import error_response
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+PUBLIC_ENDPOINTS = {"api.openapi"}
+UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+@bp.before_request
+def _authenticate():
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    workspace_id, how = api_workspace()
+    if workspace_id is None:
+        return error_response(401, "unauthorized", "sign in, or send Authorization: Bearer <api key>")
+    if how == "session" and request.method in UNSAFE:
+        from .. import csrf
+
+        try:
+            csrf.protect()
+        except CSRFError as exc:
+            return error_response(400, "csrf_failed", exc.description)
+    g.workspace_id = workspace_id
+    return None
+
+
+def json_body() -> dict:
+    """The request's JSON object, or a 400 that says what is wrong with it."""
+    if not request.data:
+        raise BadRequest("the request needs a JSON body")
+    data = request.get_json(silent=True, force=True)
+    if data is None:
+        raise BadRequest("the request body is not valid JSON")
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return data
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(str(last_id).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise BadRequest("cursor is not valid; use the next_cursor of a previous page") from None
+
+
+def page_limit(default: int = 50, maximum: int = 500) -> int:
+    raw = request.args.get("limit")
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest("limit must be a whole number") from None
+    if not 1 <= value <= maximum:
+        raise BadRequest(f"limit must be between 1 and {maximum}")
+    return value
+
+
+def paginate(session, stmt, model, serialize, limit: int | None = None) -> dict:
+    """Keyset pagination by id: ``{"items": [...], "next_cursor": str | None}``."""
+    limit = limit or page_limit()
+    after = decode_cursor(request.args.get("cursor"))
+    if after is not None:
+        stmt = stmt.where(model.id > after)
+    rows = list(session.scalars(stmt.order_by(model.id).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "items": [serialize(r) for r in rows],
+        "next_cursor": encode_cursor(rows[-1].id) if more and rows else None,
+    }
+
+
+def int_arg(name: str) -> int | None:
+    raw = request.args.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number") from None
+
+
+from . import routes  # noqa: E402,F401  (registers the route modules)

@@ -1,0 +1,3 @@
+"""API routes: campaigns."""
+
+from . import bp  # noqa: F401

@@ -1,0 +1,3 @@
+"""API routes: contacts."""
+
+from . import bp  # noqa: F401

@@ -1,0 +1,3 @@
+"""API routes: engine."""
+
+from . import bp  # noqa: F401

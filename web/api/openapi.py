@@ -1,0 +1,3 @@
+"""API routes: openapi."""
+
+from . import bp  # noqa: F401

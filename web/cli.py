@@ -1,0 +1,81 @@
+"""Admin commands: ``flask --app wsgi --help`` lists them."""
+
+from __future__ import annotations
+
+import click
+from flask import Flask
+
+from campaigns import accounts
+from campaigns.config import ConfigError
+from campaigns.db import check_database, session_scope
+from campaigns.errors import HeraldError
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(getattr(exc, "message", exc)))
+
+
+def register_commands(app: Flask) -> None:
+    @app.cli.command("migrate")
+    def migrate():
+        """Create or upgrade the schema to the latest migration (safe to run again)."""
+        from campaigns.migrate import upgrade
+
+        try:
+            check_database()
+        except ConfigError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        upgrade()
+        click.echo("database is at the latest migration")
+
+    @app.cli.command("create-workspace")
+    @click.argument("name")
+    def create_workspace(name):
+        """Create a workspace (an error if it exists)."""
+        try:
+            with session_scope() as s:
+                ws = accounts.create_workspace(s, name)
+                click.echo(f"created workspace {ws.name!r} (id {ws.id})")
+        except HeraldError as exc:
+            _fail(exc)
+
+    @app.cli.command("create-user")
+    @click.argument("email")
+    @click.option("--workspace", required=True, help="name of the workspace to join")
+    @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+    def create_user(email, workspace, password):
+        """Create a user in a workspace (prompts for the password when not given)."""
+        try:
+            with session_scope() as s:
+                ws = accounts.get_workspace_by_name(s, workspace)
+                user = accounts.create_user(s, email, password, ws)
+                click.echo(f"created user {user.email} in {ws.name!r}")
+        except HeraldError as exc:
+            _fail(exc)
+
+    @app.cli.command("create-api-key")
+    @click.option("--workspace", required=True, help="name of the workspace the key acts for")
+    @click.option("--name", default="", help="a label for the key")
+    def create_api_key(workspace, name):
+        """Create an API key; it is printed once, alone on the last line (only its hash is kept)."""
+        try:
+            with session_scope() as s:
+                ws = accounts.get_workspace_by_name(s, workspace)
+                _, key = accounts.create_api_key(s, ws, name)
+        except HeraldError as exc:
+            _fail(exc)
+        click.echo(f"API key for {workspace!r} (shown once; store it now):")
+        click.echo(key)
+
+    @app.cli.command("sendgrid-sink")
+    @click.option("--port", default=3030, show_default=True, type=int)
+    @click.option("--host", default="127.0.0.1", show_default=True)
+    def sendgrid_sink(port, host):
+        """Run the local SendGrid sink (the /v3/mail/send wire format, a local outbox)."""
+        from .sink import run_sink
+
+        run_sink(host=host, port=port)
+
+    from .cli_import import register as register_import
+
+    register_import(app)

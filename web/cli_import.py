@@ -1,0 +1,5 @@
+"""The import-contacts admin command."""
+
+
+def register(app):
+    pass
