@@ -179,7 +179,7 @@ def load_settings(env=None) -> Settings:
         if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
             raise ConfigError(f"REDIS_URL: {redis_url!r} is not a redis:// URL")
         try:
-            parts.port
+            _ = parts.port
         except ValueError:
             raise ConfigError(f"REDIS_URL: {redis_url!r} has a bad port") from None
 

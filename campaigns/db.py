@@ -38,7 +38,11 @@ def _sqlite_pragmas(dbapi_conn, _record):
 
 def _sqlite_begin(conn):
     # pysqlite's own transaction handling is off (see below); take the write lock up front so
-    # that two writers queue on the busy timeout instead of failing on upgrade.
+    # that two writers queue on the busy timeout instead of failing on upgrade (a deferred
+    # transaction that read a WAL snapshot cannot become a writer once another commit landed).
+    # A connection in AUTOCOMMIT (read-only tools, tests' inspection sessions) takes no lock.
+    if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 

@@ -132,7 +132,10 @@ class ContactList(Base):
 
 class ListMember(Base):
     __tablename__ = "list_members"
-    __table_args__ = (Index("ix_list_members_contact", "contact_id"),)
+    __table_args__ = (
+        Index("ix_list_members_contact", "contact_id"),
+        Index("ix_list_members_list_added", "list_id", "added_at"),
+    )
 
     list_id: Mapped[int] = mapped_column(BigId, ForeignKey("lists.id", ondelete="CASCADE"), primary_key=True)
     contact_id: Mapped[int] = mapped_column(
@@ -239,7 +242,7 @@ class Message(Base):
         # The dispatcher's query: work due now, oldest first.
         Index("ix_messages_status_due", "status", "due_at"),
         # A campaign's messages by status (stats, dead letters, the message log).
-        Index("ix_messages_campaign_status", "campaign_id", "status"),
+        Index("ix_messages_campaign_status", "campaign_id", "status", "due_at"),
         # The reconciler's query: leases that ran out.
         Index("ix_messages_lease", "status", "lease_expires_at"),
         Index("ix_messages_provider_id", "provider_message_id"),
@@ -290,11 +293,13 @@ class MessageAttempt(Base):
     __table_args__ = (
         Index("ix_attempts_message", "message_id"),
         Index("ix_attempts_finished", "finished_at"),
+        Index("ix_attempts_campaign", "campaign_id", "id"),
         {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = _pk()
     workspace_id: Mapped[int] = _ws()
+    campaign_id: Mapped[int] = mapped_column(BigId, ForeignKey("campaigns.id", ondelete="CASCADE"))
     message_id: Mapped[int] = mapped_column(BigId, ForeignKey("messages.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(DateTime)
@@ -385,6 +390,10 @@ class JobLock(Base):
     owner: Mapped[str | None] = mapped_column(String(100))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     last_run_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Where the last run got to (e.g. the reconciler's enrollment checkpoint).
+    checkpoint: Mapped[datetime | None] = mapped_column(DateTime)
+    # Set by a caller that found the lease held: the holder runs once more before letting go.
+    rerun: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class Counter(Base):
@@ -394,3 +403,12 @@ class Counter(Base):
 
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RateLimitState(Base):
+    """Rate-limit state for the embedded store (GCRA arrival times, window counts, holds)."""
+
+    __tablename__ = "rate_limit_state"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[float] = mapped_column(Float, default=0.0)

@@ -24,11 +24,31 @@ REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "15"))
 RUN_ID = f"{os.getpid()}_{secrets.token_hex(3)}"
 INSTANCE = Path(tempfile.mkdtemp(prefix=f"herald-test-{RUN_ID}-"))
 
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SINK_PORT = free_port()
+
 _env = {
     "HERALD_INSTANCE_DIR": str(INSTANCE),
     "SECRET_KEY": "test-secret-key-" + secrets.token_hex(8),
     "HERALD_QUEUE_NAME": f"herald-test-{RUN_ID}",
     "PUBLIC_URL": "http://127.0.0.1:5000",
+    # The engine's clocks, shortened so tests drive retries, leases and ambiguity in seconds.
+    "SENDGRID_API_HOST": f"http://127.0.0.1:{SINK_PORT}",
+    "SENDGRID_RATE_LIMIT": "10000/second",
+    "HERALD_SEND_TIMEOUT": "2",
+    "HERALD_LEASE_SECONDS": "6",
+    "HERALD_AMBIGUOUS_WINDOW": "3",
+    "HERALD_RETRY_BASE": "0.3",
+    "HERALD_RETRY_CAP": "1.5",
+    "HERALD_STALE_QUEUED_SECONDS": "4",
 }
 for _k in ("SENDGRID_API_KEY", "SENDGRID_WEBHOOK_PUBLIC_KEY", "INBOUND_PARSE_SECRET", "INBOUND_DOMAIN",
            "SENDGRID_RATE_LIMIT", "DATABASE_URL", "REDIS_URL"):
@@ -85,9 +105,20 @@ def _clean_tables():
 
 
 def _flush_queue():
+    from campaigns.ratelimit import reset_limiter
     from tasks import huey
 
     huey.storage.flush_all()
+    if BACKEND == "postgres":
+        import redis
+
+        r = redis.Redis.from_url(os.environ["REDIS_URL"])
+        keys = list(r.scan_iter(match=os.environ["HERALD_QUEUE_NAME"] + ":rl:*", count=1000))
+        keys += list(r.scan_iter(match="herald:dispatch-wake*", count=1000))
+        if keys:
+            r.delete(*keys)
+        r.close()
+    reset_limiter()
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +127,26 @@ def clean_state(database):
     _clean_tables()
     _flush_queue()
     yield
+
+
+@pytest.fixture(scope="session")
+def sink_server():
+    """The local SendGrid sink, on the port SENDGRID_API_HOST names, for the whole run."""
+    from web.sink import SinkServer
+
+    server = SinkServer("127.0.0.1", SINK_PORT).start()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def sink(sink_server):
+    """A reset sink and a small client for its control endpoints."""
+    from tests.helpers import SinkClient
+
+    client = SinkClient(sink_server.url)
+    client.reset()
+    return client
 
 
 @pytest.fixture(scope="session")
@@ -114,9 +165,15 @@ def client(app):
 @pytest.fixture
 def db():
     """A session for arranging and checking state directly."""
-    from campaigns.db import new_session
+    from sqlalchemy.orm import Session
 
-    session = new_session()
+    from campaigns.db import get_engine
+
+    engine = get_engine()
+    if engine.dialect.name == "sqlite":
+        # Each statement on its own: an open SQLite transaction here would hold the write lock.
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    session = Session(engine, expire_on_commit=False)
     yield session
     session.close()
 

@@ -104,11 +104,18 @@ def test_login_flow_and_csrf(app):
     assert bad.status_code == 401 and b"Wrong email or password" in bad.data
     ok = client.post("/login", data={"email": email, "password": "s3cret-pass", "csrf_token": token})
     assert ok.status_code == 302
+    home = client.get("/")
+    assert home.status_code == 200
+    # signing in starts a new session, so the page carries a new token
+    token = home.data.split(b'name="csrf_token" value="')[1].split(b'"')[0].decode()
+    # the session can use the API; unsafe calls need the CSRF token (header or form)
+    assert client.get("/api/v1/lists").status_code == 200
+    refused = client.post("/api/v1/lists", json={"name": "x"})
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "csrf_failed"
+    assert client.post("/api/v1/lists", json={"name": "x"}, headers={"X-CSRFToken": token}).status_code == 201
+    assert client.post("/logout").status_code == 400  # no token: refused, still signed in
     assert client.get("/").status_code == 200
-    # the session can use the API; unsafe calls need the CSRF token
-    assert client.get("/api/v1/lists").status_code in (200, 404)  # 404 until lists exist
-    assert client.post("/api/v1/lists", json={"name": "x"}).status_code == 400
-    client.post("/logout", data={"csrf_token": token})
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 302
     assert client.get("/").status_code == 302
 
 

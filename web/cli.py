@@ -76,6 +76,42 @@ def register_commands(app: Flask) -> None:
 
         run_sink(host=host, port=port)
 
+    @app.cli.command("replay-failed")
+    @click.option("--campaign", "campaign_id", required=True, type=int, help="the campaign's id")
+    def replay_failed(campaign_id):
+        """Queue every dead letter of a campaign again, with the same message keys."""
+        from campaigns import engine
+        from campaigns.models import Campaign
+        from tasks.engine import wake_dispatcher
+
+        with session_scope() as s:
+            c = s.get(Campaign, campaign_id)
+            if c is None:
+                raise click.ClickException(f"no campaign with id {campaign_id}")
+            n = engine.replay_failed(s, c.workspace_id, campaign_id)
+        wake_dispatcher(None)
+        click.echo(f"queued {n} failed message(s) of campaign {campaign_id} again")
+
+    @app.cli.command("demo")
+    @click.option("--email", default="demo@herald.local", show_default=True)
+    @click.option("--password", default="herald-demo", show_default=True)
+    @click.option("--workspace", default="Demo", show_default=True)
+    def demo(email, password, workspace):
+        """Create the demo workspace and user if missing (used by `make run`), and print the login."""
+        from sqlalchemy import select
+
+        from campaigns.models import User, Workspace
+
+        with session_scope() as s:
+            ws = s.scalar(select(Workspace).where(Workspace.name == workspace))
+            if ws is None:
+                ws = accounts.create_workspace(s, workspace)
+            if s.scalar(select(User).where(User.email == email)) is None:
+                accounts.create_user(s, email, password, ws)
+                click.echo(f"demo login: {email} / {password}")
+            else:
+                click.echo(f"demo login: {email} (password unchanged; default {password})")
+
     from .cli_import import register as register_import
 
     register_import(app)

@@ -27,3 +27,28 @@ def healthz():
         checks["queue"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
     return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), (200 if ok else 503)
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus text format, computed at scrape time from the ledger and the shared counters."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    from campaigns.queue_health import collect_metrics
+    from campaigns.ratelimit import get_limiter
+    from tasks import huey
+
+    try:
+        counters = get_limiter().counters()
+    except Exception:  # noqa: BLE001 - the limiter store being down must not hide the rest
+        counters = {}
+    families = collect_metrics(get_db(), huey, counters)
+
+    class _Snapshot:
+        def collect(self):
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot())
+    return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}

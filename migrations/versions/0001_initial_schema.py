@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 22:18:44.849138
+Create Date: 2026-11-27 22:25:23.448294
 """
 
 from alembic import op
@@ -27,7 +27,14 @@ def upgrade() -> None:
     sa.Column('owner', sa.String(length=100), nullable=True),
     sa.Column('expires_at', sa.DateTime(), nullable=True),
     sa.Column('last_run_at', sa.DateTime(), nullable=True),
+    sa.Column('checkpoint', sa.DateTime(), nullable=True),
+    sa.Column('rerun', sa.Boolean(), server_default=sa.text('(false)'), nullable=False),
     sa.PrimaryKeyConstraint('name')
+    )
+    op.create_table('rate_limit_state',
+    sa.Column('key', sa.String(length=200), nullable=False),
+    sa.Column('value', sa.Float(), nullable=False),
+    sa.PrimaryKeyConstraint('key')
     )
     op.create_table('users',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -183,6 +190,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('list_members', schema=None) as batch_op:
         batch_op.create_index('ix_list_members_contact', ['contact_id'], unique=False)
+        batch_op.create_index('ix_list_members_list_added', ['list_id', 'added_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_list_members_workspace_id'), ['workspace_id'], unique=False)
 
     op.create_table('enrollments',
@@ -269,7 +277,7 @@ def upgrade() -> None:
     sqlite_autoincrement=True
     )
     with op.batch_alter_table('messages', schema=None) as batch_op:
-        batch_op.create_index('ix_messages_campaign_status', ['campaign_id', 'status'], unique=False)
+        batch_op.create_index('ix_messages_campaign_status', ['campaign_id', 'status', 'due_at'], unique=False)
         batch_op.create_index('ix_messages_contact', ['contact_id'], unique=False)
         batch_op.create_index('ix_messages_lease', ['status', 'lease_expires_at'], unique=False)
         batch_op.create_index('ix_messages_provider_id', ['provider_message_id'], unique=False)
@@ -305,6 +313,7 @@ def upgrade() -> None:
     op.create_table('message_attempts',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('workspace_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('campaign_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('message_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('number', sa.Integer(), nullable=False),
     sa.Column('started_at', sa.DateTime(), nullable=False),
@@ -314,12 +323,14 @@ def upgrade() -> None:
     sa.Column('http_status', sa.Integer(), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('retry_at', sa.DateTime(), nullable=True),
+    sa.ForeignKeyConstraint(['campaign_id'], ['campaigns.id'], ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['message_id'], ['messages.id'], ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['workspace_id'], ['workspaces.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sqlite_autoincrement=True
     )
     with op.batch_alter_table('message_attempts', schema=None) as batch_op:
+        batch_op.create_index('ix_attempts_campaign', ['campaign_id', 'id'], unique=False)
         batch_op.create_index('ix_attempts_finished', ['finished_at'], unique=False)
         batch_op.create_index('ix_attempts_message', ['message_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_message_attempts_workspace_id'), ['workspace_id'], unique=False)
@@ -350,6 +361,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_message_attempts_workspace_id'))
         batch_op.drop_index('ix_attempts_message')
         batch_op.drop_index('ix_attempts_finished')
+        batch_op.drop_index('ix_attempts_campaign')
 
     op.drop_table('message_attempts')
     with op.batch_alter_table('events', schema=None) as batch_op:
@@ -379,6 +391,7 @@ def downgrade() -> None:
     op.drop_table('enrollments')
     with op.batch_alter_table('list_members', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_list_members_workspace_id'))
+        batch_op.drop_index('ix_list_members_list_added')
         batch_op.drop_index('ix_list_members_contact')
 
     op.drop_table('list_members')
@@ -410,6 +423,7 @@ def downgrade() -> None:
     op.drop_table('api_keys')
     op.drop_table('workspaces')
     op.drop_table('users')
+    op.drop_table('rate_limit_state')
     op.drop_table('job_locks')
     op.drop_table('counters')
     # ### end Alembic commands ###

@@ -1,3 +1,273 @@
-"""API routes: engine."""
+"""API routes that run campaigns: launch/pause/resume/cancel, test sends, the progress stream,
+the message log, dead-letter replay and the queue's health. Handlers answer at once; the
+consumers do the work."""
 
-from . import bp  # noqa: F401
+from __future__ import annotations
+
+import json
+import time
+
+from flask import Response, g, request, stream_with_context
+from marshmallow import Schema, fields, validate
+from sqlalchemy import select
+
+from campaigns import engine, queue_health
+from campaigns.db import new_session
+from campaigns.errors import BadRequest
+from campaigns.models import Message, MessageAttempt
+
+from ..db import get_db
+from . import bp, int_arg, json_body, paginate
+from .openapi import doc
+
+MESSAGE_STATUSES = ("scheduled", "queued", "sending", "sent", "delivered", "bounced", "dropped", "ambiguous",
+                    "failed", "cancelled")
+
+
+def _iso(dt):
+    return dt.isoformat() + "Z" if dt else None
+
+
+class TestSendIn(Schema):
+    email = fields.String(required=True)
+    step = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=0))
+
+
+class CampaignStatusOut(Schema):
+    id = fields.Integer()
+    status = fields.String()
+    status_reason = fields.String(allow_none=True)
+
+
+class MessageOut(Schema):
+    id = fields.Integer()
+    campaign_id = fields.Integer()
+    step_id = fields.Integer()
+    enrollment_id = fields.Integer(allow_none=True)
+    email = fields.String()
+    message_key = fields.String()
+    status = fields.String()
+    is_test = fields.Boolean()
+    attempts = fields.Integer()
+    due_at = fields.String(allow_none=True)
+    sent_at = fields.String(allow_none=True)
+    last_error = fields.String(allow_none=True)
+    provider_message_id = fields.String(allow_none=True)
+
+
+class QueueOut(Schema):
+    depth = fields.Integer()
+    scheduled = fields.Integer()
+    in_flight = fields.Integer()
+    stalled = fields.Integer()
+    dead_letters = fields.Integer()
+    failure_rate_5m = fields.Float()
+    duration_ms = fields.Dict()
+
+
+def _status(c):
+    return {"id": c.id, "status": c.status, "status_reason": c.status_reason}
+
+
+def message_json(m: Message, detail: bool = False) -> dict:
+    out = {
+        "id": m.id, "campaign_id": m.campaign_id, "step_id": m.step_id, "enrollment_id": m.enrollment_id,
+        "email": m.email, "message_key": m.message_key, "status": m.status, "is_test": m.is_test,
+        "attempts": m.attempts, "max_attempts": m.max_attempts, "resends": m.resends,
+        "due_at": _iso(m.due_at), "sent_at": _iso(m.sent_at), "failed_at": _iso(m.failed_at),
+        "delivered_at": _iso(m.delivered_at), "opened_at": _iso(m.opened_at), "clicked_at": _iso(m.clicked_at),
+        "replied_at": _iso(m.replied_at), "last_error": m.last_error,
+        "provider_message_id": m.provider_message_id,
+    }
+    if detail:
+        out["last_response"] = m.last_response
+    return out
+
+
+def _tasks():
+    from tasks import engine as task_engine
+
+    return task_engine
+
+
+@bp.post("/campaigns/<int:campaign_id>/launch")
+@doc("Launch a draft campaign (fan-out runs in the background)", response=CampaignStatusOut, status=202)
+def launch_campaign(campaign_id):
+    db = get_db()
+    c = engine.launch(db, g.workspace_id, campaign_id)
+    db.commit()
+    _tasks().fanout_campaign(c.id)
+    return _status(c), 202
+
+
+@bp.post("/campaigns/<int:campaign_id>/pause")
+@doc("Pause: no new send of the campaign starts once this returns", response=CampaignStatusOut)
+def pause_campaign(campaign_id):
+    db = get_db()
+    c = engine.pause(db, g.workspace_id, campaign_id, reason="paused by a user")
+    db.commit()
+    return _status(c)
+
+
+@bp.post("/campaigns/<int:campaign_id>/resume")
+@doc("Resume a paused campaign", response=CampaignStatusOut)
+def resume_campaign(campaign_id):
+    db = get_db()
+    c = engine.resume(db, g.workspace_id, campaign_id)
+    db.commit()
+    _tasks().wake_dispatcher(None)
+    return _status(c)
+
+
+@bp.post("/campaigns/<int:campaign_id>/cancel")
+@doc("Cancel: pending messages are cancelled, sequences stop", response=CampaignStatusOut)
+def cancel_campaign(campaign_id):
+    db = get_db()
+    c = engine.cancel(db, g.workspace_id, campaign_id)
+    db.commit()
+    return _status(c)
+
+
+@bp.post("/campaigns/<int:campaign_id>/test-send")
+@doc("Send one step to any address, first in line, kept out of statistics", request=TestSendIn,
+     response=MessageOut, status=202)
+def test_send(campaign_id):
+    data = TestSendIn().load(json_body())
+    db = get_db()
+    msg = engine.test_send(db, g.workspace_id, campaign_id, data["email"], data.get("step"))
+    db.commit()
+    t = _tasks()
+    t.huey.enqueue(t.send_messages.s([msg.id], priority=t.PRIORITY_TEST))
+    return message_json(msg), 202
+
+
+@bp.get("/campaigns/<int:campaign_id>/stream")
+@doc("Server-sent events: the campaign's counts as they change; closes within 60 s (reconnect with Last-Event-ID)")
+def campaign_stream(campaign_id):
+    from campaigns.stats import campaign_stats
+
+    engine.get_campaign(get_db(), g.workspace_id, campaign_id)
+    get_db().close()
+    try:
+        lifetime = min(float(request.args.get("lifetime", 55)), 55.0)
+        interval = min(max(float(request.args.get("interval", 1)), 0.2), 10.0)
+    except ValueError:
+        raise BadRequest("lifetime and interval must be numbers") from None
+    last_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+
+    def snapshot(session):
+        c = engine.get_campaign(session, g.workspace_id, campaign_id)
+        totals, per_step = campaign_stats(session, campaign_id)
+        return {
+            "id": c.id, "status": c.status, "status_reason": c.status_reason, "stats": totals,
+            "steps": {str(k): v for k, v in per_step.items()},
+        }
+
+    def events():
+        started = time.monotonic()
+        seq = int(last_id) if (last_id or "").isdigit() else 0
+        previous = None
+        yield "retry: 2000\n\n"
+        while time.monotonic() - started < lifetime:
+            session = new_session()
+            try:
+                data = snapshot(session)
+            finally:
+                session.close()
+            body = json.dumps(data, sort_keys=True)
+            if body != previous:
+                seq += 1
+                previous = body
+                yield f"id: {seq}\nevent: progress\ndata: {body}\n\n"
+                if data["status"] in ("completed", "cancelled"):
+                    yield f"id: {seq}\nevent: end\ndata: {json.dumps({'status': data['status']})}\n\n"
+                    return
+            else:
+                yield ": keep-alive\n\n"
+            time.sleep(interval)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(stream_with_context(events()), mimetype="text/event-stream", headers=headers)
+
+
+@bp.get("/messages")
+@doc("The message log: filter by campaign_id, status, email; cursor pagination")
+def list_messages():
+    stmt = select(Message).where(Message.workspace_id == g.workspace_id)
+    campaign_id = int_arg("campaign_id")
+    if campaign_id is not None:
+        stmt = stmt.where(Message.campaign_id == campaign_id)
+    status = request.args.get("status")
+    if status:
+        if status not in MESSAGE_STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(MESSAGE_STATUSES)}")
+        stmt = stmt.where(Message.status == status)
+    email = request.args.get("email")
+    if email:
+        stmt = stmt.where(Message.email == email.strip().lower())
+    step_id = int_arg("step_id")
+    if step_id is not None:
+        stmt = stmt.where(Message.step_id == step_id)
+    return paginate(get_db(), stmt, Message, message_json)
+
+
+def _own_message(message_id) -> Message:
+    from campaigns.errors import NotFound
+
+    m = get_db().get(Message, message_id)
+    if m is None or m.workspace_id != g.workspace_id:
+        raise NotFound("no such message")
+    return m
+
+
+@bp.get("/messages/<int:message_id>")
+@doc("One message with its attempts and events", response=MessageOut)
+def get_message(message_id):
+    from campaigns.models import Event
+
+    m = _own_message(message_id)
+    db = get_db()
+    out = message_json(m, detail=True)
+    out["attempts_log"] = [
+        {"number": a.number, "started_at": _iso(a.started_at), "duration_ms": round(a.duration_ms, 1),
+         "outcome": a.outcome, "http_status": a.http_status, "error": a.error, "retry_at": _iso(a.retry_at)}
+        for a in db.scalars(select(MessageAttempt).where(MessageAttempt.message_id == m.id).order_by(MessageAttempt.id))
+    ]
+    out["events"] = [
+        {"event": e.event, "timestamp": _iso(e.timestamp), "url": e.url, "received_at": _iso(e.received_at)}
+        for e in db.scalars(select(Event).where(Event.message_id == m.id).order_by(Event.id))
+    ]
+    return out
+
+
+@bp.post("/messages/<int:message_id>/replay")
+@doc("Queue a dead letter again, same message key", response=MessageOut, status=202)
+def replay_message(message_id):
+    db = get_db()
+    _own_message(message_id)
+    m = engine.replay_message(db, g.workspace_id, message_id)
+    db.commit()
+    t = _tasks()
+    if m.is_test:
+        t.huey.enqueue(t.send_messages.s([m.id], priority=t.PRIORITY_TEST))
+    else:
+        t.wake_dispatcher(None)
+    return message_json(m), 202
+
+
+@bp.post("/campaigns/<int:campaign_id>/replay-failed")
+@doc("Queue every dead letter of the campaign again, same message keys", status=202)
+def replay_failed(campaign_id):
+    db = get_db()
+    n = engine.replay_failed(db, g.workspace_id, campaign_id)
+    db.commit()
+    _tasks().wake_dispatcher(None)
+    return {"replayed": n}, 202
+
+
+@bp.get("/queue")
+@doc("Queue health: depth, scheduled, in flight, stalled, dead letters, failure rate, durations", response=QueueOut)
+def queue():
+    from tasks import huey
+
+    return queue_health.snapshot(get_db(), huey, workspace_id=g.workspace_id)

@@ -1,0 +1,34 @@
+"""Mail providers behind one contract (``Mailer``), and the factory that picks one."""
+
+from __future__ import annotations
+
+from .base import (  # noqa: F401
+    AccountError,
+    AmbiguousSendError,
+    Mailer,
+    OutgoingEmail,
+    PermanentSendError,
+    RetryableSendError,
+    SendError,
+    SendResult,
+)
+
+_mailer = None
+
+
+def get_mailer():
+    """The process's mailer (built lazily from the settings; one pooled HTTP client)."""
+    global _mailer
+    if _mailer is None:
+        from ..config import get_settings
+        from .sendgrid import SendGridMailer
+
+        s = get_settings()
+        _mailer = SendGridMailer(api_key=s.sendgrid_api_key or "local-sink", host=s.sendgrid_api_host,
+                                 timeout=s.send_timeout)
+    return _mailer
+
+
+def set_mailer(mailer) -> None:
+    global _mailer
+    _mailer = mailer

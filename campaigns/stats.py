@@ -1,0 +1,74 @@
+"""Campaign statistics, computed from the ledger in one grouped query.
+
+Counts are cumulative and never decrease: each is "messages that ever reached this state",
+read from first-seen timestamps (``sent_at``, ``delivered_at``, ``opened_at``...) that the
+engine and the event processor set once and never clear. Only ``scheduled`` is a current
+count. Test sends are kept out.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from .models import Enrollment, Message
+
+COUNT_KEYS = (
+    "enrolled", "sent", "delivered", "opened", "clicked", "bounced", "dropped",
+    "spam_reports", "replied", "unsubscribed", "failed", "ambiguous", "scheduled",
+)
+RATE_KEYS = ("delivered", "opened", "clicked", "bounced", "replied", "unsubscribed")
+
+
+def _flag(cond):
+    return func.coalesce(func.sum(case((cond, 1), else_=0)), 0)
+
+
+def _columns():
+    m = Message
+    return [
+        _flag(m.sent_at.is_not(None)).label("sent"),
+        _flag(m.delivered_at.is_not(None)).label("delivered"),
+        _flag(m.opened_at.is_not(None)).label("opened"),
+        _flag(m.clicked_at.is_not(None)).label("clicked"),
+        _flag(m.status == "bounced").label("bounced"),
+        _flag(m.status == "dropped").label("dropped"),
+        _flag(m.spam_reported_at.is_not(None)).label("spam_reports"),
+        _flag(m.replied_at.is_not(None)).label("replied"),
+        _flag(m.unsubscribed_at.is_not(None)).label("unsubscribed"),
+        _flag(m.status == "failed").label("failed"),
+        _flag(m.status == "ambiguous").label("ambiguous"),
+        _flag(m.status.in_(("scheduled", "queued"))).label("scheduled"),
+    ]
+
+
+def with_rates(counts: dict) -> dict:
+    sent = counts.get("sent") or 0
+    counts["rates"] = {k: (round(counts.get(k, 0) / sent, 4) if sent else 0.0) for k in RATE_KEYS}
+    return counts
+
+
+def campaign_stats(session: Session, campaign_id: int) -> tuple[dict, dict[int, dict]]:
+    """(campaign totals, {step_id: step totals}); each with ``rates`` as fractions of sent."""
+    rows = session.execute(
+        select(Message.step_id, *_columns())
+        .where(Message.campaign_id == campaign_id, Message.is_test.is_(False))
+        .group_by(Message.step_id)
+    ).all()
+    per_step: dict[int, dict] = {}
+    totals = dict.fromkeys(COUNT_KEYS, 0)
+    for row in rows:
+        d = row._asdict()
+        step_id = d.pop("step_id")
+        d = {k: int(v) for k, v in d.items()}
+        for k, v in d.items():
+            totals[k] += v
+        per_step[step_id] = with_rates(d)
+    totals["enrolled"] = session.scalar(
+        select(func.count()).select_from(Enrollment).where(Enrollment.campaign_id == campaign_id)
+    ) or 0
+    return with_rates(totals), per_step
+
+
+def empty_step_stats() -> dict:
+    return with_rates({k: 0 for k in COUNT_KEYS if k != "enrolled"})

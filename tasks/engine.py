@@ -1,0 +1,107 @@
+"""Engine tasks: thin, ids in, ``campaigns.engine`` does the work. Each stage has its own retry policy.
+
+- ``fanout_campaign``: launch fan-out (set-based, idempotent); retried 5 times, 10 s apart.
+- ``dispatch``: claims due work within the budgets and queues send batches; not retried (the
+  next wake-up or the reconciler runs it again).
+- ``send_messages``: one batch of message ids; the ledger decides retries (backoff with jitter,
+  capped attempts), so the Huey task itself is never retried.
+- ``reconcile``: every minute (stable id, a database lease stops overlaps) and at consumer start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+from huey import crontab
+from huey.constants import EmptyData
+
+from campaigns import engine
+
+from . import huey
+
+log = logging.getLogger("herald.tasks")
+WAKE_KEY = "herald:dispatch-wake"
+PRIORITY_BULK = 0
+PRIORITY_DISPATCH = 50
+PRIORITY_TEST = 100
+
+
+def _wake_dispatcher(at: datetime | None) -> None:
+    """Make sure a dispatcher runs at ``at`` (now when None), without piling up duplicate wakes."""
+    now = time.time()
+    ts = now if at is None else at.replace(tzinfo=UTC).timestamp()
+    try:
+        cur = huey.storage.peek_data(WAKE_KEY)
+        if cur is not EmptyData and now < float(cur) <= ts:
+            log.debug("wake at %.3f covered by the wake at %s", ts, cur)
+            return  # an earlier (or equal) wake is already on its way
+        huey.storage.put_data(WAKE_KEY, repr(ts).encode())
+    except Exception:  # noqa: BLE001 - a lost wake is found again by the reconciler
+        log.exception("could not record the dispatcher wake")
+    log.debug("wake the dispatcher at %.3f (in %.3f s)", ts, ts - now)
+    if ts <= now + 0.05:
+        dispatch()
+    else:
+        # An aware eta: Huey turns a naive one into UTC through mktime, dropping the microseconds
+        # (the task would then run up to a second early).
+        dispatch.schedule(eta=datetime.fromtimestamp(ts, UTC))
+
+
+HOOKS = engine.Hooks(
+    enqueue_send=lambda ids, priority=PRIORITY_BULK: huey.enqueue(send_messages.s(ids, priority=priority)),
+    wake_dispatcher=_wake_dispatcher,
+    enqueue_fanout=lambda campaign_id: fanout_campaign(campaign_id),
+)
+
+
+def wake_dispatcher(at: datetime | None = None) -> None:
+    _wake_dispatcher(at)
+
+
+@huey.task(retries=5, retry_delay=10, priority=PRIORITY_DISPATCH)
+def fanout_campaign(campaign_id: int) -> None:
+    from campaigns.db import session_scope
+
+    with session_scope() as s:
+        n = engine.fanout(s, campaign_id)
+    log.info("campaign %s: %s contacts enrolled", campaign_id, n)
+    _wake_dispatcher(None)
+
+
+@huey.task(retries=3, retry_delay=5, priority=PRIORITY_DISPATCH)
+def enroll_list_members(list_id: int) -> None:
+    engine.enroll_new_members_of_list(list_id, HOOKS)
+
+
+@huey.task(priority=PRIORITY_DISPATCH)
+def dispatch() -> None:
+    try:
+        cur = huey.storage.peek_data(WAKE_KEY)
+        if cur is not EmptyData and float(cur) <= time.time() + 0.05:
+            huey.storage.delete_data(WAKE_KEY)
+    except Exception:  # noqa: BLE001
+        pass
+    engine.run_dispatcher(HOOKS)
+
+
+@huey.task(priority=PRIORITY_BULK)
+def send_messages(ids: list[int]) -> None:
+    engine.send_batch(ids, HOOKS)
+
+
+@huey.periodic_task(crontab(minute="*"), priority=PRIORITY_DISPATCH)
+def reconcile() -> None:
+    report = engine.reconcile(HOOKS)
+    if report is not None:
+        log.info("reconcile: %s", report)
+
+
+@huey.on_startup()
+def _reconcile_at_start() -> None:
+    # A restarted consumer looks for work left behind at once, not at the next minute.
+    try:
+        huey.enqueue(reconcile.s())
+    except Exception:  # noqa: BLE001
+        log.exception("could not queue the start-up reconcile")

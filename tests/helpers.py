@@ -1,0 +1,161 @@
+"""Test helpers: the sink's control client, stepping the Huey queue by hand, building campaigns."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+
+class SinkClient:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def _call(self, method: str, path: str, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+            return json.loads(raw) if raw else None
+
+    def reset(self):
+        return self._call("POST", "/_sink/reset", {})
+
+    def behaviour(self, **kw):
+        return self._call("POST", "/_sink/behaviour", kw)
+
+    def fail_addresses(self, emails, status=400):
+        return self._call("POST", "/_sink/fail-addresses", {"emails": emails, "status": status})
+
+    def clear_fail_addresses(self):
+        return self._call("DELETE", "/_sink/fail-addresses")
+
+    def stats(self):
+        return self._call("GET", "/_sink/stats")
+
+    def keys(self) -> dict[str, int]:
+        return self._call("GET", "/_sink/keys")
+
+    def messages(self, **params):
+        qs = "&".join(f"{k}={v}" for k, v in params.items())
+        return self._call("GET", "/_sink/messages" + (f"?{qs}" if qs else ""))["messages"]
+
+    def accepted(self) -> list[dict]:
+        return [m for m in self.messages() if m.get("status") == 202]
+
+
+def run_ready_tasks(huey, limit: int = 10_000) -> int:
+    """Execute, in this process, every task that is ready now, as a consumer would: a task
+    whose ``eta`` is still ahead goes to the schedule, and due scheduled tasks are run."""
+    ran = 0
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    for task in huey.read_schedule(now):
+        huey.enqueue(task)
+    while ran < limit:
+        task = huey.dequeue()
+        if task is None:
+            break
+        if not huey.ready_to_run(task, datetime.now(timezone.utc).replace(tzinfo=None)):
+            huey.add_schedule(task)
+            continue
+        huey.execute(task)
+        ran += 1
+    return ran
+
+
+def drain(huey, until=None, timeout: float = 60.0, idle: float = 0.3) -> None:
+    """Step the queue by hand until ``until()`` holds (or, without it, until nothing is left).
+
+    Delayed tasks (wake-ups, waits) run when their time comes, so a test with a 1-second wait
+    takes about a second, never a sleep chosen by guess.
+    """
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    while time.monotonic() < deadline:
+        ran = run_ready_tasks(huey)
+        if until is not None and until():
+            return
+        if ran:
+            quiet_since = None
+            continue
+        if until is None:
+            soon = datetime.now(timezone.utc).replace(tzinfo=None).timestamp() + 2
+            later_only = all(t.eta is not None and t.eta.timestamp() > soon for t in huey.scheduled())
+            if later_only and huey.pending_count() == 0:
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since >= idle:
+                    return
+        time.sleep(0.02)
+    raise AssertionError(f"the queue did not settle within {timeout} s: {ledger_summary(huey)}")
+
+
+def ledger_summary(huey) -> str:
+    """What the ledger and the queue hold, for a failing test's message."""
+    from sqlalchemy import func, select
+
+    from campaigns.db import new_session
+    from campaigns.models import Campaign, Message
+
+    with new_session() as s:
+        statuses = dict(s.execute(select(Message.status, func.count()).group_by(Message.status)).all())
+        campaigns = s.execute(select(Campaign.id, Campaign.status, Campaign.status_reason)).all()
+        due = s.execute(select(Message.id, Message.status, Message.due_at, Message.last_error)
+                        .order_by(Message.id).limit(5)).all()
+    return (f"messages {statuses}; campaigns {campaigns}; first rows {due}; "
+            f"queue pending {huey.pending_count()} scheduled {[(t.name, t.eta) for t in huey.scheduled()]}")
+
+
+def campaign_body(list_id: int, steps=None, **extra) -> dict:
+    body = {
+        "name": "Spring outreach",
+        "list_id": list_id,
+        "from_email": "team@example.com",
+        "from_name": "Herald Team",
+        "steps": steps or [
+            {"type": "email", "subject": "Hello {{ contact.first_name }}", "html": "<p>Hi {{ contact.first_name }}</p>"
+             "<p><a href=\"{{ unsubscribe_url }}\">Unsubscribe</a></p>"},
+            {"type": "wait", "seconds": 1},
+            {"type": "email", "subject": "Following up", "html": "<p>Any thoughts, {{ contact.first_name }}?</p>"},
+        ],
+    }
+    body.update(extra)
+    return body
+
+
+def make_contacts(api, n: int, list_name: str = "Prospects", prefix: str = "person") -> int:
+    """n contacts in a new list (through the CSV import API); returns the list id."""
+    resp = api.post("/api/v1/lists", json={"name": list_name})
+    assert resp.status_code == 201, resp.json
+    list_id = resp.json["id"]
+    rows = ["email,first_name,timezone"] + [f"{prefix}{i}@example.com,P{i},Europe/Berlin" for i in range(n)]
+    resp = api.post(f"/api/v1/contacts/import?list_id={list_id}", data="\n".join(rows) + "\n",
+                    headers={"Content-Type": "text/csv"})
+    assert resp.status_code == 200, resp.json
+    assert resp.json["created"] == n, resp.json
+    return list_id
+
+
+def launched_campaign(api, list_id: int, **extra) -> int:
+    resp = api.post("/api/v1/campaigns", json=campaign_body(list_id, **extra))
+    assert resp.status_code == 201, resp.json
+    cid = resp.json["id"]
+    resp = api.post(f"/api/v1/campaigns/{cid}/launch")
+    assert resp.status_code == 202, resp.json
+    return cid
+
+
+def campaign_status(api, cid: int) -> str:
+    return api.get(f"/api/v1/campaigns/{cid}").json["status"]
+
+
+def run_through(huey, name: str, limit: int = 100) -> None:
+    """Run queued tasks in order, up to and including the first one called ``name``."""
+    for _ in range(limit):
+        task = huey.dequeue()
+        assert task is not None, f"no {name} task was queued"
+        huey.execute(task)
+        if task.name == name:
+            return
+    raise AssertionError(f"no {name} task within {limit} tasks")

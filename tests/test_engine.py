@@ -1,0 +1,437 @@
+"""The campaign engine against the real sink, with the queue stepped by hand (no consumer)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from campaigns import engine
+from campaigns.db import session_scope, utcnow
+from campaigns.models import Campaign, Enrollment, Event, Message, MessageAttempt
+from tasks import huey
+from tasks.engine import HOOKS
+from tests.helpers import campaign_status, drain, launched_campaign, make_contacts, run_through
+
+
+def _messages(db, cid, **filters):
+    db.expire_all()
+    stmt = select(Message).where(Message.campaign_id == cid)
+    for k, v in filters.items():
+        stmt = stmt.where(getattr(Message, k) == v)
+    return db.scalars(stmt.order_by(Message.id)).all()
+
+
+def _completed(api, cid):
+    return lambda: campaign_status(api, cid) == "completed"
+
+
+def test_two_step_campaign_sends_each_email_once_after_the_wait(api, sink, db):
+    list_id = make_contacts(api, 200)
+    cid = launched_campaign(api, list_id)
+    drain(huey, until=_completed(api, cid), timeout=90)
+
+    accepted = sink.accepted()
+    assert len(accepted) == 400
+    keys = sink.keys()
+    assert len(keys) == 400 and max(keys.values()) == 1  # 0 repeated keys
+    msgs = _messages(db, cid)
+    assert len(msgs) == 400 and {m.status for m in msgs} == {"sent"}
+    # the second email of each contact went out after the one-second wait
+    by_contact: dict[int, list[Message]] = {}
+    for m in msgs:
+        by_contact.setdefault(m.contact_id, []).append(m)
+    for pair in by_contact.values():
+        first, second = sorted(pair, key=lambda m: m.sent_at)
+        assert second.step_id != first.step_id
+        assert (second.sent_at - first.sent_at).total_seconds() >= 1.0
+    # what the sink received carries the key, the header and the unsubscribe headers
+    sample = sink.messages(key=msgs[0].message_key)[0]
+    assert sample["idempotency_key"] == msgs[0].message_key
+    assert sample["custom_args"]["message_key"] == msgs[0].message_key
+    assert sample["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    stats = api.get(f"/api/v1/campaigns/{cid}").json["stats"]
+    assert stats["enrolled"] == 200 and stats["sent"] == 400 and stats["scheduled"] == 0
+
+
+def test_launch_twice_is_launched_once(api, sink, db):
+    list_id = make_contacts(api, 5)
+    cid = launched_campaign(api, list_id)
+    assert api.post(f"/api/v1/campaigns/{cid}/launch").status_code == 202
+    from tasks.engine import fanout_campaign
+
+    fanout_campaign(cid)  # a repeated fan-out task changes nothing
+    drain(huey, until=_completed(api, cid), timeout=60)
+    assert len(sink.accepted()) == 10
+    assert db.scalar(select(func.count()).select_from(Enrollment)) == 5
+
+
+def test_retries_on_503_then_429_honour_reset_and_back_off(api, sink, db):
+    list_id = make_contacts(api, 3)
+    sink.behaviour(mode="5xx", status=503, count=4)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=lambda: len(sink.accepted()) >= 1 or not _messages(db, cid, status="scheduled"), timeout=30)
+    sink.behaviour(mode="429", count=2, reset_in=2)
+    t0 = time.time()
+    drain(huey, until=_completed(api, cid), timeout=60)
+    msgs = _messages(db, cid)
+    assert {m.status for m in msgs} == {"sent"}
+    assert len(sink.accepted()) == 3 and max(sink.keys().values()) >= 1
+    outcomes = Counter(db.scalars(select(MessageAttempt.outcome)).all())
+    assert outcomes["retry"] >= 1 and outcomes["sent"] == 3
+    # retries were spread by backoff: each retry carried a future retry time or waited
+    retry_rows = db.scalars(select(MessageAttempt).where(MessageAttempt.outcome.in_(("retry", "rate_limited")))).all()
+    assert retry_rows
+    if outcomes["rate_limited"]:
+        # the reset was honoured: nothing was accepted before it
+        first_ok_after = min(m["time"] for m in sink.accepted() if m["time"] >= t0) if sink.accepted() else None
+        limited = [a for a in retry_rows if a.outcome == "rate_limited"]
+        assert all(a.retry_at is not None for a in limited)
+        assert first_ok_after is not None
+
+
+def test_permanent_error_goes_to_dead_letters_after_one_attempt_and_replays(api, sink, db):
+    list_id = make_contacts(api, 3)
+    sink.fail_addresses(["person1@example.com"], status=400)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=60)
+    failed = _messages(db, cid, status="failed")
+    assert len(failed) == 1 and failed[0].attempts == 1 and failed[0].email == "person1@example.com"
+    assert "400" in failed[0].last_error and failed[0].last_response
+    assert api.get(f"/api/v1/campaigns/{cid}").json["stats"]["failed"] == 1
+    key = failed[0].message_key
+    # replay it (the address is fixed now): same key, sent
+    sink.clear_fail_addresses()
+    resp = api.post(f"/api/v1/messages/{failed[0].id}/replay")
+    assert resp.status_code == 202
+    drain(huey, until=_completed(api, cid), timeout=60)
+    db.expire_all()
+    assert db.get(Message, failed[0].id).status == "sent"
+    assert db.get(Message, failed[0].id).message_key == key
+    assert sink.keys()[key] == 2  # one refused call, one accepted: the same key both times
+
+
+def test_replay_failed_for_a_whole_campaign(api, sink, db, app):
+    list_id = make_contacts(api, 4)
+    sink.fail_addresses(["person0@example.com", "person2@example.com"], status=400)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=60)
+    assert len(_messages(db, cid, status="failed")) == 2
+    sink.clear_fail_addresses()
+    result = app.test_cli_runner().invoke(args=["replay-failed", "--campaign", str(cid)])
+    assert result.exit_code == 0, result.output
+    assert "2" in result.output
+    drain(huey, until=_completed(api, cid), timeout=60)
+    assert {m.status for m in _messages(db, cid)} == {"sent"}
+
+
+def test_pause_stops_new_sends_and_resume_finishes(api, sink, db):
+    list_id = make_contacts(api, 30)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    # fan-out only, then pause before anything is sent
+    from tests.helpers import run_ready_tasks
+
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    assert api.post(f"/api/v1/campaigns/{cid}/pause").json["status"] == "paused"
+    drain(huey, timeout=30)
+    assert sink.accepted() == []
+    assert len(_messages(db, cid, status="scheduled")) == 30
+    resp = api.post(f"/api/v1/campaigns/{cid}/resume")
+    assert resp.json["status"] == "running"
+    run_ready_tasks(huey)
+    drain(huey, until=_completed(api, cid), timeout=60)
+    assert len(sink.accepted()) == 30
+
+
+def test_pause_between_claim_and_send_sends_nothing(api, sink, db):
+    """A batch already queued when pause returns is handed back, not sent."""
+    list_id = make_contacts(api, 5)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    queued = []
+    hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
+    engine.dispatch_once(engine.get_limiter(), hooks)
+    assert sum(len(b) for b in queued) == 5
+    api.post(f"/api/v1/campaigns/{cid}/pause")
+    for ids in queued:
+        engine.send_batch(ids, hooks)
+    assert sink.accepted() == []
+    assert len(_messages(db, cid, status="scheduled")) == 5
+
+
+def test_cancel_cancels_pending_work(api, sink, db):
+    list_id = make_contacts(api, 10)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    assert api.post(f"/api/v1/campaigns/{cid}/cancel").json["status"] == "cancelled"
+    drain(huey, timeout=30)
+    assert sink.accepted() == []
+    assert {m.status for m in _messages(db, cid)} == {"cancelled"}
+    assert api.post(f"/api/v1/campaigns/{cid}/launch").status_code == 409
+
+
+def test_send_window_moves_work_to_the_next_opening(api, sink, db):
+    list_id = make_contacts(api, 3)
+    now = utcnow()
+    # a window that opened and closed before now (UTC), every day: the next opening is tomorrow
+    start = (now - timedelta(hours=3)).strftime("%H:%M")
+    end = (now - timedelta(hours=2)).strftime("%H:%M")
+    window = {"start": start, "end": end, "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+              "timezone": "UTC"}
+    cid = launched_campaign(api, list_id, send_window=window,
+                            steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, timeout=30)
+    assert sink.accepted() == []
+    msgs = _messages(db, cid)
+    assert len(msgs) == 3
+    for m in msgs:
+        assert m.status == "scheduled"
+        hours = (m.due_at - now).total_seconds() / 3600
+        assert 20 < hours < 22.1, hours
+    # a window open now sends at once
+    open_window = dict(window, start=(now - timedelta(hours=1)).strftime("%H:%M"),
+                       end=(now + timedelta(hours=1)).strftime("%H:%M"))
+    cid2 = launched_campaign(api, list_id, send_window=open_window, name="now",
+                             steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid2), timeout=30)
+    assert len(sink.accepted()) == 3
+
+
+def test_suppressed_contacts_are_skipped_and_suppression_stops_sequences(api, sink, db):
+    list_id = make_contacts(api, 6)
+    api.post("/api/v1/suppressions", json={"emails": ["person0@example.com"], "reason": "manual"})
+    cid = launched_campaign(api, list_id, steps=[
+        {"type": "email", "subject": "One", "html": "<p>1</p>"},
+        {"type": "wait", "seconds": 30},
+        {"type": "email", "subject": "Two", "html": "<p>2</p>"},
+    ])
+    drain(huey, until=lambda: len(sink.accepted()) == 5, timeout=30)
+    assert all(m["to"][0] != "person0@example.com" for m in sink.accepted())
+    assert db.scalar(select(func.count()).select_from(Enrollment).where(Enrollment.campaign_id == cid)) == 5
+    # person1 is suppressed (e.g. unsubscribed) while its second email waits: it never goes
+    api.post("/api/v1/suppressions", json={"emails": ["person1@example.com"], "reason": "unsubscribe"})
+    with session_scope() as s:
+        s.execute(update(Message).where(Message.status == "scheduled").values(due_at=utcnow()))
+    from tasks.engine import wake_dispatcher
+
+    wake_dispatcher(None)
+    drain(huey, until=_completed(api, cid), timeout=30)
+    to = [m["to"][0] for m in sink.accepted()]
+    assert to.count("person1@example.com") == 1 and len(to) == 9
+
+
+def test_test_send_goes_first_and_stays_out_of_stats(api, sink, db):
+    list_id = make_contacts(api, 50)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi {{ contact.first_name }}",
+                                                  "html": "<p>x</p>"}])
+    # the bulk work is queued first ...
+    run_through(huey, "dispatch")  # the fan-out, then the dispatcher: it queues every send batch
+    bulk_waiting = huey.pending_count()
+    assert bulk_waiting >= 2
+    resp = api.post(f"/api/v1/campaigns/{cid}/test-send", json={"email": "boss@example.com"})
+    assert resp.status_code == 202, resp.json
+    # ... and the test send is the very next task to run
+    task = huey.dequeue()
+    huey.execute(task)
+    received = sink.accepted()
+    assert [m["to"][0] for m in received] == ["boss@example.com"]
+    assert received[0]["subject"].startswith("[Test] ")
+    drain(huey, until=_completed(api, cid), timeout=60)
+    stats = api.get(f"/api/v1/campaigns/{cid}").json["stats"]
+    assert stats["sent"] == 50  # the test send is not counted
+
+
+def test_test_send_validates_input(api, sink):
+    list_id = make_contacts(api, 1)
+    cid = api.post("/api/v1/campaigns", json={
+        "name": "x", "list_id": list_id, "from_email": "a@example.com",
+        "steps": [{"type": "email", "subject": "s", "html": "h"}]}).json["id"]
+    assert api.post(f"/api/v1/campaigns/{cid}/test-send", json={"email": "nope"}).status_code == 422
+    assert api.post(f"/api/v1/campaigns/{cid}/test-send", json={"email": "a@b.com", "step": 7}).status_code == 422
+    assert api.post(f"/api/v1/campaigns/{cid}/test-send", data="x").status_code == 400
+
+
+def test_timeout_after_the_request_left_is_ambiguous_then_resent_once(api, sink, db):
+    list_id = make_contacts(api, 1)
+    sink.behaviour(mode="hang", count=1, delay=4)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=lambda: bool(_messages(db, cid, status="ambiguous")), timeout=30)
+    msg = _messages(db, cid)[0]
+    assert msg.status == "ambiguous"
+    # not resent before the window
+    engine.reconcile(HOOKS)
+    drain(huey, timeout=10)
+    assert _messages(db, cid)[0].status == "ambiguous"
+    time.sleep(3.2)  # HERALD_AMBIGUOUS_WINDOW = 3 s in the tests
+    report = engine.reconcile(HOOKS)
+    assert report.resent_ambiguous == 1
+    drain(huey, until=_completed(api, cid), timeout=30)
+    msg = _messages(db, cid)[0]
+    assert msg.status == "sent" and msg.resends == 1
+    assert sink.keys()[msg.message_key] == 2  # the hung call and the resend, same key
+
+
+def test_ambiguous_settled_by_an_event_is_never_resent(api, sink, db):
+    list_id = make_contacts(api, 1)
+    sink.behaviour(mode="hang", count=1, delay=4)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=lambda: bool(_messages(db, cid, status="ambiguous")), timeout=30)
+    msg = _messages(db, cid)[0]
+    with session_scope() as s:
+        s.add(Event(workspace_id=msg.workspace_id, message_id=msg.id, message_key=msg.message_key,
+                    dedupe_key="test-processed", event="processed", payload={}))
+    time.sleep(3.2)
+    report = engine.reconcile(HOOKS)
+    assert report.settled_ambiguous == 1 and report.resent_ambiguous == 0
+    assert _messages(db, cid)[0].status == "sent"
+    assert sink.keys()[msg.message_key] == 1
+
+
+def test_expired_lease_becomes_ambiguous(api, sink, db):
+    list_id = make_contacts(api, 2)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    # a consumer claimed both and died before recording anything
+    with session_scope() as s:
+        s.execute(update(Message).where(Message.campaign_id == cid).values(
+            status="sending", lease_owner="dead", lease_expires_at=utcnow() - timedelta(seconds=1), attempts=1))
+    report = engine.reconcile(HOOKS)
+    assert report.ambiguous_marked == 2
+    assert {m.status for m in _messages(db, cid)} == {"ambiguous"}
+    resp = api.get("/api/v1/queue").json
+    assert resp["ambiguous"] == 2
+
+
+def test_account_error_pauses_the_campaign_with_the_reason(api, sink, db):
+    list_id = make_contacts(api, 5)
+    sink.behaviour(mode="5xx", status=401, count=100)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=lambda: campaign_status(api, cid) == "paused", timeout=30)
+    c = api.get(f"/api/v1/campaigns/{cid}").json
+    assert c["status"] == "paused" and "401" in c["status_reason"]
+    drain(huey, timeout=10)
+    msgs = _messages(db, cid)
+    assert all(m.status in ("scheduled", "queued") for m in msgs)
+    assert sum(1 for m in msgs if m.status == "failed") == 0  # nothing burned
+
+
+def test_consecutive_failures_pause_the_campaign(api, sink, db, monkeypatch):
+    monkeypatch.setattr(engine, "CONSECUTIVE_FAILURES_PAUSE", 5)
+    list_id = make_contacts(api, 12)
+    sink.behaviour(mode="5xx", status=500, count=1000)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=lambda: campaign_status(api, cid) == "paused", timeout=60)
+    assert "consecutive" in api.get(f"/api/v1/campaigns/{cid}").json["status_reason"]
+
+
+def test_capped_attempts_then_dead_letter(api, sink, db):
+    list_id = make_contacts(api, 1)
+    sink.behaviour(mode="5xx", status=502, count=1000)
+    cid = launched_campaign(api, list_id, max_attempts=2,
+                            steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=lambda: bool(_messages(db, cid, status="failed")), timeout=60)
+    msg = _messages(db, cid)[0]
+    assert msg.attempts == 2 and "502" in msg.last_error
+    assert [a.outcome for a in db.scalars(select(MessageAttempt).order_by(MessageAttempt.id))] == ["retry", "retry"]
+
+
+def test_redis_loss_is_recovered_from_the_ledger(api, sink, db):
+    list_id = make_contacts(api, 20)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    run_through(huey, "dispatch")  # fan-out, then the dispatcher: 20 messages queued in the store
+    assert len(_messages(db, cid, status="queued")) == 20
+    huey.storage.flush_all()  # the queue store loses everything
+    with session_scope() as s:  # ... and enough time passes for the reconciler to notice
+        s.execute(update(Message).values(queued_at=utcnow() - timedelta(minutes=5)))
+    report = engine.reconcile(HOOKS)
+    assert report.requeued_stale == 20
+    drain(huey, until=_completed(api, cid), timeout=60)
+    keys = sink.keys()
+    assert len(keys) == 20 and max(keys.values()) == 1
+
+
+def test_duplicate_send_task_sends_once(api, sink, db):
+    list_id = make_contacts(api, 3)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    queued = []
+    hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
+    engine.dispatch_once(engine.get_limiter(), hooks)
+    for ids in queued + queued:  # every batch twice
+        engine.send_batch(ids, hooks)
+    assert len(sink.accepted()) == 3 and max(sink.keys().values()) == 1
+
+
+def test_contacts_added_to_a_running_campaign_are_enrolled(api, sink, db):
+    list_id = make_contacts(api, 2)
+    cid = launched_campaign(api, list_id, steps=[
+        {"type": "email", "subject": "One", "html": "<p>1</p>"},
+        {"type": "wait", "seconds": 3600},
+        {"type": "email", "subject": "Two", "html": "<p>2</p>"},
+    ])
+    drain(huey, until=lambda: len(sink.accepted()) == 2, timeout=30)
+    resp = api.post(f"/api/v1/lists/{list_id}/members", json={"emails": ["late@example.com"]})
+    assert resp.status_code in (200, 201), resp.json
+    drain(huey, until=lambda: len(sink.accepted()) == 3, timeout=30)
+    assert sink.accepted()[-1]["to"][0] == "late@example.com"
+
+
+def test_stream_reports_progress(api, sink, app):
+    list_id = make_contacts(api, 3)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=30)
+    resp = api.get(f"/api/v1/campaigns/{cid}/stream?lifetime=3&interval=0.2")
+    assert resp.status_code == 200 and resp.mimetype == "text/event-stream"
+    body = resp.get_data(as_text=True)
+    assert "event: progress" in body and '"sent": 3' in body and "event: end" in body
+    assert "id: 1" in body
+    resumed = api.get(f"/api/v1/campaigns/{cid}/stream?lifetime=1", headers={"Last-Event-ID": "7"})
+    assert "id: 8" in resumed.get_data(as_text=True)
+
+
+def test_queue_and_metrics_reflect_the_ledger(api, sink, client):
+    list_id = make_contacts(api, 3)
+    sink.fail_addresses(["person2@example.com"])
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=30)
+    q = api.get("/api/v1/queue").json
+    for key in ("depth", "scheduled", "in_flight", "stalled", "dead_letters", "failure_rate_5m", "duration_ms"):
+        assert key in q
+    assert q["dead_letters"] == 1 and q["failure_rate_5m"] == pytest.approx(1 / 3, abs=0.01)
+    assert q["duration_ms"]["p50"] is not None and q["duration_ms"]["p95"] >= q["duration_ms"]["p50"]
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'herald_send_attempts_total{outcome="sent"} 2.0' in text
+    assert 'herald_send_attempts_total{outcome="failed"} 1.0' in text
+    assert "herald_dead_letters 1.0" in text
+    assert "herald_send_duration_seconds_bucket" in text
+    assert "herald_queue_depth" in text
+
+
+def test_messages_api_filters_and_detail(api, sink, other_api):
+    list_id = make_contacts(api, 3)
+    sink.fail_addresses(["person0@example.com"])
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=30)
+    page = api.get(f"/api/v1/messages?campaign_id={cid}&status=failed").json
+    assert [m["email"] for m in page["items"]] == ["person0@example.com"]
+    detail = api.get(f"/api/v1/messages/{page['items'][0]['id']}").json
+    assert detail["attempts_log"][0]["outcome"] == "failed" and detail["attempts_log"][0]["http_status"] == 400
+    assert api.get("/api/v1/messages?status=bogus").status_code == 400
+    assert other_api.get(f"/api/v1/messages/{page['items'][0]['id']}").status_code == 404
+    assert other_api.get(f"/api/v1/messages?campaign_id={cid}").json["items"] == []
+
+
+def test_completed_campaign_status(api, sink, db):
+    list_id = make_contacts(api, 2)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=30)
+    c = db.get(Campaign, cid)
+    assert c.status == "completed" and c.finished_at is not None
