@@ -1,0 +1,588 @@
+"""CSV import of contacts: one streamed, batched function (:func:`import_csv`) behind the three
+ways in - the synchronous API call, the background task (:func:`run_import`) and the CLI.
+
+The file
+    UTF-8, with or without a BOM. The first line is the header row and must have an ``email``
+    column (header names match case-insensitively; spaces and dashes count as underscores, so
+    ``First Name`` is ``first_name``). ``first_name``, ``last_name`` and ``timezone`` (an IANA
+    name) are the known columns; every other named column becomes a custom field under its
+    header text; a column with an empty header is ignored. Quoted fields may hold commas and
+    newlines.
+
+Row numbers
+    Rows are numbered like a spreadsheet's lines: the header is row 1, the first data row is
+    row 2. A quoted field that spans several physical lines is still one row.
+
+What each data row counts as (exactly one of)
+    ``created``  - a new contact;
+    ``updated``  - an existing contact (re-importing a file updates, never duplicates);
+    ``skipped``  - a blank row (every cell empty);
+    an entry in ``errors`` - a broken row: wrong number of columns, bytes that are not UTF-8,
+    a NUL byte, a missing or invalid address, a time zone that is not IANA, a name over 200
+    characters. Good rows are stored regardless.
+
+    An empty cell means "not given": it never clears a stored value. When an address appears on
+    several rows, the rows are merged in file order (a later non-empty cell wins): the first row
+    counts as created (or updated, if the contact existed) and every later row as updated.
+
+Suppressions
+    The import never removes a suppression and never changes an existing contact's status, so
+    an unsubscribed, bounced or complained contact stays so; a new contact whose address is
+    already suppressed starts with the status the suppression implies. Such rows are stored and
+    counted like any other.
+
+Unusable files
+    An empty body, binary content (NUL bytes, or a first line that is not UTF-8), no header row,
+    or no ``email`` column raise :class:`CsvUnusable` (HTTP 400) before anything is stored.
+
+Memory
+    The stream is read through ``csv.reader`` and handled in batches of ``batch_size`` rows, one
+    set-based upsert per batch (``INSERT ... ON CONFLICT (workspace_id, email) DO UPDATE``), and
+    committed batch by batch, so memory stays flat whatever the file's size. At most
+    ``max_errors`` errors are listed; ``errors_truncated`` counts the rest.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from sqlalchemy import func, literal_column, text, update
+from sqlalchemy.orm import Session
+
+from .contacts import (
+    FIELD_KEY_MAX,
+    NAME_MAX,
+    add_list_members,
+    dialect_insert,
+    email_problem,
+    get_list,
+    insert_many,
+    is_timezone,
+    status_for_new_contact,
+    suppression_reasons,
+)
+from .db import is_postgres, new_session, utcnow
+from .errors import BadRequest, HeraldError
+from .models import Contact, Import
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 1_000
+MAX_ERRORS = 1_000
+SNIFF_BYTES = 8_192
+KNOWN_COLUMNS = ("email", "first_name", "last_name", "timezone")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of bad bytes
+
+
+class CsvUnusable(BadRequest):
+    """The file cannot be imported at all (nothing was stored)."""
+
+    code = "bad_csv"
+
+
+@dataclass
+class ImportReport:
+    """The per-import counts and the per-row errors (see the module docstring)."""
+
+    created: int = 0
+    updated: int = 0
+    skipped: int = 0
+    rows: int = 0  # data rows read (the header not included)
+    errors: list[dict] = field(default_factory=list)
+    errors_truncated: int = 0
+    list_id: int | None = None  # the list the rows were added to
+    members_added: int = 0  # new memberships of that list
+    max_errors: int = MAX_ERRORS
+
+    def error(self, row: int, message: str) -> None:
+        if len(self.errors) < self.max_errors:
+            self.errors.append({"row": row, "error": message})
+        else:
+            self.errors_truncated += 1
+
+    def as_dict(self) -> dict:
+        return {
+            "created": self.created,
+            "updated": self.updated,
+            "skipped": self.skipped,
+            "errors": list(self.errors),
+            "errors_truncated": self.errors_truncated,
+            "rows": self.rows,
+        }
+
+
+Progress = Callable[[ImportReport, int], None]
+
+
+class _Source(io.RawIOBase):
+    """The caller's byte stream with its first bytes read ahead (to sniff them) and served
+    again, counting the bytes handed on (the progress by bytes). Never closes the stream."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._head = b""
+        self.bytes_read = 0
+
+    def sniff(self, size: int) -> bytes:
+        chunks, have = [], 0
+        while have < size:
+            data = self._stream.read(size - have)
+            if not data:
+                break
+            chunks.append(data)
+            have += len(data)
+        self._head = b"".join(chunks)
+        return self._head
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+        else:
+            data = self._stream.read(len(buffer))
+            n = len(data)
+            buffer[:n] = data
+        self.bytes_read += n
+        return n
+
+
+def _check_head(head: bytes) -> None:
+    if not head:
+        raise CsvUnusable("the file is empty; send a CSV file whose first line names the columns (e.g. email)")
+    if b"\x00" in head:
+        raise CsvUnusable(
+            "the file is binary (it contains NUL bytes), not CSV text; "
+            "if it is a spreadsheet or UTF-16 text, save it as CSV UTF-8"
+        )
+    first_line = head.split(b"\n", 1)[0]
+    try:
+        # Not final: the sniffed bytes may end in the middle of a character.
+        codecs.getincrementaldecoder("utf-8")().decode(first_line, final=b"\n" in head)
+    except UnicodeDecodeError as exc:
+        raise CsvUnusable(
+            f"the file is not UTF-8 text (undecodable byte at offset {exc.start}); save it as CSV UTF-8"
+        ) from None
+
+
+def _open(stream: BinaryIO) -> tuple[_Source, csv.reader]:
+    source = _Source(stream)
+    _check_head(source.sniff(SNIFF_BYTES))
+    text = io.TextIOWrapper(
+        io.BufferedReader(source, buffer_size=64 * 1024), encoding="utf-8-sig", errors="surrogateescape", newline=""
+    )
+    return source, csv.reader(text)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where each known column is (None: absent) and the custom fields, by position."""
+
+    count: int
+    email: int
+    first_name: int | None
+    last_name: int | None
+    timezone: int | None
+    custom: tuple[tuple[int, str], ...]
+
+
+def _column_key(cell: str) -> str:
+    return re.sub(r"[\s\-]+", "_", cell.strip().lower())
+
+
+def parse_header(header: list[str]) -> Columns:
+    """The header row -> :class:`Columns`, or CsvUnusable saying what is wrong with it."""
+    if not header or all(not c.strip() for c in header):
+        raise CsvUnusable("the file has no header row: its first line must name the columns (e.g. email,first_name)")
+    if any(_UNDECODABLE.search(c) or "\x00" in c for c in header):
+        raise CsvUnusable("the header row is not UTF-8 text; save the file as CSV UTF-8")
+    known: dict[str, int] = {}
+    custom: dict[str, int] = {}
+    for i, cell in enumerate(header):
+        name = cell.strip()
+        if not name:
+            continue  # a column without a name is ignored
+        key = _column_key(name)
+        if key in KNOWN_COLUMNS:
+            if key in known:
+                raise CsvUnusable(f"the column {key!r} appears twice in the header row")
+            known[key] = i
+        else:
+            if name in custom:
+                raise CsvUnusable(f"the column {name!r} appears twice in the header row")
+            if len(name) > FIELD_KEY_MAX:
+                raise CsvUnusable(f"the column name {name[:40]!r}... is longer than {FIELD_KEY_MAX} characters")
+            custom[name] = i
+    if "email" not in known:
+        if any(not email_problem(c) for c in header):
+            raise CsvUnusable(
+                "the file has no header row: its first line holds an email address; "
+                "add a first line naming the columns (e.g. email,first_name)"
+            )
+        found = ", ".join(repr(c) for c in header[:10])
+        raise CsvUnusable(f"the header row has no 'email' column (found: {found})")
+    return Columns(
+        count=len(header),
+        email=known["email"],
+        first_name=known.get("first_name"),
+        last_name=known.get("last_name"),
+        timezone=known.get("timezone"),
+        custom=tuple((i, name) for name, i in custom.items()),
+    )
+
+
+def inspect_csv(stream: BinaryIO) -> Columns:
+    """Check that a file can be imported (CsvUnusable if not), reading only its first row."""
+    _, reader = _open(stream)
+    try:
+        header = next(reader)
+    except StopIteration:
+        header = []
+    except csv.Error as exc:
+        raise CsvUnusable(f"the header row cannot be read as CSV: {exc}") from None
+    return parse_header(header)
+
+
+def _short(value: str, size: int = 60) -> str:
+    return repr(value if len(value) <= size else value[:size] + "...")
+
+
+def _cell(record: list[str], index: int | None) -> str | None:
+    if index is None:
+        return None
+    return record[index].strip() or None
+
+
+def _parse_row(record: list[str], cols: Columns) -> tuple[str, list] | str | None:
+    """A data row -> ``(email, [first, last, tz, fields])``, an error message, or None (blank)."""
+    if not record or all(not c.strip() for c in record):
+        return None
+    if any(_UNDECODABLE.search(c) for c in record):
+        return "the row is not valid UTF-8 text (undecodable bytes)"
+    if any("\x00" in c for c in record):
+        return "the row contains a NUL byte"
+    if len(record) != cols.count:
+        return f"expected {cols.count} columns, found {len(record)}"
+    raw_email = record[cols.email].strip()
+    if not raw_email:
+        return "the email cell is empty"
+    problem = email_problem(raw_email)
+    if problem:
+        return f"invalid email address {_short(raw_email)}: {problem}"
+    first, last, tz = _cell(record, cols.first_name), _cell(record, cols.last_name), _cell(record, cols.timezone)
+    for what, value in (("first_name", first), ("last_name", last)):
+        if value is not None and len(value) > NAME_MAX:
+            return f"{what} is longer than {NAME_MAX} characters"
+    if tz is not None and not is_timezone(tz):
+        return f"unknown time zone {_short(tz)}: use an IANA name such as Europe/Paris or UTC"
+    fields = {}
+    for i, name in cols.custom:
+        value = record[i].strip()
+        if value:
+            fields[name] = value
+    return raw_email.lower(), [first, last, tz, fields]
+
+
+def _merge(into: list, later: list) -> None:
+    """A later row of the same address: its non-empty cells win."""
+    for i in range(3):
+        if later[i] is not None:
+            into[i] = later[i]
+    into[3].update(later[3])
+
+
+# PostgreSQL: the batch travels as one array per column (unnest), so the statement is short,
+# prepared once and the same for every batch, instead of 9,000 placeholders re-parsed each time.
+_PG_UPSERT = text(
+    """
+    INSERT INTO contacts (workspace_id, email, first_name, last_name, timezone, fields, status,
+                          created_at, updated_at)
+    SELECT :workspace_id, r.email, r.first_name, r.last_name, r.timezone, CAST(r.fields AS json),
+           r.status, :now, :now
+    FROM unnest(CAST(:emails AS text[]), CAST(:first_names AS text[]), CAST(:last_names AS text[]),
+                CAST(:timezones AS text[]), CAST(:fields AS text[]), CAST(:statuses AS text[]))
+         AS r(email, first_name, last_name, timezone, fields, status)
+    ON CONFLICT (workspace_id, email) DO UPDATE SET
+        first_name = COALESCE(EXCLUDED.first_name, contacts.first_name),
+        last_name = COALESCE(EXCLUDED.last_name, contacts.last_name),
+        timezone = COALESCE(EXCLUDED.timezone, contacts.timezone),
+        fields = CASE WHEN json_typeof(contacts.fields) = 'object'
+                      THEN CAST(CAST(contacts.fields AS jsonb) || CAST(EXCLUDED.fields AS jsonb) AS json)
+                      ELSE EXCLUDED.fields END,
+        updated_at = EXCLUDED.updated_at
+    RETURNING id, created_at
+    """
+)
+
+
+def _sqlite_upsert(session: Session, rows: list[dict]) -> list:
+    table = Contact.__table__
+    stmt = dialect_insert(session)(table)
+    new_row, c = stmt.excluded, table.c
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[c.workspace_id, c.email],
+        set_={
+            "first_name": func.coalesce(new_row.first_name, c.first_name),
+            "last_name": func.coalesce(new_row.last_name, c.last_name),
+            "timezone": func.coalesce(new_row.timezone, c.timezone),
+            # RFC 7396 merge of two flat objects: the new keys win, the others stay.
+            "fields": func.json_patch(func.coalesce(c.fields, literal_column("'{}'")), new_row.fields),
+            "updated_at": new_row.updated_at,
+        },
+    ).returning(c.id, c.created_at)
+    return insert_many(session, stmt, rows)
+
+
+def _upsert(session: Session, workspace_id: int, batch: dict[str, list]) -> tuple[list[int], int]:
+    """One set-based upsert of a batch (``INSERT ... ON CONFLICT (workspace_id, email) DO
+    UPDATE``); returns (contact ids, how many were new).
+
+    Empty cells (None) keep the stored value, custom fields are merged key by key, and the
+    status of an existing contact is never touched. A new contact's status follows a
+    suppression of its address. A row is new when the ``created_at`` it returns is this
+    batch's own timestamp (an update keeps the stored one), so no separate lookup is needed.
+    """
+    emails = sorted(batch)  # sorted, so concurrent imports lock rows in the same order
+    reasons = suppression_reasons(session, workspace_id, emails)
+    statuses = [status_for_new_contact(reasons.get(e)) for e in emails]
+    now = utcnow()
+    values = [batch[e] for e in emails]
+    if is_postgres(session):
+        returned = session.execute(
+            _PG_UPSERT,
+            {
+                "workspace_id": workspace_id,
+                "now": now,
+                "emails": emails,
+                "first_names": [v[0] for v in values],
+                "last_names": [v[1] for v in values],
+                "timezones": [v[2] for v in values],
+                "fields": [json.dumps(v[3]) for v in values],
+                "statuses": statuses,
+            },
+        ).all()
+    else:
+        returned = _sqlite_upsert(
+            session,
+            [
+                {
+                    "workspace_id": workspace_id,
+                    "email": email,
+                    "first_name": first,
+                    "last_name": last,
+                    "timezone": tz,
+                    "fields": fields,
+                    "status": status,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for email, (first, last, tz, fields), status in zip(emails, values, statuses, strict=True)
+            ],
+        )
+    return [r[0] for r in returned], sum(1 for r in returned if r[1] == now)
+
+
+def import_csv(
+    session: Session,
+    workspace_id: int,
+    stream: BinaryIO,
+    *,
+    list_id: int | None = None,
+    progress: Progress | None = None,
+    batch_size: int | None = None,
+    max_errors: int = MAX_ERRORS,
+    resume: ImportReport | None = None,
+) -> ImportReport:
+    """Import contacts from a CSV byte stream into a workspace (and a list, when given).
+
+    Reads ``stream`` once, front to back, never holding more than a batch. Commits the session
+    as it goes: after every batch (so a large import neither holds one huge transaction nor
+    loses work done, and no transaction is open while the stream is read), calling
+    ``progress(report, bytes_read)`` just before each commit, in the same transaction. Raises
+    CsvUnusable (nothing stored) for an unusable file and NotFound when ``list_id`` is not the
+    workspace's. The caller tells the engine about new list members (``report.members_added``).
+
+    ``resume``: the report of an interrupted run of the same file, as its last commit left it;
+    its ``rows`` first data rows are read past (they are stored) and its counts carried on.
+    """
+    batch_size = batch_size or BATCH_SIZE
+    if list_id is not None:
+        get_list(session, workspace_id, list_id)
+        session.commit()  # hold no transaction (nor SQLite's write lock) while reading the stream
+    source, reader = _open(stream)
+    try:
+        header = next(reader)
+    except StopIteration:
+        header = []
+    except csv.Error as exc:
+        raise CsvUnusable(f"the header row cannot be read as CSV: {exc}") from None
+    cols = parse_header(header)
+
+    report = resume or ImportReport(max_errors=max_errors, list_id=list_id)
+    report.list_id = list_id
+    done_before = report.rows
+    batch: dict[str, list] = {}
+    in_batch = 0
+    row = 1  # the header
+
+    def flush() -> None:
+        nonlocal batch, in_batch
+        if batch:
+            ids, created = _upsert(session, workspace_id, batch)
+            report.created += created
+            report.updated += len(batch) - created
+            if list_id is not None:
+                report.members_added += add_list_members(session, workspace_id, list_id, ids)
+        batch, in_batch = {}, 0
+        if progress is not None:
+            progress(report, source.bytes_read)
+        session.commit()
+
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit(); the reader goes on
+            record, problem = None, f"the row cannot be read as CSV: {exc}"
+        else:
+            problem = None
+        row += 1
+        if row - 1 <= done_before:
+            continue
+        report.rows += 1
+        in_batch += 1
+        parsed = problem if record is None else _parse_row(record, cols)
+        if parsed is None:
+            report.skipped += 1
+        elif isinstance(parsed, str):
+            report.error(row, parsed)
+        else:
+            email, values = parsed
+            if email in batch:
+                _merge(batch[email], values)
+                report.updated += 1
+            else:
+                batch[email] = values
+        if in_batch >= batch_size:
+            flush()
+    flush()
+    return report
+
+
+# --- background imports ------------------------------------------------------------------------
+
+
+def import_progress(row: Import) -> float:
+    if row.status == "done":
+        return 1.0
+    if not row.total_bytes:
+        return 0.0
+    return max(0.0, min(1.0, row.bytes_done / row.total_bytes))
+
+
+def _resume_report(job: Import) -> ImportReport:
+    """The report as a run's last commit left it (every data row is in exactly one count, so
+    the errors that were not listed are what the counts leave over)."""
+    errors = list(job.errors or [])
+    truncated = job.rows_done - job.created - job.updated - job.skipped - len(errors)
+    return ImportReport(
+        created=job.created, updated=job.updated, skipped=job.skipped, rows=job.rows_done,
+        errors=errors, errors_truncated=max(0, truncated), list_id=job.list_id,
+    )
+
+
+def release_import(import_id: int) -> bool:
+    """Put a running import back to ``pending`` (its worker was interrupted), so that a new run
+    resumes it after the last committed batch. Returns whether it was running."""
+    with new_session() as session:
+        released = session.execute(
+            update(Import)
+            .where(Import.id == import_id, Import.status == "running")
+            .values(status="pending")
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        session.commit()
+    return bool(released)
+
+
+def run_import(import_id: int) -> ImportReport | None:
+    """Run a queued import (an ``Import`` row in ``pending``): stream its file through
+    :func:`import_csv`, keeping the row's progress and report current after every batch (in
+    the batch's own transaction, so they always agree with what is stored).
+
+    Claims the row first (``pending -> running``), so a task delivered twice runs once; returns
+    None when the row was not pending. A run that was interrupted and released
+    (:func:`release_import`) resumes after its last committed batch. Ends ``done`` or
+    ``failed`` (with ``error``) and then deletes the file; unexpected errors are recorded, then
+    raised again. An interruption (KeyboardInterrupt, SystemExit) keeps the file.
+    """
+    with new_session() as session:
+        claimed = session.execute(
+            update(Import)
+            .where(Import.id == import_id, Import.status == "pending")
+            .values(status="running")
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        session.commit()
+        if not claimed:
+            return None
+        job = session.get(Import, import_id)
+        path, workspace_id, list_id = job.path, job.workspace_id, job.list_id
+        resume = _resume_report(job) if job.rows_done else None
+
+        def progress(report: ImportReport, bytes_read: int) -> None:
+            session.execute(
+                update(Import)
+                .where(Import.id == import_id)
+                .values(
+                    bytes_done=bytes_read,
+                    rows_done=report.rows,
+                    created=report.created,
+                    updated=report.updated,
+                    skipped=report.skipped,
+                    errors=list(report.errors),
+                )
+                .execution_options(synchronize_session=False)
+            )
+
+        def finish(**values) -> None:
+            session.execute(
+                update(Import)
+                .where(Import.id == import_id)
+                .values(finished_at=utcnow(), **values)
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+        try:
+            with open(path, "rb") as fh:
+                report = import_csv(session, workspace_id, fh, list_id=list_id, progress=progress, resume=resume)
+        except (HeraldError, OSError) as exc:
+            session.rollback()
+            finish(status="failed", error=getattr(exc, "message", None) or str(exc))
+            return None
+        except Exception as exc:
+            session.rollback()
+            log.exception("import %s failed", import_id)
+            finish(status="failed", error=f"internal error: {type(exc).__name__}")
+            raise
+        finish(status="done", bytes_done=job.total_bytes)
+        return report
