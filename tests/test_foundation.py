@@ -125,3 +125,13 @@ def test_api_requires_auth(client):
     assert resp.json["error"]["code"] == "unauthorized"
     resp = client.get("/api/v1/contacts", headers={"Authorization": "Bearer wrong"})
     assert resp.status_code == 401
+
+
+def test_api_bad_bodies_and_cursors_are_4xx(api):
+    assert api.post("/api/v1/lists", data="[" * 100000, headers={"Content-Type": "application/json"}).status_code == 400
+    assert api.get("/api/v1/lists?cursor=" + "9" * 40).status_code == 400
+    import base64
+
+    huge = base64.urlsafe_b64encode(str(2**70).encode()).decode().rstrip("=")
+    assert api.get(f"/api/v1/lists?cursor={huge}").status_code == 400
+    assert api.get("/api/v1/messages?campaign_id=" + "9" * 30).status_code == 400

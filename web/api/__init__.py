@@ -45,7 +45,10 @@ def json_body() -> dict:
     """The request's JSON object, or a 400 that says what is wrong with it."""
     if not request.data:
         raise BadRequest("the request needs a JSON body")
-    data = request.get_json(silent=True, force=True)
+    try:
+        data = request.get_json(silent=True, force=True)
+    except RecursionError:  # absurdly nested JSON
+        raise BadRequest("the request body is nested too deeply") from None
     if data is None:
         raise BadRequest("the request body is not valid JSON")
     if not isinstance(data, dict):
@@ -61,9 +64,12 @@ def decode_cursor(cursor: str | None) -> int | None:
     if not cursor:
         return None
     try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        value = int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise BadRequest("cursor is not valid; use the next_cursor of a previous page") from None
+        value = -1
+    if not 0 <= value < 2**63:
+        raise BadRequest("cursor is not valid; use the next_cursor of a previous page")
+    return value
 
 
 def page_limit(default: int = 50, maximum: int = 500) -> int:
@@ -99,9 +105,12 @@ def int_arg(name: str) -> int | None:
     if raw in (None, ""):
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise BadRequest(f"{name} must be a whole number") from None
+    if not -(2**63) < value < 2**63:
+        raise BadRequest(f"{name} is out of range")
+    return value
 
 
 from . import routes  # noqa: E402,F401  (registers the route modules)
