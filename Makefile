@@ -28,7 +28,7 @@ run: $(STAMP)
 	@bash scripts/run.sh
 
 test: $(STAMP) services browser
-	@bash scripts/test.sh
+	@bash scripts/test.sh $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
