@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,8 +44,9 @@ def main() -> None:
     lead = 8.0
     with get_engine().begin() as conn:
         conn.execute(text(
-            "UPDATE messages SET due_at = (now() at time zone 'utc') + make_interval(secs => :lead + random() * :spread) "
-            "WHERE campaign_id = :c"), {"lead": lead, "spread": args.spread, "c": cid})
+            "UPDATE messages SET due_at = (now() at time zone 'utc') "
+            "+ make_interval(secs => :lead + random() * :spread) WHERE campaign_id = :c"),
+            {"lead": lead, "spread": args.spread, "c": cid})
     common.start_consumers(2, 8)
     from tasks.engine import wake_dispatcher
 
