@@ -1,0 +1,297 @@
+"""The web UI in a real browser (Debian's Chromium through Playwright) against a live server
+(gunicorn), a real consumer (huey_consumer) and the local SendGrid sink.
+
+The web server is started once for the module. The consumer is started for each test: the
+engine keeps a per-process cache keyed by campaign id, and ``tests/conftest.py`` restarts ids at
+1 before every test, so a consumer that outlived a test could mistake a new campaign for an old
+one. Both run with this run's environment (conftest already points it at the test database,
+queue and sink), log to files in the test instance folder and are stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from campaigns.db import session_scope
+from campaigns.models import Campaign, Message
+from tests.conftest import free_port, make_workspace
+
+pytestmark = pytest.mark.browser
+playwright = pytest.importorskip("playwright.sync_api")
+expect = playwright.expect
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+PASSWORD = "browser-pass-1"
+
+
+class Server:
+    """A subprocess with its output in a log file; stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, name: str, cmd: list[str]):
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.log_path = Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{name}-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def wait_http(url: str, server: Server, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise AssertionError(f"{url}: the server exited\n{server.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout} s\n{server.tail()}")
+
+
+@pytest.fixture(scope="module")
+def live(database, sink_server):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium")
+    port = free_port()
+    web = Server("web", [str(BIN / "gunicorn"), "-k", "gthread", "-w", "1", "--threads", "8",
+                         "-b", f"127.0.0.1:{port}", "wsgi:app"])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", web)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        web.stop()
+
+
+@pytest.fixture
+def consumer(live):
+    worker = Server("consumer", [str(BIN / "huey_consumer"), "tasks.huey", "-k", "thread", "-w", "4", "-g", "TERM",
+                                 "-t", "30", "-d", "0.05", "-m", "0.3"])
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(live):
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    tab.set_default_timeout(15_000)
+    yield tab
+    context.close()
+
+
+def sign_in(page, base: str) -> int:
+    """A fresh workspace and user; signs in with the keyboard only (the email field has focus).
+    Returns the workspace's id."""
+    workspace_id, _, _, email = make_workspace(password=PASSWORD)
+    page.goto(base + "/login")
+    page.keyboard.type(email)
+    page.keyboard.press("Tab")
+    page.keyboard.type(PASSWORD)
+    page.keyboard.press("Enter")
+    page.wait_for_url(base + "/")
+    expect(page.locator("h1")).to_have_text("Campaigns")
+    return workspace_id
+
+
+def campaign_id_from(page) -> int:
+    return int(page.url.rstrip("/").split("/campaigns/")[1].split("/")[0].split("?")[0])
+
+
+def test_import_build_preview_launch_and_watch_it_complete_live(page, live, consumer, sink):
+    base = live
+    sign_in(page, base)
+
+    # CSV import: a bad row is reported with its line number, the good ones stored
+    page.click("nav >> text=Contacts")
+    page.click("text=Import CSV")
+    csv = b"email,first_name\nada@example.com,Ada\ngrace@example.com,Grace\nnot-an-email,Bad\nalan@example.com,Alan\n"
+    page.set_input_files("#file", files=[{"name": "people.csv", "mimeType": "text/csv", "buffer": csv}])
+    page.fill("#new_list", "Browser list")
+    page.click("text=Upload and import")
+    expect(page.locator("[data-import-status]")).to_have_text("done")
+    expect(page.locator('[data-import-count="created"]')).to_have_text("3")
+    report = page.locator("[data-import-errors] tr")
+    expect(report).to_have_count(1)
+    expect(report.first).to_contain_text("4")
+    expect(report.first).to_contain_text("invalid email address 'not-an-email'")
+    assert page.eval_on_selector("[data-import-progress]", "p => p.value") == 1
+
+    # a two-step campaign with a short wait
+    page.click("nav >> text=Campaigns")
+    page.click("text=New campaign")
+    page.fill("#name", "Browser campaign")
+    page.select_option("#list_id", label="Browser list")
+    page.fill("#from_email", "team@example.com")
+    page.click("text=Create draft")
+    expect(page.locator(".flash-success")).to_contain_text("Draft created")
+    page.click("text=+ Wait step")
+    page.fill("#steps-1-amount", "3")
+    page.select_option("#steps-1-unit", "seconds")
+    page.click("text=+ Email step")
+    expect(page.locator("#steps-2-subject")).to_have_value("Following up")
+
+    # the live preview, rendered for the first contact of the list as one types
+    page.fill("#steps-0-subject", "Hi {{ contact.first_name }}!")
+    expect(page.locator("#step-0 [data-preview-subject]")).to_have_text("Hi Ada!")
+    page.select_option("#preview_contact", label="grace@example.com (Grace)")
+    expect(page.locator("#step-0 [data-preview-subject]")).to_have_text("Hi Grace!")
+    frame = page.frame_locator("#step-2 [data-preview-html]")
+    expect(frame.locator("body")).to_contain_text("Hi Grace")
+    # a template error is shown at its line, and the editor can jump to it
+    page.fill("#steps-0-html", "<p>Hello</p>\n<p>{{ contact.first_name }</p>")
+    error = page.locator("#step-0 [data-preview-errors] .template-error")
+    expect(error).to_contain_text("HTML, line 2:")
+    expect(error.locator(".excerpt .bad")).to_contain_text("{{ contact.first_name }</p>")
+    error.locator("text=Go to line 2").click()
+    assert page.evaluate("document.activeElement.id") == "steps-0-html"
+    page.fill("#steps-0-html", "<p>Hello {{ contact.first_name }}</p>")
+    expect(error).to_have_count(0)
+    expect(page.frame_locator("#step-0 [data-preview-html]").locator("body")).to_have_text("Hello Grace")
+    page.click(".savebar >> text=Save draft")
+    expect(page.locator(".flash-success")).to_have_text("Draft saved.")
+
+    # what launch will do, then launch
+    page.click(".page-head >> text=Review and launch…")
+    expect(page.locator(".big-line")).to_contain_text("3 contacts will be enrolled from Browser list")
+    page.click("text=Launch now")
+    page.wait_for_url(f"{base}/campaigns/*")
+    cid = campaign_id_from(page)
+
+    # live progress: the numbers change and the campaign completes, with no navigation
+    navigations = []
+    page.on("framenavigated", lambda frame: navigations.append(frame.url) if frame == page.main_frame else None)
+    page.evaluate("window.__stillTheSamePage = true")
+    sent = page.locator('.stats [data-stat="sent"]')
+    first_seen = int(sent.inner_text())
+    expect(page.locator("[data-live]")).to_be_visible()
+    expect(page.locator("h1 [data-status-badge]")).to_have_text("completed", timeout=45_000)
+    expect(sent).to_have_text("6")
+    assert first_seen < 6
+    expect(page.locator('.stats [data-stat="enrolled"]')).to_have_text("3")
+    expect(page.locator("[data-progress-text]")).to_contain_text("6 of 6 emails handled (100%)")
+    expect(page.locator("[data-chart] svg")).to_be_visible()
+    expect(page.locator("[data-chart] figcaption")).to_contain_text("6 in all")
+    expect(page.locator(".controls >> text=Pause")).to_be_hidden()
+    assert page.evaluate("window.__stillTheSamePage") is True and navigations == []
+    with session_scope() as s:
+        assert s.get(Campaign, cid).status == "completed"
+
+    # a message's details: its attempt, the provider's answer
+    page.locator("tbody tr[data-step-id] >> text=Messages").first.click()
+    page.locator("tbody a[href^='/messages/']").first.click()
+    expect(page.locator("h1")).to_contain_text("Message")
+    attempts = page.locator("section:has(h2:text('Attempts')) tbody tr")
+    expect(attempts).to_have_count(1)
+    expect(attempts.first).to_contain_text("sent")
+    expect(attempts.first).to_contain_text("202")
+    assert len(sink.accepted()) == 6
+
+
+def test_dead_letter_replay_pause_resume_and_cancel(page, live, consumer, sink):
+    from campaigns import campaign_rules, contacts
+
+    base = live
+    ws_id = sign_in(page, base)
+    with session_scope() as s:
+        lst = contacts.create_list(s, ws_id, "Dead letters list")
+        for email in ("one@example.com", "two@example.com", "three@example.com"):
+            contact, _ = contacts.upsert_contact(s, ws_id, email)
+            contacts.add_list_members(s, ws_id, lst.id, [contact.id])
+        campaign = campaign_rules.create_campaign(s, ws_id, {
+            "name": "Replay me", "list_id": lst.id, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "First", "html": "<p>1</p>"}, {"type": "wait", "seconds": 600},
+                      {"type": "email", "subject": "Second", "html": "<p>2</p>"}]})
+        cid = campaign.id
+    sink.fail_addresses(["two@example.com"], status=400)  # a permanent refusal for one address
+
+    page.goto(f"{base}/campaigns/{cid}")
+    page.click(".controls >> text=Review and launch…")
+    page.click("text=Launch now")
+    page.wait_for_url(f"{base}/campaigns/{cid}")
+    expect(page.locator('.stats [data-stat="sent"]')).to_have_text("2")
+    expect(page.locator('.stats [data-stat="failed"]')).to_have_text("1")  # live, no reload
+
+    # a form posted without its CSRF token is refused
+    page.evaluate("document.querySelector('form[action$=\"/pause\"] input[name=csrf_token]').remove()")
+    page.click(".controls >> text=Pause")
+    expect(page.locator("h1")).to_have_text("Request refused")
+    expect(page.locator("main")).to_contain_text("security token is missing")
+    with session_scope() as s:
+        assert s.get(Campaign, cid).status == "running"
+
+    # pause and resume
+    page.goto(f"{base}/campaigns/{cid}")
+    page.click(".controls >> text=Pause")
+    expect(page.locator("h1 [data-status-badge]")).to_have_text("paused")
+    expect(page.locator("[data-status-reason]")).to_have_text("paused by a user")
+    page.click(".controls >> text=Resume")
+    expect(page.locator("h1 [data-status-badge]")).to_have_text("running")
+
+    # the dead letter: listed with its error, replayed once the address is accepted again
+    page.click("nav >> text=Dead letters")
+    row = page.locator("tbody tr", has_text="two@example.com")
+    expect(row).to_contain_text("failed")
+    sink.clear_fail_addresses()
+    row.get_by_role("button", name="Replay", exact=True).click()
+    expect(page.locator(".flash-success")).to_contain_text("queued again")
+    expect(page.locator(".empty")).to_contain_text("No dead letters")
+    with session_scope() as s:
+        dead_id = s.scalar(select(Message.id).where(Message.email == "two@example.com"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with session_scope() as s:
+            if s.get(Message, dead_id).status == "sent":
+                break
+        time.sleep(0.2)
+    page.goto(f"{base}/messages/{dead_id}")
+    expect(page.locator("h1 .badge")).to_have_text("sent")
+    attempts = page.locator("section:has(h2:text('Attempts')) tbody tr")
+    expect(attempts).to_have_count(2)
+    expect(attempts.nth(0)).to_contain_text("400")
+    expect(attempts.nth(1)).to_contain_text("202")
+
+    # cancel, after a confirmation
+    page.goto(f"{base}/campaigns/{cid}")
+    expect(page.locator('.stats [data-stat="sent"]')).to_have_text("3")
+    page.click(".controls >> text=Cancel…")
+    expect(page.locator("h1")).to_have_text("Cancel Replay me?")
+    expect(page.locator("main")).to_contain_text("3 scheduled emails will not be sent")
+    page.click("text=Cancel campaign")
+    expect(page.locator("h1 [data-status-badge]")).to_have_text("cancelled")
+    with session_scope() as s:
+        assert s.get(Campaign, cid).status == "cancelled"
+

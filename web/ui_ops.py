@@ -1,0 +1,255 @@
+"""UI pages: the message log and each message's details, dead letters and replay, queue health,
+and the development outbox (what the local SendGrid sink received)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import UTC, datetime
+
+from flask import flash, g, redirect, render_template, request, url_for
+from sqlalchemy import func, select
+
+from campaigns import contacts, engine, queue_health
+from campaigns.errors import HeraldError, NotFound
+from campaigns.models import Campaign, Contact, Event, Message, MessageAttempt, Step
+
+from .auth import login_required
+from .db import get_db
+from .ui import bp, error_text, int_arg, keyset_page, safe_next, settings
+
+log = logging.getLogger(__name__)
+MESSAGE_STATUSES = ("scheduled", "queued", "sending", "sent", "delivered", "bounced", "dropped", "ambiguous",
+                    "failed", "cancelled")
+SINK_TIMEOUT = 3.0
+OUTBOX_PAGE = 50
+
+
+def _campaign_options(db) -> list[tuple[int, str]]:
+    return db.execute(select(Campaign.id, Campaign.name).where(Campaign.workspace_id == g.workspace_id)
+                      .order_by(Campaign.id.desc())).all()
+
+
+def _labels(db, rows: list[Message]) -> tuple[dict, dict]:
+    """Campaign names and step labels for the messages shown."""
+    campaign_ids = {m.campaign_id for m in rows}
+    step_ids = {m.step_id for m in rows}
+    names = dict(db.execute(select(Campaign.id, Campaign.name).where(Campaign.id.in_(campaign_ids))).all()) \
+        if campaign_ids else {}
+    steps = {s.id: s for s in db.scalars(select(Step).where(Step.id.in_(step_ids)))} if step_ids else {}
+    return names, steps
+
+
+# --------------------------------------------------------------------------- message log
+
+
+@bp.get("/messages")
+@login_required
+def messages_page():
+    db = get_db()
+    campaign_id = int_arg("campaign_id")
+    step_id = int_arg("step_id")
+    status = request.args.get("status") or ""
+    email = (request.args.get("email") or "").strip().lower()
+    stmt = select(Message).where(Message.workspace_id == g.workspace_id)
+    if campaign_id is not None:
+        stmt = stmt.where(Message.campaign_id == campaign_id)
+    if step_id is not None:
+        stmt = stmt.where(Message.step_id == step_id)
+    if status in MESSAGE_STATUSES:
+        stmt = stmt.where(Message.status == status)
+    bad_email = bool(email and contacts.text_problem(email))
+    if email and not bad_email:
+        stmt = stmt.where(Message.email.contains(email, autoescape=True))
+    rows, next_before = ([], None) if bad_email else keyset_page(db, stmt, Message)
+    names, steps = _labels(db, rows)
+    step_options = []
+    if campaign_id is not None:
+        step_options = list(db.scalars(select(Step).where(Step.campaign_id == campaign_id,
+                                                          Step.workspace_id == g.workspace_id,
+                                                          Step.type == "email").order_by(Step.position)))
+    return render_template("messages.html", rows=rows, next_before=next_before, names=names, steps=steps,
+                           campaign_options=_campaign_options(db), step_options=step_options,
+                           statuses=MESSAGE_STATUSES, campaign_id=campaign_id, step_id=step_id, status=status,
+                           email=email)
+
+
+def _message(message_id: int) -> Message:
+    m = get_db().get(Message, message_id) if contacts.valid_id(message_id) else None
+    if m is None or m.workspace_id != g.workspace_id:
+        raise NotFound(f"There is no message {message_id} in this workspace.")
+    return m
+
+
+def _pretty(raw: str | None) -> str | None:
+    if not raw:
+        return raw
+    try:
+        return json.dumps(json.loads(raw), indent=2, sort_keys=True)
+    except (ValueError, TypeError):
+        return raw
+
+
+@bp.get("/messages/<int:message_id>")
+@login_required
+def message_page(message_id: int):
+    db = get_db()
+    m = _message(message_id)
+    attempts = list(db.scalars(select(MessageAttempt).where(MessageAttempt.message_id == m.id)
+                               .order_by(MessageAttempt.id)))
+    events = list(db.scalars(select(Event).where(Event.message_id == m.id).order_by(Event.id)))
+    campaign = db.get(Campaign, m.campaign_id)
+    step = db.get(Step, m.step_id)
+    contact = db.get(Contact, m.contact_id) if m.contact_id else None
+    return render_template("message.html", m=m, attempts=attempts, events=events, campaign=campaign, step=step,
+                           contact=contact, last_response=_pretty(m.last_response))
+
+
+def _requeue(message: Message) -> None:
+    from tasks import engine as task_engine
+
+    if message.is_test:
+        task_engine.huey.enqueue(task_engine.send_messages.s([message.id], priority=task_engine.PRIORITY_TEST))
+    else:
+        task_engine.wake_dispatcher(None)
+
+
+@bp.post("/messages/<int:message_id>/replay")
+@login_required
+def message_replay(message_id: int):
+    db = get_db()
+    m = _message(message_id)
+    back = safe_next(request.form.get("back"), url_for("ui.message_page", message_id=m.id))
+    try:
+        m = engine.replay_message(db, g.workspace_id, m.id)
+        db.commit()
+    except HeraldError as exc:
+        db.rollback()
+        flash(f"Not replayed: {error_text(exc)}", "error")
+        return redirect(back), 303
+    _requeue(m)
+    flash(f"Message to {m.email} queued again (same message key).", "success")
+    return redirect(back), 303
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+@bp.get("/dead-letters")
+@login_required
+def dead_letters_page():
+    db = get_db()
+    campaign_id = int_arg("campaign_id")
+    stmt = select(Message).where(Message.workspace_id == g.workspace_id, Message.status == "failed")
+    if campaign_id is not None:
+        stmt = stmt.where(Message.campaign_id == campaign_id)
+    rows, next_before = keyset_page(db, stmt, Message)
+    names, steps = _labels(db, rows)
+    by_campaign = db.execute(
+        select(Campaign.id, Campaign.name, func.count(Message.id))
+        .join(Message, Message.campaign_id == Campaign.id)
+        .where(Message.workspace_id == g.workspace_id, Message.status == "failed")
+        .group_by(Campaign.id, Campaign.name)
+        .order_by(Campaign.id.desc())
+    ).all()
+    return render_template("dead_letters.html", rows=rows, next_before=next_before, names=names, steps=steps,
+                           by_campaign=by_campaign, campaign_id=campaign_id)
+
+
+# --------------------------------------------------------------------------- queue health
+
+
+@bp.get("/queue")
+@login_required
+def queue_page():
+    from tasks import huey
+
+    db = get_db()
+    snap = queue_health.snapshot(db, huey, workspace_id=g.workspace_id)
+    running = db.execute(select(Campaign.id, Campaign.name, Campaign.status)
+                         .where(Campaign.workspace_id == g.workspace_id,
+                                Campaign.status.in_(("running", "paused")))
+                         .order_by(Campaign.id.desc()).limit(20)).all()
+    return render_template("queue.html", snap=snap, running=running)
+
+
+# --------------------------------------------------------------------------- development outbox
+
+
+class SinkUnavailable(Exception):
+    pass
+
+
+def _sink_get(path: str, **params):
+    """GET a JSON document from the local sink (server-side, so the browser needs no access)."""
+    host = settings().sendgrid_api_host.rstrip("/")
+    query = ("?" + urllib.parse.urlencode(params)) if params else ""
+    try:
+        with urllib.request.urlopen(host + path + query, timeout=SINK_TIMEOUT) as resp:  # noqa: S310 - our own URL
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            exc.close()
+            return None
+        exc.close()
+        raise SinkUnavailable(f"the sink answered {exc.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SinkUnavailable(str(getattr(exc, "reason", exc))) from None
+
+
+def _ledger_for_keys(db, keys: set[str]) -> dict[str, Message]:
+    if not keys:
+        return {}
+    rows = db.scalars(select(Message).where(Message.workspace_id == g.workspace_id,
+                                            contacts.one_of(db, Message.message_key, sorted(keys))))
+    return {m.message_key: m for m in rows}
+
+
+@bp.get("/outbox")
+@login_required
+def outbox_page():
+    db = get_db()
+    host = settings().sendgrid_api_host.rstrip("/")
+    context = {"sink_url": host, "rows": [], "error": None, "hidden": 0, "older": None, "calls": 0}
+    if not settings().uses_sink:
+        return render_template("outbox.html", enabled=False, **context)
+    before = int_arg("before")
+    try:
+        calls = int((_sink_get("/_sink/stats") or {}).get("calls", 0))
+        end = calls if before is None else min(calls, before - 1)
+        since = max(0, end - OUTBOX_PAGE)
+        data = _sink_get("/_sink/messages", fields="summary", since=since, limit=end - since) if end > 0 else None
+    except SinkUnavailable as exc:
+        context["error"] = str(exc)
+        return render_template("outbox.html", enabled=True, **context), 503
+    recs = list(reversed((data or {}).get("messages") or []))
+    for r in recs:
+        r["time_text"] = datetime.fromtimestamp(r.get("time") or 0, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    ledger = _ledger_for_keys(db, {r["key"] for r in recs if r.get("key")})
+    names, steps = _labels(db, list(ledger.values()))
+    rows = [(r, ledger[r["key"]]) for r in recs if r.get("key") in ledger]
+    context.update(rows=rows, hidden=len(recs) - len(rows), calls=calls, names=names, steps=steps,
+                   older=since if since > 0 else None)
+    return render_template("outbox.html", enabled=True, **context)
+
+
+@bp.get("/outbox/<int:seq>")
+@login_required
+def outbox_message(seq: int):
+    db = get_db()
+    if not settings().uses_sink:
+        return redirect(url_for("ui.outbox_page"))
+    host = settings().sendgrid_api_host.rstrip("/")
+    try:
+        rec = _sink_get(f"/_sink/messages/{seq}") if seq < 2**31 else None
+    except SinkUnavailable as exc:
+        return render_template("outbox.html", enabled=True, sink_url=host, rows=[], error=str(exc), hidden=0,
+                               older=None, calls=0), 503
+    message = _ledger_for_keys(db, {rec["key"]}).get(rec["key"]) if rec and rec.get("key") else None
+    if message is None:  # not this workspace's (or not Herald's) email
+        raise NotFound(f"The outbox has no message #{seq} of this workspace.")
+    campaign = db.get(Campaign, message.campaign_id)
+    return render_template("outbox_message.html", rec=rec, m=message, campaign=campaign, sink_url=host)
