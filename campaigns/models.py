@@ -319,7 +319,12 @@ class Event(Base):
     __table_args__ = (
         Index("ix_events_message", "message_id"),
         Index("ix_events_message_key", "message_key"),
-        Index("ix_events_unprocessed", "processed_at"),
+        # The processor's queue: unprocessed events in id order (a partial index stays small).
+        Index("ix_events_unprocessed", "id", postgresql_where=text("processed_at IS NULL"),
+              sqlite_where=text("processed_at IS NULL")),
+        # A repeat is stored once: by its sg_event_id here, by dedupe_key (a hash of the
+        # fallback tuple, see campaigns.events) when SendGrid resends it with a new id.
+        Index("uq_events_sg_event_id", "sg_event_id", unique=True),
         {"sqlite_autoincrement": True},
     )
 
@@ -343,7 +348,11 @@ class Reply(Base):
     """An inbound email (Inbound Parse), matched to a message when possible."""
 
     __tablename__ = "replies"
-    __table_args__ = {"sqlite_autoincrement": True}
+    __table_args__ = (
+        Index("ix_replies_message", "message_id"),
+        Index("uq_replies_dedupe_key", "dedupe_key", unique=True),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = _pk()
     workspace_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("workspaces.id", ondelete="CASCADE"))
@@ -354,6 +363,8 @@ class Reply(Base):
     matched_by: Mapped[str | None] = mapped_column(String(20))
     headers: Mapped[str | None] = mapped_column(Text)
     text: Mapped[str | None] = mapped_column(Text)
+    # sha256 of the reply's own Message-ID (else of its content): Inbound Parse retries store once.
+    dedupe_key: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

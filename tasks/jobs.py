@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import engine, imports  # noqa: F401
+from . import engine, events, imports  # noqa: F401
 
 
 def notify_list_changed(list_id: int) -> None:

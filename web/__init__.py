@@ -30,7 +30,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
 
-    from . import api, db, errors, ops, ui, webhooks
+    from . import api, db, errors, ops, ui, unsubscribe, webhooks
     from .cli import register_commands
 
     db.init_app(app)
@@ -40,8 +40,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(unsubscribe.bp)
     # The webhooks and Bearer API calls are exempt; the API checks CSRF itself for session callers.
     csrf.exempt(webhooks.bp)
     csrf.exempt(api.bp)
+    csrf.exempt(unsubscribe.bp)  # RFC 8058 one-click: no cookies, no CSRF token
     register_commands(app)
     return app

@@ -1,7 +1,127 @@
-"""Webhooks: SendGrid's Event Webhook and Inbound Parse (CSRF-exempt; authenticated by signature)."""
+"""Webhooks: SendGrid's Event Webhook and Inbound Parse (CSRF-exempt; authenticated by signature).
+
+``POST /webhooks/sendgrid/events``: with ``SENDGRID_WEBHOOK_PUBLIC_KEY`` set, the ECDSA
+signature over the timestamp header followed by the raw body is checked first (a missing,
+malformed or wrong one is a 403, never a 500); without it, posts are accepted unsigned and a
+warning is logged once per process (development only). The batch is then stored durably in
+the request (one bulk insert, deduplicated) and the answer is 2xx; if it could not be stored
+the answer is 503, so SendGrid retries. Effects are applied by a task (``tasks.events``).
+
+``POST /webhooks/sendgrid/inbound/<secret>``: 404 unless ``INBOUND_PARSE_SECRET`` is set and
+matches (constant-time); a reply is stored and applied inline (replies are rare), idempotent
+under Inbound Parse's retries.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint
+import functools
+import hmac
+import logging
+import threading
+
+from flask import Blueprint, abort, current_app, jsonify, request
+from sendgrid.helpers.eventwebhook import EventWebhook
+from werkzeug.exceptions import HTTPException
+
+from campaigns import events, replies
+from campaigns.errors import BadRequest
+
+from .db import get_db
+from .errors import error_response
 
 bp = Blueprint("webhooks", __name__, url_prefix="/webhooks")
+log = logging.getLogger("herald.webhooks")
+
+SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
+TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
+
+_warned = threading.Event()
+
+
+def _settings():
+    return current_app.config["HERALD_SETTINGS"]
+
+
+@functools.lru_cache(maxsize=4)
+def _verifier(public_key: str) -> EventWebhook:
+    return EventWebhook(public_key)
+
+
+def signature_ok(public_key: str, body: bytes, signature: str | None, timestamp: str | None) -> bool:
+    """True when ``signature`` is SendGrid's over ``timestamp + body`` for ``public_key``."""
+    if not signature or not timestamp:
+        return False
+    try:
+        return _verifier(public_key).verify_signature(body.decode("utf-8"), signature, timestamp) is True
+    except Exception:  # noqa: BLE001 - malformed base64 or DER, a body that is not UTF-8, a bad key: refused
+        return False
+
+
+def _warn_unsigned() -> None:
+    if not _warned.is_set():
+        _warned.set()
+        log.warning("SENDGRID_WEBHOOK_PUBLIC_KEY is not set: Event Webhook posts are accepted unsigned "
+                    "(development only; set the key in production)")
+
+
+@bp.post("/sendgrid/events")
+def sendgrid_events():
+    body = request.get_data(cache=False)
+    key = _settings().webhook_public_key
+    if key:
+        if not signature_ok(key, body, request.headers.get(SIGNATURE_HEADER), request.headers.get(TIMESTAMP_HEADER)):
+            return error_response(403, "forbidden", "missing or invalid Event Webhook signature")
+    else:
+        _warn_unsigned()
+    rows = events.parse_batch(body)  # BadRequest -> 400
+    session = get_db()
+    try:
+        stored = events.store_batch(session, rows, body)
+        session.commit()
+    except Exception:  # noqa: BLE001 - not stored: answer 5xx so SendGrid retries the batch
+        session.rollback()
+        log.exception("could not store %d events", len(rows))
+        return error_response(503, "not_stored", "the events could not be stored; retry later")
+    if stored:
+        from tasks.events import events_stored
+
+        events_stored()
+    return jsonify({"received": len(rows), "stored": stored})
+
+
+def _form_fields() -> dict[str, str]:
+    try:
+        form = request.form
+    except HTTPException:  # e.g. 413: werkzeug's answer stands
+        raise
+    except Exception:  # noqa: BLE001 - a broken multipart body is bad input, not a 500
+        raise BadRequest("the body is not a readable form post") from None
+    return {k: form.get(k) or "" for k in form}
+
+
+@bp.post("/sendgrid/inbound/<secret>")
+def sendgrid_inbound(secret: str):
+    expected = _settings().inbound_parse_secret
+    if not expected or not hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8")):
+        abort(404)
+    if request.mimetype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise BadRequest("Inbound Parse posts multipart/form-data")
+    fields = _form_fields()
+    session = get_db()
+    try:
+        result = replies.ingest(session, fields)
+        session.commit()
+    except BadRequest:
+        session.rollback()
+        raise
+    except Exception:  # noqa: BLE001 - not stored: 5xx, Inbound Parse retries for up to 72 hours
+        session.rollback()
+        log.exception("could not store an inbound reply")
+        return error_response(503, "not_stored", "the reply could not be stored; retry later")
+    reply = result.reply
+    return jsonify({
+        "id": reply.id if reply else None,
+        "duplicate": result.duplicate,
+        "matched": reply.message_id is not None if reply else False,
+        "auto": bool(reply.is_auto) if reply else False,
+    })
