@@ -86,8 +86,11 @@ def setup_environment(name: str, rate: str = "1000000/second", extra: dict | Non
 
 
 def _flush_redis(prefix: str) -> None:
+    import re
+
     r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(match=f"*{prefix}*", count=1000))
+    keys = set(r.scan_iter(match=f"*{prefix}*", count=1000))
+    keys |= set(r.scan_iter(match=f"*{re.sub('[^A-Za-z0-9_]', '', prefix)}*", count=1000))  # Huey's names
     if keys:
         r.delete(*keys)
 

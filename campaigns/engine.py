@@ -29,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, exists, func, literal, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from . import leases
+from . import leases, stopgen
 from .config import get_settings
 from .db import is_postgres, session_factory, utcnow
 from .errors import Conflict, InvalidInput, NotFound
@@ -63,9 +63,9 @@ log = logging.getLogger("herald.engine")
 PENDING = ("scheduled", "queued")
 IN_FLIGHT = ("sending",)
 UNSETTLED = ("scheduled", "queued", "sending", "ambiguous")
-SEND_BATCH = 20  # messages per send task
+SEND_BATCH = 40  # messages per send task
 FETCH_PER_CAMPAIGN = 500  # due messages looked at per campaign per dispatch pass
-FLUSH_EVERY = 10  # record outcomes after this many sends (or FLUSH_SECONDS)
+FLUSH_EVERY = 20  # record outcomes after this many sends (or FLUSH_SECONDS)
 FLUSH_SECONDS = 0.25
 # Queued this long without a send task claiming it: the queue store lost the task.
 STALE_QUEUED = timedelta(seconds=float(os.environ.get("HERALD_STALE_QUEUED_SECONDS", "90")))
@@ -166,6 +166,7 @@ def pause(session: Session, workspace_id: int, campaign_id: int, reason: str | N
         raise Conflict(f"a {c.status} campaign cannot be paused")
     c.status = "paused"
     c.status_reason = reason
+    stopgen.mark(session)
     # Hand queued work back to the ledger; a send task that still finds an id skips it.
     session.execute(
         update(Message)
@@ -195,6 +196,7 @@ def cancel(session: Session, workspace_id: int, campaign_id: int) -> Campaign:
     now = utcnow()
     c.status = "cancelled"
     c.finished_at = now
+    stopgen.mark(session)
     session.execute(
         update(Message)
         .where(Message.campaign_id == c.id, Message.status.in_(PENDING), Message.is_test.is_(False))
@@ -222,9 +224,10 @@ def _first_email(campaign: Campaign) -> tuple[Step | None, int]:
     return None, wait
 
 
-def _next_email(campaign: Campaign, after_position: int) -> tuple[Step | None, int]:
+def _next_email(steps: list[Step], after_position: int) -> tuple[Step | None, int]:
+    """The next email step after a position, and the seconds of waiting before it."""
     wait = 0
-    for s in campaign.steps:
+    for s in steps:
         if s.position <= after_position:
             continue
         if s.type == "wait":
@@ -271,7 +274,9 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None) ->
     ins = _insert(session, Enrollment.__table__).from_select(
         ["workspace_id", "campaign_id", "contact_id", "status", "created_at"], members
     )
-    enrolled = session.execute(ins.on_conflict_do_nothing()).rowcount or 0
+    enrolled = session.execute(
+        ins.on_conflict_do_nothing(), execution_options={"preserve_rowcount": True}
+    ).rowcount or 0
 
     first = (
         select(
@@ -329,6 +334,29 @@ def enroll_new_members_of_list(list_id: int, hooks: Hooks | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- dispatch
+#
+# Limits are enforced where the sends happen, and planned where work is queued; both use the
+# one shared limiter (campaigns/ratelimit.py):
+#
+# - right before each provider call (``pace``) a message takes one unit of every limit it is
+#   under (the account budget, its campaign's, its sender's) in one atomic take, waits a moment
+#   for it, or goes back to the ledger when the wait is long. What reaches the provider never
+#   exceeds a limit, however many consumers and threads send, whatever the queue's jitter.
+# - the dispatcher only *reads* the limits (``peek``): it queues at most what every limit allows
+#   within the next DISPATCH_HORIZON seconds, minus what is queued or sending already, and
+#   divides that round-robin across workspaces with work ready, then across their campaigns.
+#   Huey's queue is first in, first out within a priority, so it never holds more than about a
+#   second of bulk work: another tenant's batches are never behind minutes of someone else's.
+#
+# Work that meets a limit stays ``scheduled`` in the ledger (no task waits on it, no attempt is
+# spent); the dispatcher comes back when the limit frees (with jitter), or sooner while sends are
+# in flight.
+
+DISPATCH_HORIZON = float(os.environ.get("HERALD_DISPATCH_HORIZON", "1.0"))
+BATCH_SECONDS = 0.25  # a send task carries about this much of the account budget; also the pace of passes
+PACE_MAX_WAIT = 2.0  # a send waits at most this long for its turn; a longer wait: back to the ledger
+CONCURRENCY_POLL = 0.1  # a workspace at its concurrency budget: look again this soon
+INFLIGHT_POLL = 1.0  # while sends are in flight, look again at least this often
 
 
 @dataclass
@@ -337,11 +365,28 @@ class DispatchResult:
     deferred_window: int = 0
     next_wake: datetime | None = None
     more_now: bool = False
-    waits: dict[str, int] = field(default_factory=dict)  # rule key -> messages held back
+    waits: dict[str, int] = field(default_factory=dict)  # limit key -> due messages held back by it
+
+
+def account_rule() -> Rule:
+    """The provider account's budget (``SENDGRID_RATE_LIMIT``), shared by every send."""
+    return Rule.from_rate(ACCOUNT_RULE_KEY, get_settings().rate_limit)
+
+
+def workspace_slots(concurrency: int) -> int:
+    """A workspace's concurrency budget in messages queued or sending at once.
+
+    ``Workspace.concurrency`` counts send tasks (consumer workers a tenant may occupy at once);
+    each carries at most SEND_BATCH messages. Counting single messages instead would cap one
+    workspace at about ``concurrency`` messages per dispatcher round trip, below the default
+    account budget (measured: see bench/RESULTS.md).
+    """
+    return max(1, int(concurrency)) * SEND_BATCH
 
 
 def campaign_rules(c: Campaign, now: float | None = None) -> list[Rule]:
-    """The campaign's own limits (per_minute smooth; per_day a UTC-day cap)."""
+    """The campaign's own limits: ``per_minute`` smooth (GCRA, burst max(1, n/10)) and
+    ``per_day`` at most n in any 24 hours (rolling)."""
     from .config import parse_rate
 
     rules = []
@@ -349,24 +394,98 @@ def campaign_rules(c: Campaign, now: float | None = None) -> list[Rule]:
     if limits.get("per_minute"):
         rules.append(Rule.from_rate(f"campaign:{c.id}:minute", parse_rate(f"{int(limits['per_minute'])}/minute")))
     if limits.get("per_day"):
-        rules.append(Rule.per_day(f"campaign:{c.id}:day", int(limits["per_day"]), now))
+        rules.append(Rule.per_day(f"campaign:{c.id}:day", int(limits["per_day"])))
     return rules
 
 
-def sender_rules(c: Campaign, now: float | None = None) -> list[Rule]:
-    """The sender's (from address) daily cap, with the warm-up ramp when one is set."""
+def sender_key(c: Campaign) -> str:
+    return f"sender:{c.workspace_id}:{c.from_email.strip().lower()}"
+
+
+def sender_rules(c: Campaign, limiter: Limiter | None = None, now: float | None = None) -> list[Rule]:
+    """The sender's (from address, per workspace) limits, shared by every campaign using it.
+
+    - ``daily_cap``: at most n in any 24 hours;
+    - ``warmup {start, increment}``: on day d of the sender the cap is start + d * increment (and
+      never above ``daily_cap``); day 0 begins at the sender's first send in the workspace
+      (``sender_day0``), day d is d whole 24-hour periods later;
+    - ``min_gap_seconds``/``max_gap_seconds``: one message at a time, each followed by a pause
+      drawn uniformly between the two (a fresh draw per send).
+    """
     sender = (c.limits or {}).get("sender") or {}
+    key = sender_key(c)
+    rules = []
     cap = sender.get("daily_cap")
     warm = sender.get("warmup")
     if warm:
-        # Day 0 is the first day this sender address was used by any campaign in the workspace.
-        started = c.launched_at or utcnow()
-        days = max(0, (utcnow() - started).days)
+        now = time.time() if now is None else now
+        day0 = sender_day0(limiter or get_limiter(), c.workspace_id, c.from_email)
+        days = 0 if day0 is None else max(0, int((now - day0) // 86400))
         ramp = int(warm.get("start", 1)) + int(warm.get("increment", 0)) * days
-        cap = min(cap, ramp) if cap else ramp
-    if not cap:
-        return []
-    return [Rule.per_day(f"sender:{c.workspace_id}:{c.from_email.lower()}:day", int(cap), now)]
+        cap = min(int(cap), ramp) if cap else ramp
+    if cap:
+        rules.append(Rule.per_day(key + ":day", int(cap)))
+    lo, hi = sender.get("min_gap_seconds"), sender.get("max_gap_seconds")
+    if lo or hi:
+        lo = float(lo or 0)
+        hi = max(lo, float(hi if hi is not None else lo))
+        rules.append(Rule.gap(key + ":gap", random.uniform(lo, hi)))
+    return rules
+
+
+def _memo(limiter: Limiter, name: str) -> dict:
+    """A dict kept with the limiter, this process only (forgotten with it)."""
+    return limiter.local.setdefault(name, {})
+
+
+def _read_session() -> Session:
+    """A session for reads that takes no lock (SQLite: no BEGIN IMMEDIATE), so it may run while
+    the caller's own transaction holds the write lock."""
+    engine = session_factory().kw["bind"]
+    return Session(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+
+
+def sender_day0(limiter: Limiter, workspace_id: int, from_email: str) -> float | None:
+    """Epoch seconds of the first send from this address in the workspace (warm-up day 0).
+
+    Kept in the limiter's shared store (``mark``), written at the sender's first send. When the
+    store has no mark (a sender used before its warm-up was set, Redis flushed) the ledger
+    answers: min(sent_at) of the workspace's messages from that address, one query per process
+    (none at all once the mark exists). Cached in the process once known, so a send costs
+    nothing extra. Reads only: it runs inside the dispatcher's and the web's transactions.
+    """
+    key = f"sender:{workspace_id}:{from_email.strip().lower()}:first"
+    known, missed = _memo(limiter, "day0"), _memo(limiter, "day0_missed")
+    hit = known.get(key)
+    if hit is not None:
+        return hit
+    value = limiter.read_mark(key)
+    if value is None:
+        if time.monotonic() - missed.get(key, -60.0) < 5.0:
+            return None
+        with _read_session() as s:
+            first = s.scalar(
+                select(func.min(Message.sent_at))
+                .join(Campaign, Campaign.id == Message.campaign_id)
+                .where(Campaign.workspace_id == workspace_id,
+                       func.lower(Campaign.from_email) == from_email.strip().lower(),
+                       Message.sent_at.is_not(None), Message.is_test.is_(False))
+            )
+        if first is None:
+            missed[key] = time.monotonic()
+            return None
+        value = _epoch(first)
+    known[key] = value
+    return value
+
+
+def _note_first_send(limiter: Limiter, c: Campaign, now: float) -> None:
+    warm = ((c.limits or {}).get("sender") or {}).get("warmup")
+    key = f"{sender_key(c)}:first"
+    known = _memo(limiter, "day0")
+    if warm and key not in known:
+        known[key] = limiter.mark(key, now)
+        _memo(limiter, "day0_missed").pop(key, None)
 
 
 def _fair_share(demands: dict, budget: int, order: list) -> dict:
@@ -388,35 +507,307 @@ def _fair_share(demands: dict, budget: int, order: list) -> dict:
     return alloc
 
 
+# ----- pacing at send time
+
+
+class _WaitCounter:
+    """Counts sends that waited on a limit, by kind, and adds them to the shared counters at
+    most once a second (a counter write per send would cost a transaction on SQLite)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending: dict[str, int] = defaultdict(int)
+        self.flushed = time.monotonic()
+
+    def add(self, limiter: Limiter, name: str) -> None:
+        with self.lock:
+            self.pending[name] += 1
+            if time.monotonic() - self.flushed < 1.0:
+                return
+            pending, self.pending, self.flushed = dict(self.pending), defaultdict(int), time.monotonic()
+        try:
+            for k, n in pending.items():
+                limiter.incr(k, n)
+        except Exception:  # noqa: BLE001 - a counter must never stop a send
+            log.exception("could not count rate-limit waits")
+
+
+_wait_counter = _WaitCounter()
+
+
+def _limit_kind(key: str | None) -> str:
+    if not key:
+        return "unknown"
+    parts = key.split(":")
+    if parts[0] == "campaign":
+        return f"campaign_{parts[-1]}"
+    if parts[0] == "sender":
+        return f"sender_{parts[-1]}"
+    return parts[0]
+
+
+def pace(limiter: Limiter, msg: Message, campaign: Campaign) -> bool:
+    """Wait for this message's turn under every limit it is under, right before the call.
+
+    True: one unit of each was taken, send now. False: the wait is long (a 429 hold, a spent
+    daily cap, a campaign's per-minute pace): give the message back to the ledger, unspent; the
+    dispatcher queues it again when the limit frees. Test sends are under the account budget only.
+    """
+    max_wait = min(PACE_MAX_WAIT, get_settings().lease_seconds / 4)
+    deadline = time.monotonic() + 1.5 * max_wait
+    shut = _memo(limiter, "shut")  # limit key -> monotonic time until which a send need not ask
+    waited = None
+    while True:
+        rules = [account_rule()]
+        if not msg.is_test:
+            rules += campaign_rules(campaign) + sender_rules(campaign, limiter)  # a fresh gap draw each time
+        mono = time.monotonic()
+        blocked = next((r.key for r in rules if shut.get(r.key, 0.0) > mono), None)
+        if blocked:
+            _wait_counter.add(limiter, f"rate_limit_released:{_limit_kind(blocked)}")
+            return False
+        try:
+            g = limiter.take(rules, 1)
+        except Exception:  # noqa: BLE001 - no limiter, no send: the ledger keeps the message
+            log.exception("the limiter did not answer; message %s goes back to the ledger", msg.id)
+            return False
+        if g.granted:
+            if waited:
+                _wait_counter.add(limiter, f"rate_limit_waits:{_limit_kind(waited)}")
+            if not msg.is_test:
+                _note_first_send(limiter, campaign, time.time())
+            return True
+        waited = waited or g.blocked_by
+        if g.wait > max_wait or mono + g.wait > deadline:
+            if g.blocked_by and g.wait > max_wait:
+                shut[g.blocked_by] = mono + min(g.wait, 5.0) - 0.05
+            _wait_counter.add(limiter, f"rate_limit_released:{_limit_kind(g.blocked_by)}")
+            return False
+        time.sleep(g.wait + random.uniform(0, min(0.005, g.wait)))
+
+
+# ----- planning: how much of each limit's room the queue may take, and who gets it
+
+
+@dataclass
+class _Room:
+    """One limit as the dispatcher sees it: messages it still lets into the horizon, and when
+    (seconds from now) it lets in at least one more when it is full."""
+
+    key: str
+    room: int
+    wait: float = 0.0
+
+
+def _room(rule: Rule, allowed: int, next_free: float, outstanding: int) -> _Room:
+    room = (min(allowed, 1) if rule.kind == "gap" else allowed) - outstanding
+    if room > 0:
+        return _Room(rule.key, room)
+    if rule.kind == "gcra":  # sends already queued use the room up; then one unit per interval
+        wait = next_free + (-room) * rule.interval
+    elif allowed <= 0:  # a spent cap (a bucket must leave the window), a gap still running
+        wait = next_free
+    else:  # what is queued will use the rest: look again once it is sent
+        wait = INFLIGHT_POLL
+    return _Room(rule.key, room, max(wait, 0.0))
+
+
+@dataclass
+class _Limits:
+    account: _Room
+    own: dict[int, list[_Room]]  # campaign -> its own limits
+    sender: dict[int, list[_Room]]  # campaign -> its sender's limits (shared with other campaigns)
+    workspace: dict[int, _Room]
+    outstanding: int
+
+
+def _read_limits(s: Session, limiter: Limiter, campaigns: list[Campaign], horizon: float) -> _Limits:
+    """Every limit's room for these campaigns: the limiter's state, less what is queued or sending."""
+    from .models import Workspace
+
+    out_campaign: dict[int, int] = defaultdict(int)
+    out_ws: dict[int, int] = defaultdict(int)
+    total = 0
+    for ws, cid, is_test, n in s.execute(
+        select(Message.workspace_id, Message.campaign_id, Message.is_test, func.count())
+        .where(Message.status.in_(("queued", "sending")))
+        .group_by(Message.workspace_id, Message.campaign_id, Message.is_test)
+    ).all():
+        total += n
+        if not is_test:
+            out_campaign[cid] += n
+            out_ws[ws] += n
+    senders = {c.id: sender_key(c) for c in campaigns}
+    others = [cid for cid in out_campaign if cid not in senders]
+    if others:
+        for cid, ws, email in s.execute(
+            select(Campaign.id, Campaign.workspace_id, Campaign.from_email).where(Campaign.id.in_(others))
+        ).all():
+            senders[cid] = f"sender:{ws}:{email.strip().lower()}"
+    out_sender: dict[str, int] = defaultdict(int)
+    for cid, n in out_campaign.items():
+        out_sender[senders[cid]] += n
+    ws_ids = {c.workspace_id for c in campaigns}
+    concurrency = dict(s.execute(select(Workspace.id, Workspace.concurrency).where(Workspace.id.in_(ws_ids))).all())
+
+    acc = account_rule()
+    (cap,) = limiter.peek([acc], horizon)
+    account = _room(acc, cap.allowed, cap.next_free, total)
+    own: dict[int, list[_Room]] = {}
+    sender: dict[int, list[_Room]] = {}
+    for c in campaigns:
+        mine, theirs = campaign_rules(c), sender_rules(c, limiter)
+        caps = limiter.peek(mine + theirs, horizon) if (mine or theirs) else []
+        own[c.id] = [_room(r, k.allowed, k.next_free, out_campaign[c.id]) for r, k in zip(mine, caps, strict=False)]
+        sender[c.id] = [_room(r, k.allowed, k.next_free, out_sender[senders[c.id]])
+                        for r, k in zip(theirs, caps[len(mine):], strict=True)]
+    workspace = {}
+    for ws in ws_ids:
+        room = workspace_slots(concurrency.get(ws, 8)) - out_ws[ws]
+        workspace[ws] = _Room(f"workspace:{ws}:concurrency", room, 0.0 if room > 0 else CONCURRENCY_POLL)
+    return _Limits(account, own, sender, workspace, total)
+
+
+@dataclass
+class _Plan:
+    alloc: dict[int, int]  # campaign -> messages to queue now
+    held: dict[int, dict[str, int]]  # campaign -> limit key -> due messages that limit holds back
+    waits: list[float]  # seconds until each holding limit lets more in
+
+
+def _allocate(campaigns: list[Campaign], due: dict[int, int], lim: _Limits, max_total: int, offset: int = 0) -> _Plan:
+    """Who gets the room: each campaign up to its own limits; a sender's room shared fairly by its
+    campaigns; a workspace's concurrency by its campaigns; the account's room round-robin across
+    workspaces with work ready, then across their campaigns (water-filling: a share nobody needs
+    goes to whoever has work). ``offset`` rotates the order from pass to pass."""
+    held: dict[int, dict[str, int]] = defaultdict(dict)
+    waits: list[float] = []
+
+    def hold(cid: int, room: _Room, n: int, wait: float | None = None) -> None:
+        if n > 0:
+            held[cid][room.key] = held[cid].get(room.key, 0) + n
+            waits.append(max(room.wait if wait is None else wait, 0.0) or BATCH_SECONDS)
+
+    def rotate(items: list) -> list:
+        if not items:
+            return items
+        k = offset % len(items)
+        return items[k:] + items[:k]
+
+    order = rotate(sorted((c for c in campaigns if due.get(c.id)), key=lambda c: c.id))
+    want: dict[int, int] = {}
+    for c in order:
+        d = due[c.id]
+        tight = min(lim.own.get(c.id) or [], key=lambda r: r.room, default=None)
+        if tight is not None and tight.room < d:
+            hold(c.id, tight, d - max(tight.room, 0))
+            d = max(tight.room, 0)
+        want[c.id] = d
+
+    def squeeze(groups: dict, room_of) -> None:
+        for key, cids in groups.items():
+            room = room_of(key, cids)
+            if room is None or sum(want[c] for c in cids) <= room.room:
+                continue
+            share = _fair_share({c: want[c] for c in cids}, max(room.room, 0), cids)
+            for c in cids:
+                hold(c, room, want[c] - share[c], room.wait if room.room <= 0 else BATCH_SECONDS)
+                want[c] = share[c]
+
+    by_sender: dict[str, list[int]] = defaultdict(list)
+    for c in order:
+        if lim.sender.get(c.id):
+            by_sender[sender_key(c)].append(c.id)
+    squeeze(by_sender, lambda key, cids: min((r for c in cids for r in lim.sender[c]), key=lambda r: r.room))
+    by_ws: dict[int, list[int]] = defaultdict(list)
+    for c in order:
+        by_ws[c.workspace_id].append(c.id)
+    squeeze(by_ws, lambda ws, cids: lim.workspace.get(ws))
+
+    budget = min(max(lim.account.room, 0), max_total)
+    ws_order = rotate(sorted(by_ws))
+    ws_alloc = _fair_share({ws: sum(want[c] for c in cids) for ws, cids in by_ws.items()}, budget, ws_order)
+    alloc: dict[int, int] = {}
+    for ws, cids in by_ws.items():
+        share = _fair_share({c: want[c] for c in cids}, ws_alloc[ws], cids)
+        for c in cids:
+            # Full now: the horizon moves on by itself, so come back in a moment for the next slice.
+            hold(c, lim.account, want[c] - share[c],
+                 lim.account.wait if lim.account.room <= 0 else max(BATCH_SECONDS, lim.account.wait))
+            alloc[c] = share[c]
+    return _Plan(alloc, held, waits)
+
+
+def _jittered(wait: float) -> float:
+    """Spread wake-ups over a little time, so campaigns held by limits do not all come back at
+    the instant capacity returns (no jitter on the short waits of a steady flow)."""
+    return wait + (random.uniform(0, min(1.0, 0.1 * wait)) if wait >= 1.0 else 0.0)
+
+
+def waiting_on_limits(s: Session, limiter: Limiter | None = None, workspace_id: int | None = None) -> dict[str, int]:
+    """Due messages of running campaigns held back, per limit (for /api/v1/queue and /metrics).
+
+    Computed from shared state, as the dispatcher would see it now: the ledger's due counts and
+    the limiter's store. ``workspace_id`` keeps one workspace's figures (the account's room is
+    shared, so its share of ``account`` is what the fair split leaves it waiting for).
+    """
+    limiter = limiter or get_limiter()
+    now = utcnow()
+    due = dict(s.execute(
+        select(Message.campaign_id, func.count())
+        .join(Campaign, Campaign.id == Message.campaign_id)
+        .where(Campaign.status == "running", Message.status == "scheduled", Message.due_at <= now)
+        .group_by(Message.campaign_id)
+    ).all())
+    if not due:
+        return {}
+    campaigns = s.scalars(select(Campaign).where(Campaign.id.in_(list(due)))).all()
+    plan = _allocate(campaigns, due, _read_limits(s, limiter, campaigns, DISPATCH_HORIZON), max_total=10**9)
+    ws_of = {c.id: c.workspace_id for c in campaigns}
+    out: dict[str, int] = defaultdict(int)
+    for cid, by_key in plan.held.items():
+        if workspace_id is None or ws_of[cid] == workspace_id:
+            for key, n in by_key.items():
+                out[key] += n
+    return dict(out)
+
+
 _rr_offset = 0
 
 
 def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, max_total: int = 2000) -> DispatchResult:
-    """One pass: look at due work of every running campaign, queue what the budgets allow, fairly.
+    """One pass: queue the due work every limit lets into the next DISPATCH_HORIZON seconds, fairly.
 
-    Round-robin across workspaces, then across a workspace's campaigns (water-filling, so an
-    idle share goes to whoever has work). Work outside its send window moves to the next opening.
+    Reads the limits (nothing is taken here: the sends take their units), fetches at most that
+    much due work per campaign (oldest first), moves work outside its send window to the next
+    opening, splits the room (``_allocate``), claims the rows (scheduled -> queued) and hands them
+    to the queue in small batches, interleaved by workspace. Says when to look again.
     """
     global _rr_offset
-    settings = get_settings()
     now = now or utcnow()
     result = DispatchResult()
     Session_ = session_factory()
-    with Session_() as s:
+    moves: dict[datetime, list[int]] = defaultdict(list)
+    with _read_session() as s:  # reads only: no lock held while the limiter is consulted
         campaigns = s.scalars(select(Campaign).where(Campaign.status == "running")).all()
         if not campaigns:
             return result
+        lim = _read_limits(s, limiter, campaigns, DISPATCH_HORIZON)
         candidates: dict[int, list] = {}
+        limits_of: dict[int, int] = {}
         for c in campaigns:
+            rooms = [r.room for r in lim.own[c.id] + lim.sender[c.id]]
+            rooms += [lim.workspace[c.workspace_id].room, lim.account.room, max_total]
+            # What could go now, and one row more: it tells whether work waits behind a limit.
+            limit = min(FETCH_PER_CAMPAIGN, max(0, min(rooms)) + 1)
             rows = s.execute(
                 select(Message.id, Message.email, Contact.timezone)
                 .outerjoin(Contact, Contact.id == Message.contact_id)
                 .where(Message.campaign_id == c.id, Message.status == "scheduled", Message.due_at <= now)
                 .order_by(Message.due_at, Message.id)
-                .limit(FETCH_PER_CAMPAIGN)
+                .limit(limit)
             ).all()
-            if len(rows) == FETCH_PER_CAMPAIGN:
-                result.more_now = True
+            limits_of[c.id] = limit
             if rows and c.send_window:
                 inside, deferred = [], defaultdict(list)
                 for r in rows:
@@ -426,66 +817,34 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
                     else:
                         deferred[opening].append(r.id)
                 for opening, ids in deferred.items():
-                    s.execute(
-                        update(Message)
-                        .where(Message.id.in_(ids), Message.status == "scheduled")
-                        .values(due_at=opening)
-                    )
+                    moves[opening] += ids
                     result.deferred_window += len(ids)
+                if deferred:
+                    result.more_now = True  # what is behind the deferred rows is looked at next
                 rows = inside
             if rows:
                 candidates[c.id] = rows
-        s.commit()
         by_id = {c.id: c for c in campaigns}
-
-    if not candidates:
-        result.next_wake = _next_due(now)
-        return result
-
-    # Campaign and sender caps first: each campaign takes what its own limits allow.
-    ts = time.time()
-    per_campaign_rules = {cid: campaign_rules(by_id[cid], ts) + sender_rules(by_id[cid], ts) for cid in candidates}
-    demand: dict[int, int] = {}
-    wake_in = None
-    for cid, rows in candidates.items():
-        want = min(len(rows), max_total)
-        rules = per_campaign_rules[cid]
-        if rules:
-            g = limiter.take(rules, want)
-            if g.granted < want:
-                result.waits[g.blocked_by or "campaign"] = result.waits.get(g.blocked_by or "campaign", 0) + (
-                    want - g.granted
+    if moves:
+        with Session_() as s, s.begin():
+            for opening, ids in moves.items():
+                s.execute(
+                    update(Message)
+                    .where(Message.id.in_(ids), Message.status == "scheduled")
+                    .values(due_at=opening)
                 )
-                wake_in = g.wait if wake_in is None else min(wake_in, g.wait)
-            want = g.granted
-        if want:
-            demand[cid] = want
 
-    # Then the account budget, divided fairly across workspaces and their campaigns.
-    total = min(sum(demand.values()), max_total)
-    account = [Rule.from_rate(ACCOUNT_RULE_KEY, settings.rate_limit)]
-    grant = limiter.take(account, total) if total else None
-    budget = grant.granted if grant else 0
-    if grant and grant.granted < total:
-        result.waits[ACCOUNT_RULE_KEY] = total - grant.granted
-        wake_in = grant.wait if wake_in is None else min(wake_in, grant.wait)
-
-    by_ws: dict[int, list[int]] = defaultdict(list)
-    for cid in demand:
-        by_ws[by_id[cid].workspace_id].append(cid)
-    ws_order = sorted(by_ws)
-    if ws_order:
-        _rr_offset = (_rr_offset + 1) % len(ws_order)
-        ws_order = ws_order[_rr_offset:] + ws_order[:_rr_offset]
-    ws_demand = {ws: sum(demand[c] for c in cids) for ws, cids in by_ws.items()}
-    ws_alloc = _fair_share(ws_demand, budget, ws_order)
-    alloc: dict[int, int] = {}
-    for ws, cids in by_ws.items():
-        alloc.update(_fair_share({c: demand[c] for c in cids}, ws_alloc[ws], sorted(cids)))
-
+    _rr_offset += 1
+    plan = _allocate([by_id[cid] for cid in candidates], {cid: len(r) for cid, r in candidates.items()}, lim,
+                     max_total, _rr_offset)
+    for by_key in plan.held.values():
+        for key, n in by_key.items():
+            result.waits[key] = result.waits.get(key, 0) + n
     chosen: list[int] = []
-    for cid, n in alloc.items():
+    for cid, n in plan.alloc.items():
         chosen += [r.id for r in candidates[cid][:n]]
+        if n and n == len(candidates[cid]) and limits_of[cid] >= FETCH_PER_CAMPAIGN:
+            result.more_now = True  # all that was looked at goes: there may be more behind it
     claimed: list[int] = []
     if chosen:
         with Session_() as s, s.begin():
@@ -497,40 +856,29 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
                     .values(status="queued", queued_at=utcnow())
                     .returning(Message.id)
                 ).all()
-    # Units granted for messages that were not there (or were claimed by another dispatcher).
-    unused_total = budget - len(claimed)
-    if unused_total > 0:
-        limiter.give_back(account, unused_total)
-    claimed_set = set(claimed)
-    for cid in demand:
-        used = sum(1 for r in candidates[cid] if r.id in claimed_set)
-        if demand[cid] - used > 0 and per_campaign_rules[cid]:
-            limiter.give_back(per_campaign_rules[cid], demand[cid] - used)
 
-    # Hand the claimed ids to the queue in small batches, one workspace per batch.
-    ws_of = {}
-    for cid, rows in candidates.items():
-        for r in rows:
-            ws_of[r.id] = by_id[cid].workspace_id
+    # Hand the claimed ids to the queue in small batches (about BATCH_SECONDS of the account's
+    # budget each, so several workers share a slow budget), one workspace per batch, workspaces
+    # interleaved so no tenant's batches all sit ahead of another's in the FIFO queue.
+    ws_of = {r.id: by_id[cid].workspace_id for cid, rows in candidates.items() for r in rows}
     batches: dict[int, list[int]] = defaultdict(list)
     for mid in claimed:
         batches[ws_of[mid]].append(mid)
-    # Interleave workspaces so no tenant's batches all sit ahead of another's in the FIFO queue.
-    queues = [[ids[i : i + SEND_BATCH] for i in range(0, len(ids), SEND_BATCH)] for ids in batches.values()]
+    size = max(1, min(SEND_BATCH, int(-(-get_settings().rate_limit.per_second * BATCH_SECONDS // 1))))
+    queues = [[ids[i : i + size] for i in range(0, len(ids), size)] for ids in batches.values()]
     while any(queues):
         for q in queues:
             if q:
                 hooks.enqueue_send(q.pop(0), 0)
     result.queued = len(claimed)
 
-    if result.waits:
-        try:
-            for key, n in result.waits.items():
-                limiter.incr(f"rate_limit_waits:{key.split(':')[0]}", n)
-        except Exception:  # noqa: BLE001 - a counter must never stop dispatch
-            log.exception("could not count rate-limit waits")
-    if result.more_now or wake_in is not None:
-        result.next_wake = now + timedelta(seconds=min(wake_in if wake_in is not None else 0.0, 60.0))
+    waits = [w for w in plan.waits if w is not None]
+    if lim.outstanding or claimed:
+        waits.append(INFLIGHT_POLL)  # sends in flight free room (and may hand work back)
+    if result.more_now:
+        result.next_wake = now
+    elif waits:
+        result.next_wake = now + timedelta(seconds=_jittered(min(max(min(waits), 0.01), 60.0)))
     else:
         result.next_wake = _next_due(now)
     return result
@@ -550,8 +898,9 @@ def run_dispatcher(hooks: Hooks, limiter: Limiter | None = None, budget_seconds:
     """Dispatch in a loop for up to ``budget_seconds`` under the ``dispatcher`` lease.
 
     Only one dispatcher loops at a time; a wake that finds the lease held asks the holder to
-    run once more (so no wake is lost), and returns. Short waits for budget are slept here;
-    longer ones become a delayed wake-up task.
+    run once more (so no wake is lost), and returns. Short waits (under a second: the steady
+    flow of a budget) are slept here; longer ones become a delayed wake-up task, so no worker
+    is held while work waits on a limit.
     """
     limiter = limiter or get_limiter()
     owner = owner or worker_id()
@@ -580,9 +929,10 @@ def run_dispatcher(hooks: Hooks, limiter: Limiter | None = None, budget_seconds:
                     time.sleep(delay)
                 leases.acquire(Session_, "dispatcher", owner, ttl=budget_seconds + 30)
                 continue
-            # Not worth holding a worker: come back later.
+            # Not worth holding a worker: come back later. A steady flow (a wait under a second)
+            # continues in a new task at once: Huey's scheduler looks at delayed tasks once a second.
             if leases.release(Session_, "dispatcher", owner):
-                hooks.wake_dispatcher(wake)
+                hooks.wake_dispatcher(None if delay < 1.0 else wake)
                 return last
     except BaseException:
         leases.release(Session_, "dispatcher", owner)
@@ -620,11 +970,38 @@ def _claimable():
     return and_(or_(Message.is_test, running), not_suppressed, active)
 
 
-def _still_sendable(s: Session, message_id: int) -> bool:
-    """Checked right before each call: paused, cancelled, suppressed or stopped since the claim?"""
-    ok = s.scalar(select(literal(1)).where(Message.id == message_id, _claimable()))
+def _sendable(s: Session, message_ids: list[int]) -> set[int]:
+    """Which of these are still sendable (not paused, cancelled, suppressed or stopped)?"""
+    if not message_ids:
+        return set()
+    ok = set(s.scalars(select(Message.id).where(Message.id.in_(message_ids), _claimable())).all())
     s.rollback()  # end the read transaction at once (SQLite: release the lock)
-    return bool(ok)
+    return ok
+
+
+class _StopGuard:
+    """Re-checks a batch against the database whenever the stop generation moved.
+
+    One query per batch, plus one counter read per message (see ``campaigns.stopgen``).
+    """
+
+    def __init__(self, session: Session, ids: list[int]):
+        self.session = session
+        self.remaining = set(ids)
+        self.lock = threading.Lock()
+        self._check()
+
+    def _check(self) -> None:
+        self.generation = stopgen.current()  # read before the query: a later bump forces a re-check
+        self.ok = _sendable(self.session, sorted(self.remaining))
+
+    def allows(self, message_id: int) -> bool:
+        generation = stopgen.current()
+        with self.lock:
+            if generation != self.generation:
+                self._check()
+            self.remaining.discard(message_id)
+            return message_id in self.ok
 
 
 def unsubscribe_url(workspace_id: int, email: str, message_key: str) -> str:
@@ -711,43 +1088,15 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
         s.expunge_all()
         s.rollback()
     pending: list[Outcome] = []
-    last_flush = time.monotonic()
     check = Session_()
     try:
-        for msg, step, campaign, contact in rows:
-            started = utcnow()
-            base = dict(message_id=msg.id, campaign_id=msg.campaign_id, workspace_id=msg.workspace_id,
-                        started=started, attempt=msg.attempts)
-            if not _still_sendable(check, msg.id):
-                pending.append(Outcome(kind="released", finished=utcnow(), **base))
-                continue
-            try:
-                email = build_email(msg, step, campaign, contact)
-            except Exception as exc:  # noqa: BLE001 - a template that cannot render fails the message
-                pending.append(Outcome(kind="failed", finished=utcnow(), error=f"render: {exc}", **base))
-                continue
-            t0 = time.perf_counter()
-            try:
-                res = mailer.send(email)
-                out = Outcome(kind="sent", status=res.status, provider_id=res.provider_message_id, **base,
-                              finished=utcnow())
-            except RetryableSendError as exc:
-                kind = "rate_limited" if exc.status == 429 else "retry"
-                out = Outcome(kind=kind, status=exc.status, error=str(exc), body=exc.body, retry_at=exc.retry_at,
-                              finished=utcnow(), **base)
-                if exc.status == 429:
-                    until = exc.retry_at or (utcnow() + timedelta(seconds=1))
-                    limiter.hold(ACCOUNT_RULE_KEY, until.timestamp() if until.tzinfo else _epoch(until))
-            except AccountError as exc:
-                out = Outcome(kind="account", status=exc.status, error=str(exc), body=exc.body,
-                              finished=utcnow(), **base)
-            except PermanentSendError as exc:
-                out = Outcome(kind="failed", status=exc.status, error=str(exc), body=exc.body,
-                              finished=utcnow(), **base)
-            except AmbiguousSendError as exc:
-                out = Outcome(kind="ambiguous", error=str(exc), finished=utcnow(), **base)
-            out.finished = out.started + timedelta(seconds=time.perf_counter() - t0)
-            pending.append(out)
+        guard = _StopGuard(check, [row[0].id for row in rows])
+        # Provider calls overlap (a shared per-process pool), while this thread records outcomes in
+        # groups: the calls are I/O waits, and so are the database writes.
+        futures = [_send_pool().submit(_send_one, row, guard, mailer, limiter) for row in rows]
+        last_flush = time.monotonic()
+        for fut in futures:
+            pending.append(fut.result())
             if len(pending) >= FLUSH_EVERY or time.monotonic() - last_flush > FLUSH_SECONDS:
                 _record(pending, hooks, owner, counts)
                 pending = []
@@ -757,6 +1106,60 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
         if pending:
             _record(pending, hooks, owner, counts)
     return dict(counts)
+
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _send_pool():
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                size = int(os.environ.get("HERALD_SEND_CONCURRENCY", "16"))
+                _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="herald-send")
+    return _pool
+
+
+def _send_one(row, guard: _StopGuard, mailer, limiter: Limiter) -> Outcome:
+    """Check, render and hand one claimed message to the provider; never raises."""
+    msg, step, campaign, contact = row
+    started = utcnow()
+    base = dict(message_id=msg.id, campaign_id=msg.campaign_id, workspace_id=msg.workspace_id,
+                started=started, attempt=msg.attempts)
+    if not guard.allows(msg.id):
+        return Outcome(kind="released", finished=utcnow(), **base)
+    try:
+        email = build_email(msg, step, campaign, contact)
+    except Exception as exc:  # noqa: BLE001 - a template that cannot render fails the message
+        return Outcome(kind="failed", finished=utcnow(), error=f"render: {exc}", **base)
+    if not pace(limiter, msg, campaign):  # every limit it is under, taken right before the call
+        return Outcome(kind="released", finished=utcnow(), **base)
+    base["started"] = started = utcnow()
+    t0 = time.perf_counter()
+    try:
+        res = mailer.send(email)
+        out = Outcome(kind="sent", status=res.status, provider_id=res.provider_message_id, finished=started, **base)
+    except RetryableSendError as exc:
+        kind = "rate_limited" if exc.status == 429 else "retry"
+        out = Outcome(kind=kind, status=exc.status, error=str(exc), body=exc.body, retry_at=exc.retry_at,
+                      finished=started, **base)
+        if exc.status == 429:
+            until = exc.retry_at or (utcnow() + timedelta(seconds=1))
+            limiter.hold(ACCOUNT_RULE_KEY, _epoch(until))
+    except AccountError as exc:
+        out = Outcome(kind="account", status=exc.status, error=str(exc), body=exc.body, finished=started, **base)
+    except PermanentSendError as exc:
+        out = Outcome(kind="failed", status=exc.status, error=str(exc), body=exc.body, finished=started, **base)
+    except AmbiguousSendError as exc:
+        out = Outcome(kind="ambiguous", error=str(exc), finished=started, **base)
+    except Exception as exc:  # noqa: BLE001 - an unexpected client error: the request may have left
+        out = Outcome(kind="ambiguous", error=f"unexpected: {exc!r}", finished=started, **base)
+    out.finished = started + timedelta(seconds=time.perf_counter() - t0)
+    return out
 
 
 def _epoch(naive_utc: datetime) -> float:
@@ -791,18 +1194,7 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
                 retry_at=o.retry_at,
             ))
             if o.kind == "sent":
-                # A 202 is authoritative even if the lease ran out and the message was marked ambiguous.
-                done = s.execute(
-                    update(Message).where(mine)
-                    .values(status="sent", sent_at=func.coalesce(Message.sent_at, o.finished),
-                            provider_message_id=o.provider_id, lease_owner=None, lease_expires_at=None,
-                            last_error=None, ambiguous_at=None, updated_at=now)
-                ).rowcount
-                if done:
-                    nxt = _advance(s, o.message_id)
-                    if nxt is not None:
-                        wake_at = nxt if wake_at is None else min(wake_at, nxt)
-                    touched.add(o.campaign_id)
+                continue  # recorded together below
             elif o.kind in ("retry", "rate_limited"):
                 row = s.get(Message, o.message_id)
                 if row is None or row.status not in ("sending", "ambiguous"):
@@ -845,6 +1237,12 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
                     .values(status="ambiguous", ambiguous_at=now, lease_owner=None, lease_expires_at=None,
                             last_error=o.error, updated_at=now)
                 )
+        sent = [o for o in outcomes if o.kind == "sent"]
+        if sent:
+            nxt = _record_sent(s, sent, now)
+            if nxt is not None:
+                wake_at = nxt if wake_at is None else min(wake_at, nxt)
+            touched.update(o.campaign_id for o in sent)
         if attempts:
             s.execute(MessageAttempt.__table__.insert(), attempts)
         failing = {o.campaign_id for o in outcomes if o.kind in ("retry", "failed", "ambiguous")}
@@ -867,8 +1265,10 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
                     .values(status="scheduled", queued_at=None)
                 )
                 log.warning("campaign %s paused: %s", cid, reason)
-        for cid in touched:
-            maybe_complete(s, cid)
+        # Only a completed or failed sequence can finish a campaign.
+        if s.info.pop("herald_completed", False) or any(o.kind == "failed" for o in outcomes):
+            for cid in touched:
+                maybe_complete(s, cid)
     if wake_at is not None:
         hooks.wake_dispatcher(wake_at)
 
@@ -890,32 +1290,96 @@ def _fail(s: Session, row: Message, o: Outcome, now: datetime) -> None:
         )
 
 
-def _advance(s: Session, message_id: int) -> datetime | None:
-    """After a send: schedule the sequence's next email (after its waits), or complete it."""
-    msg = s.get(Message, message_id)
-    if msg is None or msg.enrollment_id is None:
+def _record_sent(s: Session, sent: list[Outcome], now: datetime) -> datetime | None:
+    """Mark accepted messages sent (in bulk) and advance their sequences; the earliest next due.
+
+    A 202 is authoritative even if the lease ran out meanwhile and the message was marked
+    ambiguous: it was sent. Rows are locked first, so a concurrent settle cannot interleave.
+    """
+    t = Message.__table__
+    ids = [o.message_id for o in sent]
+    live_q = select(t.c.id).where(t.c.id.in_(ids), t.c.status.in_(("sending", "ambiguous")))
+    if is_postgres(s):
+        live_q = live_q.with_for_update()
+    live = set(s.scalars(live_q).all())
+    params = [{"b_id": o.message_id, "b_sent": o.finished, "b_pid": o.provider_id}
+              for o in sent if o.message_id in live]
+    if not params:
         return None
-    enrollment = s.get(Enrollment, msg.enrollment_id)
-    if enrollment is None or enrollment.status != "active":
-        return None
-    campaign = s.get(Campaign, msg.campaign_id)
-    step = s.get(Step, msg.step_id)
-    nxt, wait = _next_email(campaign, step.position)
-    now = utcnow()
-    if nxt is None:
-        enrollment.status = "completed"
-        enrollment.finished_at = now
-        return None
-    due = (msg.sent_at or now) + timedelta(seconds=wait)
     s.execute(
-        _insert(s, Message.__table__)
-        .values(workspace_id=msg.workspace_id, campaign_id=msg.campaign_id, enrollment_id=msg.enrollment_id,
-                step_id=nxt.id, contact_id=msg.contact_id, email=msg.email, message_key=new_message_key(),
-                status="scheduled", due_at=due, max_attempts=campaign.max_attempts, created_at=now,
-                updated_at=now, attempts=0, resends=0, priority=0, is_test=False)
-        .on_conflict_do_nothing()
+        update(t).where(t.c.id == bindparam("b_id"))
+        .values(status="sent", sent_at=func.coalesce(t.c.sent_at, bindparam("b_sent")),
+                provider_message_id=bindparam("b_pid"), lease_owner=None, lease_expires_at=None,
+                last_error=None, ambiguous_at=None, updated_at=now),
+        params,
     )
-    return due
+    return _advance(s, [p["b_id"] for p in params], now)
+
+
+def _advance(s: Session, message_ids: list[int], now: datetime) -> datetime | None:
+    """After sends: schedule each active sequence's next email (after its waits), or complete it."""
+    rows = s.execute(
+        select(Message.id, Message.enrollment_id, Message.campaign_id, Message.step_id, Message.workspace_id,
+               Message.contact_id, Message.email, Message.sent_at)
+        .join(Enrollment, Enrollment.id == Message.enrollment_id)
+        .where(Message.id.in_(message_ids), Enrollment.status == "active")
+    ).all()
+    if not rows:
+        return None
+    plans = {cid: _sequence_plan(s, cid) for cid in {r.campaign_id for r in rows}}
+    new_rows, completed = [], []
+    earliest: datetime | None = None
+    for r in rows:
+        nxt_id, wait, max_attempts = plans[r.campaign_id].get(r.step_id, (None, 0, 5))
+        if nxt_id is None:
+            completed.append(r.enrollment_id)
+            continue
+        due = (r.sent_at or now) + timedelta(seconds=wait)
+        earliest = due if earliest is None else min(earliest, due)
+        new_rows.append(dict(
+            workspace_id=r.workspace_id, campaign_id=r.campaign_id, enrollment_id=r.enrollment_id, step_id=nxt_id,
+            contact_id=r.contact_id, email=r.email, message_key=new_message_key(), status="scheduled", due_at=due,
+            max_attempts=max_attempts, created_at=now, updated_at=now, attempts=0, resends=0,
+            priority=0, is_test=False,
+        ))
+    if new_rows:
+        s.execute(_insert(s, Message.__table__).on_conflict_do_nothing(), new_rows)
+    if completed:
+        s.execute(
+            update(Enrollment)
+            .where(Enrollment.id.in_(completed), Enrollment.status == "active")
+            .values(status="completed", finished_at=now)
+        )
+        s.info["herald_completed"] = True
+    return earliest
+
+
+_plans: dict[int, dict[int, tuple[int | None, int, int]]] = {}
+
+
+def clear_caches() -> None:
+    """Forget cached sequence plans (ids are never reused in production; tests reset them)."""
+    _plans.clear()
+
+
+def _sequence_plan(s: Session, campaign_id: int) -> dict[int, tuple[int | None, int, int]]:
+    """{email step id: (next email step id or None, seconds of waiting before it, max attempts)}.
+
+    Steps cannot change once a campaign has left the draft state, so the plan is cached.
+    """
+    plan = _plans.get(campaign_id)
+    if plan is None:
+        steps = s.scalars(select(Step).where(Step.campaign_id == campaign_id).order_by(Step.position)).all()
+        max_attempts = s.scalar(select(Campaign.max_attempts).where(Campaign.id == campaign_id)) or 5
+        plan = {}
+        for st in steps:
+            if st.type == "email":
+                nxt, wait = _next_email(steps, st.position)
+                plan[st.id] = (nxt.id if nxt else None, wait, max_attempts)
+        if len(_plans) > 1000:
+            _plans.clear()
+        _plans[campaign_id] = plan
+    return plan
 
 
 def maybe_complete(s: Session, campaign_id: int) -> bool:
@@ -943,12 +1407,21 @@ def maybe_complete(s: Session, campaign_id: int) -> bool:
 
 
 def settle_ambiguous(s: Session, message_ids: list[int]) -> int:
-    """An event carrying the message's key arrived: the provider has it. Never resend it."""
+    """An event carrying the message's key arrived: the provider has it. Never resend it.
+
+    This covers a message still ``ambiguous`` (or ``sending`` under a lease), and one already put
+    back in line for a resend after the window (``resends > 0``) that has not gone out again.
+    The caller schedules the sequence's next step (``_advance``).
+    """
     if not message_ids:
         return 0
+    unsettled = or_(
+        Message.status.in_(("ambiguous", "sending")),
+        and_(Message.status.in_(("scheduled", "queued")), Message.resends > 0),
+    )
     return s.execute(
         update(Message)
-        .where(Message.id.in_(message_ids), Message.status.in_(("ambiguous", "sending")))
+        .where(Message.id.in_(message_ids), unsettled)
         .values(status="sent", sent_at=func.coalesce(Message.sent_at, utcnow()), lease_owner=None,
                 lease_expires_at=None, ambiguous_at=None, last_error=None)
     ).rowcount

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from . import stopgen
 from .db import utcnow
 from .models import Contact, Enrollment, Message
 
@@ -23,6 +24,7 @@ def stop_enrollments(session: Session, enrollment_ids: Iterable[int], reason: st
     ids = list(enrollment_ids)
     if not ids:
         return 0
+    stopgen.mark(session)
     now = utcnow()
     stopped = session.execute(
         update(Enrollment)
@@ -42,6 +44,8 @@ def stop_enrollments(session: Session, enrollment_ids: Iterable[int], reason: st
 def stop_for_emails(session: Session, workspace_id: int, emails: Iterable[str], reason: str) -> int:
     """Stop every sequence, in every campaign of the workspace, to these addresses."""
     emails = sorted({e.strip().lower() for e in emails if e})
+    if emails:
+        stopgen.mark(session)
     total = 0
     for i in range(0, len(emails), 500):
         chunk = emails[i : i + 500]

@@ -13,6 +13,25 @@ export HERALD_SINK_EVENTS_URL=${HERALD_SINK_EVENTS_URL:-$PUBLIC_URL/webhooks/sen
 flask --app wsgi migrate
 flask --app wsgi demo
 
+# The sink signs the events it posts with a key pair kept under instance/, and Herald verifies
+# them with its public key, exactly as with SendGrid's Signed Event Webhook.
+INSTANCE_DIR=${HERALD_INSTANCE_DIR:-instance}
+mkdir -p "$INSTANCE_DIR"
+SINK_KEY="$INSTANCE_DIR/sink-event-key.pem"
+[ -f "$SINK_KEY" ] || python -c 'import os, sys
+from cryptography.hazmat.primitives import serialization as s
+from cryptography.hazmat.primitives.asymmetric import ec
+pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600); os.write(fd, pem); os.close(fd)' "$SINK_KEY"
+export HERALD_SINK_EVENT_PRIVATE_KEY_PEM="$(cat "$SINK_KEY")"
+if [ -z "${SENDGRID_API_KEY:-}" ] && [ -z "${SENDGRID_WEBHOOK_PUBLIC_KEY:-}" ]; then
+  SENDGRID_WEBHOOK_PUBLIC_KEY="$(python -c 'import os
+from cryptography.hazmat.primitives import serialization as s
+from web.sink import public_key_b64
+print(public_key_b64(s.load_pem_private_key(os.environ["HERALD_SINK_EVENT_PRIVATE_KEY_PEM"].encode(), None)))')"
+  export SENDGRID_WEBHOOK_PUBLIC_KEY
+fi
+
 pids=()
 cleanup() {
   trap - INT TERM EXIT

@@ -123,9 +123,13 @@ def _flush_queue():
 
 @pytest.fixture(autouse=True)
 def clean_state(database):
-    """Every test starts on empty tables and an empty queue."""
+    """Every test starts on empty tables and an empty queue (and no per-process caches keyed by
+    ids, which RESTART IDENTITY hands out again)."""
+    from campaigns import engine
+
     _clean_tables()
     _flush_queue()
+    engine.clear_caches()
     yield
 
 

@@ -382,6 +382,7 @@ def test_contacts_added_to_a_running_campaign_are_enrolled(api, sink, db):
     assert resp.status_code in (200, 201), resp.json
     drain(huey, until=lambda: len(sink.accepted()) == 3, timeout=30)
     assert sink.accepted()[-1]["to"][0] == "late@example.com"
+    assert db.scalar(select(func.count()).select_from(Enrollment).where(Enrollment.campaign_id == cid)) == 3
 
 
 def test_stream_reports_progress(api, sink, app):
@@ -435,3 +436,85 @@ def test_completed_campaign_status(api, sink, db):
     drain(huey, until=_completed(api, cid), timeout=30)
     c = db.get(Campaign, cid)
     assert c.status == "completed" and c.finished_at is not None
+
+
+def test_pause_mid_batch_stops_the_rest_of_the_batch(api, sink, db, monkeypatch):
+    """Once pause has returned, no further call of the batch starts (the stop generation)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from campaigns.providers import get_mailer
+
+    list_id = make_contacts(api, 5)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    queued = []
+    hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
+    engine.dispatch_once(engine.get_limiter(), hooks)
+    monkeypatch.setattr(engine, "_pool", ThreadPoolExecutor(1))  # one call at a time, in order
+    real = get_mailer()
+    calls = []
+
+    class PausingMailer:
+        def send(self, email):
+            result = real.send(email)
+            calls.append(email.to_email)
+            if len(calls) == 1:
+                assert api.post(f"/api/v1/campaigns/{cid}/pause").json["status"] == "paused"
+            return result
+
+    for ids in queued:
+        engine.send_batch(ids, hooks, mailer=PausingMailer())
+    assert len(calls) == 1 and len(sink.accepted()) == 1
+    msgs = _messages(db, cid)
+    assert sorted(m.status for m in msgs) == ["scheduled"] * 4 + ["sent"]
+    assert all(m.attempts == 0 for m in msgs if m.status == "scheduled")  # nothing spent
+
+
+def test_unsubscribe_mid_batch_is_honoured_before_the_next_call(api, sink, db, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from campaigns.providers import get_mailer
+
+    list_id = make_contacts(api, 3)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    queued = []
+    hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
+    engine.dispatch_once(engine.get_limiter(), hooks)
+    monkeypatch.setattr(engine, "_pool", ThreadPoolExecutor(1))
+    real = get_mailer()
+    order = [m.email for m in _messages(db, cid)]
+
+    class SuppressingMailer:
+        def send(self, email):
+            result = real.send(email)
+            if email.to_email == order[0]:
+                resp = api.post("/api/v1/suppressions", json={"emails": [order[1]], "reason": "unsubscribe"})
+                assert resp.status_code in (200, 201)
+            return result
+
+    for ids in queued:
+        engine.send_batch(ids, hooks, mailer=SuppressingMailer())
+    sent_to = [m["to"][0] for m in sink.accepted()]
+    assert order[1] not in sent_to and len(sent_to) == 2
+
+
+def test_late_event_after_the_window_cancels_the_pending_resend(api, sink, db):
+    list_id = make_contacts(api, 1)
+    sink.behaviour(mode="hang", count=1, delay=4)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=lambda: bool(_messages(db, cid, status="ambiguous")), timeout=30)
+    time.sleep(3.2)
+    with session_scope() as s:  # the window passes: back in line for a resend ...
+        s.execute(update(Message).where(Message.campaign_id == cid).values(
+            ambiguous_at=utcnow() - timedelta(seconds=10)))
+    engine.reconcile(HOOKS)
+    msg = _messages(db, cid)[0]
+    assert msg.status == "scheduled" and msg.resends == 1
+    with session_scope() as s:  # ... when the provider's event finally arrives
+        assert engine.settle_ambiguous(s, [msg.id]) == 1
+    drain(huey, timeout=10)
+    assert _messages(db, cid)[0].status == "sent"
+    assert sink.keys()[msg.message_key] == 1  # only the hung call: no resend

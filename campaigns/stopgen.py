@@ -1,0 +1,89 @@
+"""The stop generation: a shared counter bumped after every commit that stops sending
+(pause, cancel, a suppression, a stopped sequence).
+
+A send loop checks its whole batch against the database once, then before each call reads
+only this counter (one Redis GET, or one tiny SQLite read); when it moved, the loop checks the
+batch again. Because the bump happens *after* the stopping transaction commits, a send that
+starts after a pause or an unsubscribe has returned always sees the new value, and so the
+stop: no email is handed to the provider once the stopping request has answered.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import event, select, update
+from sqlalchemy.orm import Session
+
+KEY = "stop_generation"
+_local = threading.local()
+_redis = None
+_lock = threading.Lock()
+
+
+def mark(session: Session) -> None:
+    """Bump the generation once this session's transaction commits."""
+    session.info["herald_stop"] = True
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    if session.info.pop("herald_stop", False):
+        bump()
+
+
+@event.listens_for(Session, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    session.info.pop("herald_stop", None)
+
+
+def _client():
+    global _redis
+    from .config import get_settings
+
+    settings = get_settings()
+    if not settings.redis_url:
+        return None
+    if _redis is None:
+        with _lock:
+            if _redis is None:
+                import redis
+
+                _redis = redis.Redis.from_url(settings.redis_url)
+    return _redis
+
+
+def _redis_key() -> str:
+    from .config import get_settings
+
+    return f"{get_settings().queue_name}:{KEY}"
+
+
+def bump() -> None:
+    r = _client()
+    if r is not None:
+        r.incr(_redis_key())
+        return
+    from .db import session_factory
+    from .models import Counter
+
+    with session_factory()() as s, s.begin():
+        if s.execute(update(Counter).where(Counter.name == KEY).values(value=Counter.value + 1)).rowcount == 0:
+            s.add(Counter(name=KEY, value=1))
+
+
+def current() -> int:
+    r = _client()
+    if r is not None:
+        return int(r.get(_redis_key()) or 0)
+    from .db import get_engine
+    from .models import Counter
+
+    # A plain read: no transaction, so no SQLite write lock (see campaigns.db._sqlite_begin).
+    with get_engine().execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+        return int(conn.scalar(select(Counter.value).where(Counter.name == KEY)) or 0)
+
+
+def reset_client() -> None:
+    global _redis
+    _redis = None
