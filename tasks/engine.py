@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -98,9 +99,18 @@ def reconcile() -> None:
         log.info("reconcile: %s", report)
 
 
+_started = threading.Lock()
+_started_once: list[bool] = []
+
+
 @huey.on_startup()
 def _reconcile_at_start() -> None:
-    # A restarted consumer looks for work left behind at once, not at the next minute.
+    # A restarted consumer looks for work left behind at once, not at the next minute. Huey
+    # runs start-up hooks in every worker thread: queue the reconcile once per process.
+    with _started:
+        if _started_once:
+            return
+        _started_once.append(True)
     try:
         huey.enqueue(reconcile.s())
     except Exception:  # noqa: BLE001
