@@ -504,6 +504,34 @@ def _resume_report(job: Import) -> ImportReport:
     )
 
 
+def queue_import(session: Session, workspace_id: int, list_id: int | None, path: str, size: int,
+                 enqueue: Callable[[int], object]) -> tuple[Import, bool]:
+    """Record a background import of an upload saved at ``path`` and hand its id to the queue.
+
+    Returns the ``Import`` row and whether it was queued. When the row cannot be stored the file
+    is removed and the error raised; when the queue does not answer, the row is marked failed
+    (with the reason) and the file removed, so nothing is left half-started.
+    """
+    job = Import(workspace_id=workspace_id, list_id=list_id, status="pending", path=path, total_bytes=size,
+                 errors=[])
+    try:
+        session.add(job)
+        session.commit()
+    except BaseException:
+        if os.path.exists(path):
+            os.unlink(path)
+        raise
+    try:
+        enqueue(job.id)
+    except Exception:  # noqa: BLE001 - the queue store did not answer
+        log.exception("could not queue import %s", job.id)
+        job.status, job.error = "failed", "the task queue did not answer; try again"
+        session.commit()
+        os.unlink(path)
+        return job, False
+    return job, True
+
+
 def release_import(import_id: int) -> bool:
     """Put a running import back to ``pending`` (its worker was interrupted), so that a new run
     resumes it after the last committed batch. Returns whether it was running."""

@@ -283,21 +283,11 @@ def _queue_import(db, upload, list_id: int | None) -> Import:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
             importer.inspect_csv(fh)  # an unusable file is refused now, not failed later
-        job = Import(workspace_id=g.workspace_id, list_id=list_id, status="pending", path=path,
-                     total_bytes=size, errors=[])
-        db.add(job)
-        db.commit()
     except BaseException:
         if os.path.exists(path):
             os.unlink(path)
         raise
-    try:
-        run_import(job.id)
-    except Exception:  # noqa: BLE001 - the queue store did not answer
-        log.exception("could not queue import %s", job.id)
-        job.status, job.error = "failed", "the task queue did not answer; try again"
-        db.commit()
-        os.unlink(path)
+    job, _ = importer.queue_import(db, g.workspace_id, list_id, path, size, run_import)
     return job
 
 

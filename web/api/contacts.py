@@ -555,22 +555,9 @@ def _queue_import(s, list_id: int | None):
     from tasks.imports import run_import
 
     path, size = _save_upload()
-    job = Import(workspace_id=g.workspace_id, list_id=list_id, status="pending", path=path, total_bytes=size,
-                 errors=[])
-    try:
-        s.add(job)
-        s.commit()
-    except BaseException:
-        os.unlink(path)
-        raise
-    try:
-        run_import(job.id)
-    except Exception:  # noqa: BLE001 - the queue store did not answer
-        log.exception("could not queue import %s", job.id)
-        job.status, job.error = "failed", "the task queue did not answer"
-        s.commit()
-        os.unlink(path)
-        raise ServiceUnavailable("the task queue did not answer; try again") from None
+    job, queued = importer.queue_import(s, g.workspace_id, list_id, path, size, run_import)
+    if not queued:
+        raise ServiceUnavailable("the task queue did not answer; try again")
     return jsonify({"import_id": job.id}), 202
 
 
