@@ -159,3 +159,51 @@ def run_through(huey, name: str, limit: int = 100) -> None:
         if task.name == name:
             return
     raise AssertionError(f"no {name} task within {limit} tasks")
+
+
+class ServiceProcess:
+    """A subprocess of the suite's (consumer, web server) with its output in a log file under
+    the test instance folder; ``stop`` sends SIGTERM (then SIGKILL), ``kill9`` kills it outright."""
+
+    def __init__(self, name: str, cmd: list[str]):
+        import os
+        import subprocess
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent
+        env = dict(os.environ, PYTHONPATH=str(root))
+        self.log_path = Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{name}-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()/kill9()
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def kill9(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.log.close()
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def consumer_command(workers: int = 4) -> list[str]:
+    """The contract's consumer command, polling promptly (the SQLite queue is polled)."""
+    import sys
+    from pathlib import Path
+
+    return [str(Path(sys.executable).parent / "huey_consumer"), "tasks.huey", "-k", "thread", "-w", str(workers),
+            "-g", "TERM", "-t", "30", "-d", "0.05", "-m", "0.3"]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,36 +14,16 @@ from campaigns.models import Message
 from tasks import huey
 from tasks.engine import HOOKS
 from tests.conftest import BACKEND
-from tests.helpers import campaign_status, launched_campaign, make_contacts
+from tests.helpers import ServiceProcess, campaign_status, consumer_command, launched_campaign, make_contacts
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 ONE_STEP = [{"type": "email", "subject": "Hi {{ contact.first_name }}", "html": "<p>Hello</p>"}]
 
 
-class Consumer:
+class Consumer(ServiceProcess):
     def __init__(self, workers: int = 4):
-        cmd = [str(Path(sys.executable).parent / "huey_consumer"), "tasks.huey", "-k", "thread",
-               "-w", str(workers), "-g", "TERM", "-t", "30", "-d", "0.05", "-m", "0.3"]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.log_path = Path(os.environ["HERALD_INSTANCE_DIR"]) / f"consumer-{time.monotonic_ns()}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()/kill9()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def kill9(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.log.close()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
+        super().__init__("consumer", consumer_command(workers))
 
 
 @pytest.fixture

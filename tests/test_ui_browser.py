@@ -10,9 +10,6 @@ queue and sink), log to files in the test instance folder and are stopped with S
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -24,6 +21,7 @@ from sqlalchemy import select
 from campaigns.db import session_scope
 from campaigns.models import Campaign, Message
 from tests.conftest import free_port, make_workspace
+from tests.helpers import ServiceProcess, consumer_command
 
 pytestmark = pytest.mark.browser
 playwright = pytest.importorskip("playwright.sync_api")
@@ -37,27 +35,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 PASSWORD = "browser-pass-1"
 
 
-class Server:
-    """A subprocess with its output in a log file; stopped with SIGTERM (then SIGKILL)."""
-
-    def __init__(self, name: str, cmd: list[str]):
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.log_path = Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{name}-{time.monotonic_ns()}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-
-    def tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
+Server = ServiceProcess
 
 
 def wait_http(url: str, server: Server, timeout: float = 30.0) -> None:
@@ -90,8 +68,7 @@ def live(database, sink_server):
 
 @pytest.fixture
 def consumer(live):
-    worker = Server("consumer", [str(BIN / "huey_consumer"), "tasks.huey", "-k", "thread", "-w", "4", "-g", "TERM",
-                                 "-t", "30", "-d", "0.05", "-m", "0.3"])
+    worker = Server("consumer", consumer_command(4))
     yield worker
     worker.stop()
 
