@@ -24,6 +24,7 @@ from . import huey
 
 log = logging.getLogger("herald.tasks")
 WAKE_KEY = "herald:dispatch-wake"
+EARLY = 1.0  # seconds a delayed dispatcher wake starts ahead of the due time (see _wake_dispatcher)
 PRIORITY_BULK = 0
 PRIORITY_DISPATCH = 50
 PRIORITY_TEST = 100
@@ -42,12 +43,15 @@ def _wake_dispatcher(at: datetime | None) -> None:
     except Exception:  # noqa: BLE001 - a lost wake is found again by the reconciler
         log.exception("could not record the dispatcher wake")
     log.debug("wake the dispatcher at %.3f (in %.3f s)", ts, ts - now)
-    if ts <= now + 0.05:
+    # Huey's consumer moves delayed tasks to the queue once a second, so a task scheduled for
+    # ``ts`` starts up to a second late. Start the dispatcher up to EARLY seconds ahead instead:
+    # it finds nothing due yet and sleeps until ``ts`` itself (run_dispatcher sleeps short waits).
+    start = ts - EARLY
+    if start <= now + 0.05:
         dispatch()
     else:
-        # An aware eta: Huey turns a naive one into UTC through mktime, dropping the microseconds
-        # (the task would then run up to a second early).
-        dispatch.schedule(eta=datetime.fromtimestamp(ts, UTC))
+        # An aware eta: Huey turns a naive one into UTC through mktime, dropping the microseconds.
+        dispatch.schedule(eta=datetime.fromtimestamp(start, UTC))
 
 
 HOOKS = engine.Hooks(
@@ -78,9 +82,11 @@ def enroll_list_members(list_id: int) -> None:
 
 @huey.task(priority=PRIORITY_DISPATCH)
 def dispatch() -> None:
+    # This run honours the recorded wake when it is due within EARLY seconds (wakes start that
+    # much ahead): forget it, so this run's own next wake is not taken as already on its way.
     try:
         cur = huey.storage.peek_data(WAKE_KEY)
-        if cur is not EmptyData and float(cur) <= time.time() + 0.05:
+        if cur is not EmptyData and float(cur) <= time.time() + EARLY + 0.05:
             huey.storage.delete_data(WAKE_KEY)
     except Exception:  # noqa: BLE001
         pass
