@@ -356,7 +356,14 @@ DISPATCH_HORIZON = float(os.environ.get("HERALD_DISPATCH_HORIZON", "1.0"))
 BATCH_SECONDS = 0.25  # a send task carries about this much of the account budget; also the pace of passes
 PACE_MAX_WAIT = 2.0  # a send waits at most this long for its turn; a longer wait: back to the ledger
 CONCURRENCY_POLL = 0.1  # a workspace at its concurrency budget: look again this soon
-INFLIGHT_POLL = 1.0  # while sends are in flight, look again at least this often
+SEND_LATENESS = 0.05  # seconds a granted call may take to reach the provider; kept out of bursts
+PRIORITY_GATE = "priority"  # held while a priority send waits for the account budget: bulk steps aside
+PACE_EARLY = 0.002  # a waiting send wakes this much before its unit frees, and asks again
+INFLIGHT_POLL = 2.5  # while sends are in flight, look again at least this often (a safety net: not slept)
+# Waits shorter than this are slept inside the dispatcher task. Longer ones become a delayed
+# wake; tasks/engine.py starts those up to a second early (Huey's scheduler ticks once a
+# second), so anything shorter would come straight back as a new task.
+SLEEP_BELOW = 2.0
 
 
 @dataclass
@@ -370,7 +377,7 @@ class DispatchResult:
 
 def account_rule() -> Rule:
     """The provider account's budget (``SENDGRID_RATE_LIMIT``), shared by every send."""
-    return Rule.from_rate(ACCOUNT_RULE_KEY, get_settings().rate_limit)
+    return Rule.from_rate(ACCOUNT_RULE_KEY, get_settings().rate_limit, allowance=SEND_LATENESS)
 
 
 def workspace_slots(concurrency: int) -> int:
@@ -392,7 +399,8 @@ def campaign_rules(c: Campaign, now: float | None = None) -> list[Rule]:
     rules = []
     limits = c.limits or {}
     if limits.get("per_minute"):
-        rules.append(Rule.from_rate(f"campaign:{c.id}:minute", parse_rate(f"{int(limits['per_minute'])}/minute")))
+        rules.append(Rule.from_rate(f"campaign:{c.id}:minute", parse_rate(f"{int(limits['per_minute'])}/minute"),
+                                    allowance=SEND_LATENESS))
     if limits.get("per_day"):
         rules.append(Rule.per_day(f"campaign:{c.id}:day", int(limits["per_day"])))
     return rules
@@ -551,7 +559,11 @@ def pace(limiter: Limiter, msg: Message, campaign: Campaign) -> bool:
 
     True: one unit of each was taken, send now. False: the wait is long (a 429 hold, a spent
     daily cap, a campaign's per-minute pace): give the message back to the ledger, unspent; the
-    dispatcher queues it again when the limit frees. Test sends are under the account budget only.
+    dispatcher queues it again when the limit frees.
+
+    Test sends (the priority lane) are under the account budget only, and while one waits for it
+    it holds PRIORITY_GATE, which every bulk send also passes: the next unit is the test send's,
+    not the first of the many bulk sends waiting beside it.
     """
     max_wait = min(PACE_MAX_WAIT, get_settings().lease_seconds / 4)
     deadline = time.monotonic() + 1.5 * max_wait
@@ -560,7 +572,7 @@ def pace(limiter: Limiter, msg: Message, campaign: Campaign) -> bool:
     while True:
         rules = [account_rule()]
         if not msg.is_test:
-            rules += campaign_rules(campaign) + sender_rules(campaign, limiter)  # a fresh gap draw each time
+            rules += [Rule.gate(PRIORITY_GATE)] + campaign_rules(campaign) + sender_rules(campaign, limiter)
         mono = time.monotonic()
         blocked = next((r.key for r in rules if shut.get(r.key, 0.0) > mono), None)
         if blocked:
@@ -574,6 +586,8 @@ def pace(limiter: Limiter, msg: Message, campaign: Campaign) -> bool:
         if g.granted:
             if waited:
                 _wait_counter.add(limiter, f"rate_limit_waits:{_limit_kind(waited)}")
+            if msg.is_test and waited:
+                limiter.release(PRIORITY_GATE)
             if not msg.is_test:
                 _note_first_send(limiter, campaign, time.time())
             return True
@@ -583,7 +597,11 @@ def pace(limiter: Limiter, msg: Message, campaign: Campaign) -> bool:
                 shut[g.blocked_by] = mono + min(g.wait, 5.0) - 0.05
             _wait_counter.add(limiter, f"rate_limit_released:{_limit_kind(g.blocked_by)}")
             return False
-        time.sleep(g.wait + random.uniform(0, min(0.005, g.wait)))
+        if msg.is_test:
+            limiter.hold(PRIORITY_GATE, time.time() + g.wait + 0.1)
+        # Wake a moment early and ask again: with a burst of one, every millisecond a unit waits
+        # for its taker is lost for good. Spread only the longer waits (many senders at once).
+        time.sleep(max(0.0, g.wait - PACE_EARLY) + (random.uniform(0, 0.01) if g.wait > 0.2 else 0.0))
 
 
 # ----- planning: how much of each limit's room the queue may take, and who gets it
@@ -898,7 +916,7 @@ def run_dispatcher(hooks: Hooks, limiter: Limiter | None = None, budget_seconds:
     """Dispatch in a loop for up to ``budget_seconds`` under the ``dispatcher`` lease.
 
     Only one dispatcher loops at a time; a wake that finds the lease held asks the holder to
-    run once more (so no wake is lost), and returns. Short waits (under a second: the steady
+    run once more (so no wake is lost), and returns. Short waits (under SLEEP_BELOW: the steady
     flow of a budget) are slept here; longer ones become a delayed wake-up task, so no worker
     is held while work waits on a limit.
     """
@@ -924,15 +942,15 @@ def run_dispatcher(hooks: Hooks, limiter: Limiter | None = None, budget_seconds:
             elapsed = time.monotonic() - started
             if delay <= 0 and last.queued == 0 and not last.more_now:
                 delay = 0.05
-            if elapsed + max(delay, 0) < budget_seconds and delay < 1.0:
+            if elapsed + max(delay, 0) < budget_seconds and delay < SLEEP_BELOW:
                 if delay > 0:
                     time.sleep(delay)
                 leases.acquire(Session_, "dispatcher", owner, ttl=budget_seconds + 30)
                 continue
-            # Not worth holding a worker: come back later. A steady flow (a wait under a second)
-            # continues in a new task at once: Huey's scheduler looks at delayed tasks once a second.
+            # Not worth holding a worker: come back later. A steady flow (a short wait) continues
+            # in a new task at once, which sleeps the rest (no second lost to Huey's scheduler).
             if leases.release(Session_, "dispatcher", owner):
-                hooks.wake_dispatcher(None if delay < 1.0 else wake)
+                hooks.wake_dispatcher(None if delay < SLEEP_BELOW else wake)
                 return last
     except BaseException:
         leases.release(Session_, "dispatcher", owner)

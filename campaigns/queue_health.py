@@ -3,6 +3,7 @@ shared stores, so they cover what every consumer did (not what this process saw)
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from sqlalchemy import case, func, select
@@ -13,6 +14,7 @@ from .models import Campaign, Message, MessageAttempt
 
 DURATION_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 FAILED_OUTCOMES = ("retry", "failed", "ambiguous", "account")
+log = logging.getLogger("herald.queue")
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -67,6 +69,7 @@ def snapshot(s: Session, queue, workspace_id: int | None = None) -> dict:
     return {
         "depth": depth,
         "scheduled": scheduled,
+        "waiting": waiting_on_limits(s, workspace_id),
         "queued": queued,
         "in_flight": in_flight,
         "stalled": stalled,
@@ -76,6 +79,19 @@ def snapshot(s: Session, queue, workspace_id: int | None = None) -> dict:
         "attempts_5m": total,
         "duration_ms": {"p50": _percentile(durations, 0.5), "p95": _percentile(durations, 0.95)},
     }
+
+
+def waiting_on_limits(s: Session, workspace_id: int | None = None) -> dict[str, int]:
+    """Due messages held back, per limit (``account``, ``campaign:<id>:minute|day``,
+    ``sender:<workspace>:<address>:day|gap``, ``workspace:<id>:concurrency``), as the dispatcher
+    sees them now: from the ledger and the limiter's shared store, not this process's memory."""
+    from .engine import waiting_on_limits as compute
+
+    try:
+        return dict(sorted(compute(s, workspace_id=workspace_id).items()))
+    except Exception:  # noqa: BLE001 - the limiter's store being down must not hide the rest
+        log.exception("could not read the limits")
+        return {}
 
 
 def collect_metrics(s: Session, queue, counters: dict[str, int]):
@@ -141,12 +157,22 @@ def collect_metrics(s: Session, queue, counters: dict[str, int]):
     hist.add_metric([], buckets, sum_value=total_ms / 1000.0)
     fams.append(hist)
 
-    waits = CounterMetricFamily("herald_rate_limit_waits", "Messages held back by a limit, by limit",
+    waits = CounterMetricFamily("herald_rate_limit_waits", "Sends that waited for their turn under a limit, by kind",
                                 labels=["limit"])
+    released = CounterMetricFamily("herald_rate_limit_released",
+                                   "Sends handed back to the ledger because a limit's wait was long, by kind",
+                                   labels=["limit"])
     for name, value in sorted(counters.items()):
         if name.startswith("rate_limit_waits:"):
             waits.add_metric([name.split(":", 1)[1]], value)
-    fams.append(waits)
+        elif name.startswith("rate_limit_released:"):
+            released.add_metric([name.split(":", 1)[1]], value)
+    fams += [waits, released]
+    waiting_now = GaugeMetricFamily("herald_rate_limit_waiting", "Due messages held back now, per limit",
+                                    labels=["limit"])
+    for key, n in snap["waiting"].items():
+        waiting_now.add_metric([key], n)
+    fams.append(waiting_now)
 
     running = GaugeMetricFamily("herald_campaigns", "Campaigns by status", labels=["status"])
     for status, n in s.execute(select(Campaign.status, func.count()).group_by(Campaign.status)).all():

@@ -63,6 +63,8 @@ class QueueOut(Schema):
     dead_letters = fields.Integer()
     failure_rate_5m = fields.Float()
     duration_ms = fields.Dict()
+    # due messages held back now, per limit: {"account": n, "campaign:<id>:minute": n, ...}
+    waiting = fields.Dict(keys=fields.String(), values=fields.Integer())
 
 
 def _status(c):
