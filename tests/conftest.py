@@ -236,3 +236,20 @@ def api(client):
 def other_api(app):
     ws_id, name, key, _ = make_workspace()
     return ApiClient(app.test_client(), key, ws_id, name)
+
+
+@pytest.fixture
+def consumers():
+    """Start real ``huey_consumer`` processes: ``consumers(n, workers)``; stopped (SIGTERM) after."""
+    from tests.helpers import ServiceProcess, consumer_command
+
+    started: list[ServiceProcess] = []
+
+    def start(n: int = 1, workers: int = 4):
+        for _ in range(n):
+            started.append(ServiceProcess("consumer", consumer_command(workers)))
+        return started[-n:]
+
+    yield start
+    for c in started:
+        c.stop()

@@ -14,30 +14,11 @@ from campaigns.models import Message
 from tasks import huey
 from tasks.engine import HOOKS
 from tests.conftest import BACKEND
-from tests.helpers import ServiceProcess, campaign_status, consumer_command, launched_campaign, make_contacts
+from tests.helpers import campaign_status, launched_campaign, make_contacts
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 ONE_STEP = [{"type": "email", "subject": "Hi {{ contact.first_name }}", "html": "<p>Hello</p>"}]
-
-
-class Consumer(ServiceProcess):
-    def __init__(self, workers: int = 4):
-        super().__init__("consumer", consumer_command(workers))
-
-
-@pytest.fixture
-def consumers():
-    started: list[Consumer] = []
-
-    def start(n: int = 1, workers: int = 4):
-        for _ in range(n):
-            started.append(Consumer(workers))
-        return started[-n:]
-
-    yield start
-    for c in started:
-        c.stop()
 
 
 def wait_for(predicate, timeout: float, reconcile_every: float | None = 2.0):

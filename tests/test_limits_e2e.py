@@ -20,7 +20,7 @@ from campaigns.models import Message, MessageAttempt, Step
 from campaigns.ratelimit import reset_limiter
 from tasks import huey
 from tests.helpers import campaign_status, drain, launched_campaign, make_contacts
-from tests.test_consumers import Consumer, wait_for
+from tests.test_consumers import wait_for
 
 ONE_STEP = [{"type": "email", "subject": "Hi {{ contact.first_name }}", "html": "<p>Hello</p>"}]
 
@@ -39,20 +39,6 @@ def env(monkeypatch):
     monkeypatch.undo()
     reset_settings()
     reset_limiter()
-
-
-@pytest.fixture
-def consumers():
-    started: list[Consumer] = []
-
-    def start(n: int = 1, workers: int = 4):
-        for _ in range(n):
-            started.append(Consumer(workers))
-        return started[-n:]
-
-    yield start
-    for c in started:
-        c.stop()
 
 
 def window_max(times: list[float], width: float = 1.0) -> int:
