@@ -25,6 +25,19 @@ def _messages(db, cid, **filters):
     return db.scalars(stmt.order_by(Message.id)).all()
 
 
+def _dispatched_by_hand(api, n: int):
+    """A launched one-step campaign to n contacts, fanned out and dispatched in this process:
+    (campaign id, the send batches the dispatcher queued, hooks that record instead of enqueue)."""
+    list_id = make_contacts(api, n)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    queued: list[list[int]] = []
+    hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
+    engine.dispatch_once(engine.get_limiter(), hooks)
+    return cid, queued, hooks
+
+
 def _completed(api, cid):
     return lambda: campaign_status(api, cid) == "completed"
 
@@ -149,13 +162,7 @@ def test_pause_stops_new_sends_and_resume_finishes(api, sink, db):
 
 def test_pause_between_claim_and_send_sends_nothing(api, sink, db):
     """A batch already queued when pause returns is handed back, not sent."""
-    list_id = make_contacts(api, 5)
-    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
-    with session_scope() as s:
-        engine.fanout(s, cid)
-    queued = []
-    hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
-    engine.dispatch_once(engine.get_limiter(), hooks)
+    cid, queued, hooks = _dispatched_by_hand(api, 5)
     assert sum(len(b) for b in queued) == 5
     api.post(f"/api/v1/campaigns/{cid}/pause")
     for ids in queued:
@@ -358,13 +365,7 @@ def test_redis_loss_is_recovered_from_the_ledger(api, sink, db):
 
 
 def test_duplicate_send_task_sends_once(api, sink, db):
-    list_id = make_contacts(api, 3)
-    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
-    with session_scope() as s:
-        engine.fanout(s, cid)
-    queued = []
-    hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
-    engine.dispatch_once(engine.get_limiter(), hooks)
+    cid, queued, hooks = _dispatched_by_hand(api, 3)
     for ids in queued + queued:  # every batch twice
         engine.send_batch(ids, hooks)
     assert len(sink.accepted()) == 3 and max(sink.keys().values()) == 1
@@ -444,13 +445,7 @@ def test_pause_mid_batch_stops_the_rest_of_the_batch(api, sink, db, monkeypatch)
 
     from campaigns.providers import get_mailer
 
-    list_id = make_contacts(api, 5)
-    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
-    with session_scope() as s:
-        engine.fanout(s, cid)
-    queued = []
-    hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
-    engine.dispatch_once(engine.get_limiter(), hooks)
+    cid, queued, hooks = _dispatched_by_hand(api, 5)
     monkeypatch.setattr(engine, "_pool", ThreadPoolExecutor(1))  # one call at a time, in order
     real = get_mailer()
     calls = []
@@ -476,13 +471,7 @@ def test_unsubscribe_mid_batch_is_honoured_before_the_next_call(api, sink, db, m
 
     from campaigns.providers import get_mailer
 
-    list_id = make_contacts(api, 3)
-    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
-    with session_scope() as s:
-        engine.fanout(s, cid)
-    queued = []
-    hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
-    engine.dispatch_once(engine.get_limiter(), hooks)
+    cid, queued, hooks = _dispatched_by_hand(api, 3)
     monkeypatch.setattr(engine, "_pool", ThreadPoolExecutor(1))
     real = get_mailer()
     order = [m.email for m in _messages(db, cid)]
