@@ -28,8 +28,24 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
-from sqlalchemy import and_, bindparam, exists, func, literal, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    and_,
+    any_,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from . import leases, stopgen
@@ -70,7 +86,19 @@ FLUSH_SECONDS = 0.25
 # Queued this long without a send task claiming it: the queue store lost the task.
 STALE_QUEUED = timedelta(seconds=float(os.environ.get("HERALD_STALE_QUEUED_SECONDS", "90")))
 CONSECUTIVE_FAILURES_PAUSE = 20
+DUE_NOW_CAP = 10000
 ACCOUNT_RULE_KEY = "account"
+
+_M = Message.__table__
+_C = Contact.__table__
+
+
+def _id_match(col, pg: bool, name: str = "ids"):
+    """``col`` is one of the list bound as ``name``: one array parameter on PostgreSQL (the same
+    statement text for any length, prepared once), an expanding IN elsewhere."""
+    if pg:
+        return col == any_(bindparam(name, type_=ARRAY(BigInteger)))
+    return col.in_(bindparam(name, expanding=True))
 
 
 @dataclass
@@ -527,9 +555,9 @@ class _WaitCounter:
         self.pending: dict[str, int] = defaultdict(int)
         self.flushed = time.monotonic()
 
-    def add(self, limiter: Limiter, name: str) -> None:
+    def add(self, limiter: Limiter, name: str, n: int = 1) -> None:
         with self.lock:
-            self.pending[name] += 1
+            self.pending[name] += n
             if time.monotonic() - self.flushed < 1.0:
                 return
             pending, self.pending, self.flushed = dict(self.pending), defaultdict(int), time.monotonic()
@@ -818,9 +846,12 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
             rooms += [lim.workspace[c.workspace_id].room, lim.account.room, max_total]
             # What could go now, and one row more: it tells whether work waits behind a limit.
             limit = min(FETCH_PER_CAMPAIGN, max(0, min(rooms)) + 1)
+            # In index order (ix_messages_campaign_status), so a pass reads only what it takes; the
+            # contact's timezone (send windows only) is looked up for those rows alone.
+            tz = (select(Contact.timezone).where(Contact.id == Message.contact_id).scalar_subquery()
+                  if c.send_window else literal(None))
             rows = s.execute(
-                select(Message.id, Message.email, Contact.timezone)
-                .outerjoin(Contact, Contact.id == Message.contact_id)
+                select(Message.id, Message.email, tz.label("timezone"))
                 .where(Message.campaign_id == c.id, Message.status == "scheduled", Message.due_at <= now)
                 .order_by(Message.due_at, Message.id)
                 .limit(limit)
@@ -866,14 +897,10 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
     claimed: list[int] = []
     if chosen:
         with Session_() as s, s.begin():
+            stmt = _queue_stmt(is_postgres(s))
             for i in range(0, len(chosen), 500):
                 part = chosen[i : i + 500]
-                claimed += s.scalars(
-                    update(Message)
-                    .where(Message.id.in_(part), Message.status == "scheduled")
-                    .values(status="queued", queued_at=utcnow())
-                    .returning(Message.id)
-                ).all()
+                claimed += s.connection().execute(stmt, {"ids": part, "now": utcnow()}).scalars().all()
 
     # Hand the claimed ids to the queue in small batches (about BATCH_SECONDS of the account's
     # budget each, so several workers share a slow budget), one workspace per batch, workspaces
@@ -902,13 +929,23 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
     return result
 
 
+@lru_cache(maxsize=4)
+def _queue_stmt(pg: bool):
+    """The dispatcher's claim: scheduled -> queued, for the rows still scheduled."""
+    return (update(_M).where(_id_match(_M.c.id, pg), _M.c.status == "scheduled")
+            .values(status="queued", queued_at=bindparam("now")).returning(_M.c.id))
+
+
 def _next_due(now: datetime) -> datetime | None:
+    """The earliest due time of scheduled work in running campaigns: one index probe per campaign
+    (a plain min over the join would read every scheduled row)."""
+    first = (
+        select(func.min(Message.due_at))
+        .where(Message.campaign_id == Campaign.id, Message.status == "scheduled")
+        .scalar_subquery()
+    )
     with session_factory()() as s:
-        return s.scalar(
-            select(func.min(Message.due_at))
-            .join(Campaign, Campaign.id == Message.campaign_id)
-            .where(Message.status == "scheduled", Campaign.status == "running")
-        )
+        return s.scalar(select(func.min(first)).select_from(Campaign).where(Campaign.status == "running"))
 
 
 def run_dispatcher(hooks: Hooks, limiter: Limiter | None = None, budget_seconds: float = 5.0,
@@ -998,26 +1035,31 @@ def _sendable(s: Session, message_ids: list[int]) -> set[int]:
 
 
 class _StopGuard:
-    """Re-checks a batch against the database whenever the stop generation moved.
+    """Which claimed messages may still go.
 
-    One query per batch, plus one counter read per message (see ``campaigns.stopgen``).
+    The claim itself checked them against the database (``_claimable``), after ``generation``
+    was read. From then on only the stop generation is read, once per group of calls (in the
+    same Redis round trip as the rate-limit take, see ``_pace_many``); when it moved, the
+    messages not yet handed over are checked against the database again.
     """
 
-    def __init__(self, session: Session, ids: list[int]):
+    def __init__(self, session: Session, ids: list[int], generation: int):
         self.session = session
         self.remaining = set(ids)
+        self.ok = set(ids)
+        self.generation = generation
         self.lock = threading.Lock()
-        self._check()
 
-    def _check(self) -> None:
-        self.generation = stopgen.current()  # read before the query: a later bump forces a re-check
-        self.ok = _sendable(self.session, sorted(self.remaining))
-
-    def allows(self, message_id: int) -> bool:
-        generation = stopgen.current()
+    def observe(self, generation: int | None) -> None:
+        if generation is None:
+            generation = stopgen.current()
         with self.lock:
             if generation != self.generation:
-                self._check()
+                self.generation = generation  # read before the query: a later bump forces a re-check
+                self.ok = _sendable(self.session, sorted(self.remaining))
+
+    def allows(self, message_id: int) -> bool:
+        with self.lock:
             self.remaining.discard(message_id)
             return message_id in self.ok
 
@@ -1029,7 +1071,9 @@ def unsubscribe_url(workspace_id: int, email: str, message_key: str) -> str:
     return f"{settings.public_url}/u/{unsubscribe_token(workspace_id, email, message_key)}"
 
 
-def build_email(msg: Message, step: Step, campaign: Campaign, contact: Contact | None) -> OutgoingEmail:
+def build_email(msg, step: Step, campaign: Campaign, contact) -> OutgoingEmail:
+    """Render one message. ``msg`` and ``contact`` are rows or objects with the Message's and
+    the Contact's attributes (``contact`` None: a test send to an address that is no contact)."""
     from .templating import render_step
     from .tokens import reply_address
 
@@ -1067,14 +1111,81 @@ def build_email(msg: Message, step: Step, campaign: Campaign, contact: Contact |
     )
 
 
+# What a send needs of a claimed message, returned by the claim itself.
+_CLAIMED_COLUMNS = (_M.c.id, _M.c.workspace_id, _M.c.campaign_id, _M.c.enrollment_id, _M.c.step_id,
+                    _M.c.contact_id, _M.c.email, _M.c.message_key, _M.c.attempts, _M.c.is_test, _M.c.priority)
+_CONTACT_COLUMNS = (_C.c.id, _C.c.email, _C.c.first_name, _C.c.last_name, _C.c.timezone, _C.c.fields)
+
+
+# The send path's statements, built once per dialect (a batch runs each with new parameters).
+@lru_cache(maxsize=4)
+def _claim_stmt(pg: bool):
+    return (
+        update(_M)
+        .where(_id_match(_M.c.id, pg), _M.c.status == "queued", _claimable())
+        .values(status="sending", lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until"),
+                attempts=_M.c.attempts + 1, updated_at=bindparam("now"))
+        .returning(*_CLAIMED_COLUMNS)
+    )
+
+
+@lru_cache(maxsize=4)
+def _contacts_stmt(pg: bool):
+    return select(*_CONTACT_COLUMNS).where(_id_match(_C.c.id, pg))
+
+
+@lru_cache(maxsize=4)
+def _release_stmt(pg: bool):
+    return (
+        update(_M)
+        .where(_id_match(_M.c.id, pg), _M.c.status.in_(("sending", "ambiguous")),
+               _M.c.lease_owner == bindparam("owner"))
+        .values(status="scheduled", queued_at=None, lease_owner=None, lease_expires_at=None,
+                attempts=_M.c.attempts - 1)
+    )
+
+
+@lru_cache(maxsize=4)
+def _complete_enrollments_stmt(pg: bool):
+    e = Enrollment.__table__
+    return (update(e).where(_id_match(e.c.id, pg), e.c.status == "active")
+            .values(status="completed", finished_at=bindparam("now")))
+
+
+_PG_RECORD_SENT = text(
+    "UPDATE messages AS m SET status = 'sent', sent_at = COALESCE(m.sent_at, v.sent_at), provider_message_id = v.pid,"
+    " lease_owner = NULL, lease_expires_at = NULL, last_error = NULL, ambiguous_at = NULL, updated_at = :now"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:sent AS timestamp[]), CAST(:pids AS text[])) AS v(id, sent_at, pid)"
+    " WHERE m.id = v.id AND m.status IN ('sending', 'ambiguous')"
+    " RETURNING m.id, m.enrollment_id, m.campaign_id, m.step_id, m.workspace_id, m.contact_id, m.email, m.sent_at"
+)
+_ATTEMPT_COLUMNS = {"workspace_id": "bigint", "campaign_id": "bigint", "message_id": "bigint", "number": "int",
+                    "started_at": "timestamp", "finished_at": "timestamp", "duration_ms": "float8",
+                    "outcome": "text", "http_status": "int", "error": "text", "retry_at": "timestamp"}
+_PG_INSERT_ATTEMPTS = text(
+    f"INSERT INTO message_attempts ({', '.join(_ATTEMPT_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"CAST(:{c} AS {t}[])" for c, t in _ATTEMPT_COLUMNS.items()) + ")"
+)
+
+
+def _insert_attempts(s: Session, rows: list[dict]) -> None:
+    if is_postgres(s):
+        s.connection().execute(_PG_INSERT_ATTEMPTS, {c: [r[c] for r in rows] for c in _ATTEMPT_COLUMNS})
+    else:
+        s.connection().execute(MessageAttempt.__table__.insert(), rows)
+
+
 def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | None = None,
                owner: str | None = None) -> dict[str, int]:
     """Claim these messages under a lease, hand each to the provider, record the outcomes.
 
     The claim is one conditional UPDATE: a message already claimed (by a duplicate task, a
-    re-queue after Redis loss, another consumer) is not claimed twice. Outcomes are recorded
-    in small groups, so a consumer killed mid-batch leaves at most a few sends unrecorded;
-    those, still ``sending`` when their lease runs out, become ``ambiguous``.
+    re-queue after Redis loss, another consumer) is not claimed twice. The batch is rendered,
+    then handed to the provider in groups: each group takes its rate-limit units (and reads
+    the stop generation) in one step right before its calls, which run in a per-process pool
+    only as far as the pool has idle threads (a granted unit never waits for a thread).
+    Outcomes are recorded in small groups, so a consumer killed mid-batch leaves at most a few
+    sends unrecorded; those, still ``sending`` when their lease runs out, become ``ambiguous``.
     """
     settings = get_settings()
     mailer = mailer or get_mailer()
@@ -1083,51 +1194,134 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
     Session_ = session_factory()
     now = utcnow()
     lease_until = now + timedelta(seconds=settings.lease_seconds)
+    generation = stopgen.current()  # before the claim: a stop committed after the claim's check bumps it
     with Session_() as s, s.begin():
-        claimed = s.scalars(
-            update(Message)
-            .where(Message.id.in_(ids), Message.status == "queued", _claimable())
-            .values(status="sending", lease_owner=owner, lease_expires_at=lease_until,
-                    attempts=Message.attempts + 1, updated_at=now)
-            .returning(Message.id)
+        pg = is_postgres(s)
+        claimed = s.connection().execute(
+            _claim_stmt(pg), {"ids": list(ids), "owner": owner, "lease_until": lease_until, "now": now}
         ).all()
     counts: dict[str, int] = defaultdict(int)
     if not claimed:
         return dict(counts)
+    claimed.sort(key=lambda r: (-r.priority, r.id))
     with Session_() as s:
-        rows = s.execute(
-            select(Message, Step, Campaign, Contact)
-            .join(Step, Step.id == Message.step_id)
-            .join(Campaign, Campaign.id == Message.campaign_id)
-            .outerjoin(Contact, Contact.id == Message.contact_id)
-            .where(Message.id.in_(claimed))
-            .order_by(Message.priority.desc(), Message.id)
-        ).all()
+        contact_ids = sorted({r.contact_id for r in claimed if r.contact_id is not None})
+        contacts = {c.id: c for c in s.connection().execute(_contacts_stmt(pg), {"ids": contact_ids})}
+        campaigns = {c.id: c for c in s.scalars(select(Campaign).where(
+            Campaign.id.in_(sorted({r.campaign_id for r in claimed}))))}
+        steps = {st.id: st for st in s.scalars(select(Step).where(Step.id.in_(sorted({r.step_id for r in claimed}))))}
         s.expunge_all()
         s.rollback()
-    pending: list[Outcome] = []
     check = Session_()
+    run = _BatchRun(hooks, owner, counts)
     try:
-        guard = _StopGuard(check, [row[0].id for row in rows])
-        # Provider calls overlap (a shared per-process pool), while this thread records outcomes in
-        # groups: the calls are I/O waits, and so are the database writes.
-        futures = [_send_pool().submit(_send_one, row, guard, mailer, limiter) for row in rows]
-        last_flush = time.monotonic()
-        for fut in futures:
-            pending.append(fut.result())
-            if len(pending) >= FLUSH_EVERY or time.monotonic() - last_flush > FLUSH_SECONDS:
-                _record(pending, hooks, owner, counts)
-                pending = []
-                last_flush = time.monotonic()
+        guard = _StopGuard(check, [r.id for r in claimed], generation)
+        emails: dict[int, OutgoingEmail] = {}
+        for r in claimed:
+            try:
+                emails[r.id] = build_email(r, steps[r.step_id], campaigns[r.campaign_id], contacts.get(r.contact_id))
+            except Exception as exc:  # noqa: BLE001 - a template that cannot render fails the message
+                guard.allows(r.id)
+                run.add(_outcome(r, "failed", error=f"render: {exc}"))
+        for r in claimed:
+            if r.is_test and r.id in emails:  # the priority lane: one at a time, ahead of bulk
+                run.submit(_send_one, r, emails.pop(r.id), campaigns[r.campaign_id], guard, mailer, limiter)
+        group: list = []
+        for r in claimed:
+            if r.id not in emails:
+                continue
+            if group and group[0].campaign_id != r.campaign_id:
+                _send_group(group, campaigns[group[0].campaign_id], emails, guard, mailer, limiter, run)
+                group = []
+            group.append(r)
+        if group:
+            _send_group(group, campaigns[group[0].campaign_id], emails, guard, mailer, limiter, run)
     finally:
-        check.close()
-        if pending:
-            _record(pending, hooks, owner, counts)
+        try:
+            run.finish()
+        finally:
+            check.close()
     return dict(counts)
+
+
+def _outcome(r, kind: str, **extra) -> Outcome:
+    t = extra.pop("started", None) or utcnow()
+    return Outcome(message_id=r.id, campaign_id=r.campaign_id, workspace_id=r.workspace_id, kind=kind,
+                   started=t, finished=extra.pop("finished", None) or t, attempt=r.attempts, **extra)
+
+
+class _BatchRun:
+    """A batch's calls in flight and its outcomes: recorded every FLUSH_EVERY outcomes or
+    FLUSH_SECONDS; campaigns whose last sequence may have ended are checked once at the end."""
+
+    def __init__(self, hooks: Hooks, owner: str, counts: dict):
+        self.hooks, self.owner, self.counts = hooks, owner, counts
+        self.inflight: list = []
+        self.pending: list[Outcome] = []
+        self.last_flush = time.monotonic()
+        self.check_complete: set[int] = set()
+
+    def add(self, outcome: Outcome) -> None:
+        self.pending.append(outcome)
+
+    def submit(self, fn, *args) -> None:
+        self.inflight.append(_send_pool().submit(fn, *args))
+
+    def collect(self, wait: bool = False) -> None:
+        still = []
+        for fut in self.inflight:
+            if wait or fut.done():
+                self.pending.append(fut.result())
+            else:
+                still.append(fut)
+        self.inflight = still
+        if self.pending and (len(self.pending) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        self.last_flush = time.monotonic()
+        if pending:
+            self.check_complete |= _record(pending, self.hooks, self.owner, self.counts)
+
+    def finish(self) -> None:
+        for fut in self.inflight:
+            self.pending.append(fut.result())
+            if len(self.pending) >= FLUSH_EVERY:
+                self.flush()
+        self.inflight = []
+        self.flush()
+        if self.check_complete:
+            with session_factory()() as s, s.begin():
+                for cid in sorted(self.check_complete):
+                    maybe_complete(s, cid)
+
+
+class _Slots:
+    """Idle threads of the send pool: a group takes only as many units as it can start at once."""
+
+    def __init__(self, n: int):
+        self.free = n
+        self.cond = threading.Condition()
+
+    def take_up_to(self, n: int, timeout: float = 0.05) -> int:
+        """At least one slot (0 when none frees within ``timeout``), at most ``n``."""
+        with self.cond:
+            if not self.free:
+                self.cond.wait(timeout)
+            k = min(n, self.free)
+            self.free -= k
+            return k
+
+    def give(self, n: int = 1) -> None:
+        with self.cond:
+            self.free += n
+            self.cond.notify(n)
 
 
 _pool = None
 _pool_lock = threading.Lock()
+SEND_GROUP = 8  # calls started together after one limiter take
 
 
 def _send_pool():
@@ -1137,45 +1331,146 @@ def _send_pool():
             if _pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                size = int(os.environ.get("HERALD_SEND_CONCURRENCY", "16"))
+                size = max(1, int(os.environ.get("HERALD_SEND_CONCURRENCY", "16")))
                 _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="herald-send")
     return _pool
 
 
-def _send_one(row, guard: _StopGuard, mailer, limiter: Limiter) -> Outcome:
-    """Check, render and hand one claimed message to the provider; never raises."""
-    msg, step, campaign, contact = row
-    started = utcnow()
-    base = dict(message_id=msg.id, campaign_id=msg.campaign_id, workspace_id=msg.workspace_id,
-                started=started, attempt=msg.attempts)
-    if not guard.allows(msg.id):
-        return Outcome(kind="released", finished=utcnow(), **base)
+def _pool_slots(pool) -> _Slots:
+    """The idle threads of ``pool`` (kept with it, so a pool swapped in has slots of its size)."""
+    slots = getattr(pool, "herald_slots", None)
+    if slots is None:
+        with _pool_lock:
+            slots = getattr(pool, "herald_slots", None)
+            if slots is None:
+                slots = pool.herald_slots = _Slots(getattr(pool, "_max_workers", 16))
+    return slots
+
+
+def _send_group(group: list, campaign: Campaign, emails: dict, guard: _StopGuard, mailer, limiter: Limiter,
+                run: _BatchRun) -> None:
+    """Hand one campaign's part of a batch to the provider, a few calls at a time, each few
+    under one limiter take (which also reads the stop generation)."""
+    slots = _pool_slots(_send_pool())
+    i = 0
+    while i < len(group):
+        run.collect()
+        k = slots.take_up_to(min(SEND_GROUP, len(group) - i))
+        if not k:
+            continue
+        granted = _pace_many(limiter, campaign, k, guard)
+        if granted < k:
+            slots.give(k - granted)
+        if not granted:  # a long wait: the rest of this campaign's part goes back to the ledger
+            for r in group[i:]:
+                guard.allows(r.id)
+                run.add(_outcome(r, "released"))
+            return
+        stopped = 0
+        for r in group[i : i + granted]:
+            if guard.allows(r.id):
+                run.submit(_deliver, r, emails.pop(r.id), mailer, limiter, slots)
+            else:
+                stopped += 1
+                slots.give(1)
+                run.add(_outcome(r, "released"))
+        if stopped:
+            _give_back(limiter, campaign, stopped)
+        i += granted
+
+
+def _bulk_rules(limiter: Limiter, campaign: Campaign) -> list[Rule]:
+    return [account_rule(), Rule.gate(PRIORITY_GATE)] + campaign_rules(campaign) + sender_rules(campaign, limiter)
+
+
+def _give_back(limiter: Limiter, campaign: Campaign, n: int) -> None:
     try:
-        email = build_email(msg, step, campaign, contact)
-    except Exception as exc:  # noqa: BLE001 - a template that cannot render fails the message
-        return Outcome(kind="failed", finished=utcnow(), error=f"render: {exc}", **base)
-    if not pace(limiter, msg, campaign):  # every limit it is under, taken right before the call
-        return Outcome(kind="released", finished=utcnow(), **base)
-    base["started"] = started = utcnow()
+        limiter.give_back(_bulk_rules(limiter, campaign), n)
+    except Exception:  # noqa: BLE001 - a unit lost is a unit lost, not a reason to stop
+        log.exception("could not give back %s limiter units", n)
+
+
+def _pace_many(limiter: Limiter, campaign: Campaign, n: int, guard: _StopGuard) -> int:
+    """Wait for the turn of up to ``n`` bulk sends of this campaign under every limit it is under;
+    how many units were taken (0: the wait is long, give the rest back to the ledger).
+
+    The same rules as ``pace``, for a group: one limiter round trip takes the units and reads the
+    stop generation, which ``guard`` checks before any of them is sent.
+    """
+    max_wait = min(PACE_MAX_WAIT, get_settings().lease_seconds / 4)
+    deadline = time.monotonic() + 1.5 * max_wait
+    shut = _memo(limiter, "shut")
+    watch = stopgen.watch_key()
+    waited = None
+    while True:
+        rules = _bulk_rules(limiter, campaign)
+        mono = time.monotonic()
+        blocked = next((r.key for r in rules if shut.get(r.key, 0.0) > mono), None)
+        if blocked:
+            _wait_counter.add(limiter, f"rate_limit_released:{_limit_kind(blocked)}", n)
+            return 0
+        try:
+            g = limiter.take(rules, n, watch=watch)
+        except Exception:  # noqa: BLE001 - no limiter, no send: the ledger keeps the messages
+            log.exception("the limiter did not answer; %s messages go back to the ledger", n)
+            return 0
+        guard.observe(g.watched)
+        if g.granted:
+            if waited:
+                _wait_counter.add(limiter, f"rate_limit_waits:{_limit_kind(waited)}", g.granted)
+            _note_first_send(limiter, campaign, time.time())
+            return g.granted
+        waited = waited or g.blocked_by
+        if g.wait > max_wait or mono + g.wait > deadline:
+            if g.blocked_by and g.wait > max_wait:
+                shut[g.blocked_by] = mono + min(g.wait, 5.0) - 0.05
+            _wait_counter.add(limiter, f"rate_limit_released:{_limit_kind(g.blocked_by)}", n)
+            return 0
+        time.sleep(max(0.0, g.wait - PACE_EARLY) + (random.uniform(0, 0.01) if g.wait > 0.2 else 0.0))
+
+
+def _send_one(r, email: OutgoingEmail, campaign: Campaign, guard: _StopGuard, mailer, limiter: Limiter) -> Outcome:
+    """A test send (the priority lane): its own stop check and pace, then the call; never raises."""
+    guard.observe(None)
+    if not guard.allows(r.id):
+        return _outcome(r, "released")
+    if not pace(limiter, r, campaign):
+        return _outcome(r, "released")
+    return _call(r, email, mailer, limiter)
+
+
+def _deliver(r, email: OutgoingEmail, mailer, limiter: Limiter, slots: _Slots) -> Outcome:
+    """A bulk call whose unit was taken and whose stop check passed; frees its pool slot."""
+    try:
+        return _call(r, email, mailer, limiter)
+    finally:
+        slots.give(1)
+
+
+def _call(r, email: OutgoingEmail, mailer, limiter: Limiter) -> Outcome:
+    """Hand one email to the provider and classify the answer; never raises."""
+    started = utcnow()
     t0 = time.perf_counter()
     try:
         res = mailer.send(email)
-        out = Outcome(kind="sent", status=res.status, provider_id=res.provider_message_id, finished=started, **base)
+        out = _outcome(r, "sent", started=started, status=res.status, provider_id=res.provider_message_id)
     except RetryableSendError as exc:
-        kind = "rate_limited" if exc.status == 429 else "retry"
-        out = Outcome(kind=kind, status=exc.status, error=str(exc), body=exc.body, retry_at=exc.retry_at,
-                      finished=started, **base)
+        out = _outcome(r, "rate_limited" if exc.status == 429 else "retry", started=started, status=exc.status,
+                       error=str(exc), body=exc.body, retry_at=exc.retry_at)
         if exc.status == 429:
             until = exc.retry_at or (utcnow() + timedelta(seconds=1))
-            limiter.hold(ACCOUNT_RULE_KEY, _epoch(until))
+            try:
+                limiter.hold(ACCOUNT_RULE_KEY, _epoch(until))
+            except Exception:  # noqa: BLE001 - the message is rescheduled either way
+                log.exception("could not hold the account budget after a 429")
     except AccountError as exc:
-        out = Outcome(kind="account", status=exc.status, error=str(exc), body=exc.body, finished=started, **base)
+        out = _outcome(r, "account", started=started, status=exc.status, error=str(exc), body=exc.body)
     except PermanentSendError as exc:
-        out = Outcome(kind="failed", status=exc.status, error=str(exc), body=exc.body, finished=started, **base)
+        out = _outcome(r, "failed", started=started, status=exc.status, error=str(exc), body=exc.body)
     except AmbiguousSendError as exc:
-        out = Outcome(kind="ambiguous", error=str(exc), finished=started, **base)
+        out = _outcome(r, "ambiguous", started=started, error=str(exc))
     except Exception as exc:  # noqa: BLE001 - an unexpected client error: the request may have left
-        out = Outcome(kind="ambiguous", error=f"unexpected: {exc!r}", finished=started, **base)
+        out = _outcome(r, "ambiguous", started=started, error=f"unexpected: {exc!r}")
     out.finished = started + timedelta(seconds=time.perf_counter() - t0)
     return out
 
@@ -1185,24 +1480,26 @@ def _epoch(naive_utc: datetime) -> float:
     return naive_utc.replace(tzinfo=UTC).timestamp()
 
 
-def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> None:
-    """Record a group of outcomes in one transaction and advance the sequences that sent."""
+def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> set[int]:
+    """Record a group of outcomes in one transaction and advance the sequences that sent.
+
+    Returns the campaigns that may have finished (a sequence completed or failed): the caller
+    checks them once its batch is done (``maybe_complete``; the reconciler checks them too).
+    """
     Session_ = session_factory()
     now = utcnow()
     wake_at: datetime | None = None
     pause: dict[int, str] = {}
     touched: set[int] = set()
+    finished: set[int] = set()
     with Session_() as s, s.begin():
         attempts = []
+        released = []
         for o in outcomes:
             counts[o.kind] += 1
             mine = and_(Message.id == o.message_id, Message.status.in_(("sending", "ambiguous")))
             if o.kind == "released":
-                s.execute(
-                    update(Message).where(mine, Message.lease_owner == owner)
-                    .values(status="scheduled", queued_at=None, lease_owner=None, lease_expires_at=None,
-                            attempts=Message.attempts - 1)
-                )
+                released.append(o.message_id)
                 continue
             attempts.append(dict(
                 workspace_id=o.workspace_id, campaign_id=o.campaign_id, message_id=o.message_id,
@@ -1224,7 +1521,7 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
                     due = max(due, now) + timedelta(seconds=random.uniform(0, 1.0))  # no herd at the reset
                 elif row.attempts >= row.max_attempts:
                     _fail(s, row, o, now)
-                    touched.add(o.campaign_id)
+                    finished.add(o.campaign_id)
                     continue
                 else:
                     due = now + timedelta(seconds=backoff_delay(row.attempts))
@@ -1241,7 +1538,7 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
                 row = s.get(Message, o.message_id)
                 if row is not None and row.status in ("sending", "ambiguous"):
                     _fail(s, row, o, now)
-                    touched.add(o.campaign_id)
+                    finished.add(o.campaign_id)
             elif o.kind == "account":
                 s.execute(
                     update(Message).where(mine)
@@ -1255,6 +1552,8 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
                     .values(status="ambiguous", ambiguous_at=now, lease_owner=None, lease_expires_at=None,
                             last_error=o.error, updated_at=now)
                 )
+        if released:  # handed back unspent: the dispatcher queues them again
+            s.connection().execute(_release_stmt(is_postgres(s)), {"ids": released, "owner": owner})
         sent = [o for o in outcomes if o.kind == "sent"]
         if sent:
             nxt = _record_sent(s, sent, now)
@@ -1262,7 +1561,7 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
                 wake_at = nxt if wake_at is None else min(wake_at, nxt)
             touched.update(o.campaign_id for o in sent)
         if attempts:
-            s.execute(MessageAttempt.__table__.insert(), attempts)
+            _insert_attempts(s, attempts)
         failing = {o.campaign_id for o in outcomes if o.kind in ("retry", "failed", "ambiguous")}
         for cid in failing - set(pause):
             recent = s.scalars(
@@ -1284,11 +1583,11 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
                 )
                 log.warning("campaign %s paused: %s", cid, reason)
         # Only a completed or failed sequence can finish a campaign.
-        if s.info.pop("herald_completed", False) or any(o.kind == "failed" for o in outcomes):
-            for cid in touched:
-                maybe_complete(s, cid)
+        if s.info.pop("herald_completed", False):
+            finished |= touched
     if wake_at is not None:
         hooks.wake_dispatcher(wake_at)
+    return finished
 
 
 def _fail(s: Session, row: Message, o: Outcome, now: datetime) -> None:
@@ -1308,49 +1607,68 @@ def _fail(s: Session, row: Message, o: Outcome, now: datetime) -> None:
         )
 
 
+_ADVANCE_COLUMNS = (_M.c.id, _M.c.enrollment_id, _M.c.campaign_id, _M.c.step_id, _M.c.workspace_id,
+                    _M.c.contact_id, _M.c.email, _M.c.sent_at)
+
+
 def _record_sent(s: Session, sent: list[Outcome], now: datetime) -> datetime | None:
-    """Mark accepted messages sent (in bulk) and advance their sequences; the earliest next due.
+    """Mark accepted messages sent (one UPDATE) and advance their sequences; the earliest next due.
 
     A 202 is authoritative even if the lease ran out meanwhile and the message was marked
-    ambiguous: it was sent. Rows are locked first, so a concurrent settle cannot interleave.
+    ambiguous: it was sent. The UPDATE locks each row and re-checks its status, so a
+    concurrent settle cannot interleave.
     """
-    t = Message.__table__
     ids = [o.message_id for o in sent]
-    live_q = select(t.c.id).where(t.c.id.in_(ids), t.c.status.in_(("sending", "ambiguous")))
     if is_postgres(s):
-        live_q = live_q.with_for_update()
-    live = set(s.scalars(live_q).all())
-    params = [{"b_id": o.message_id, "b_sent": o.finished, "b_pid": o.provider_id}
-              for o in sent if o.message_id in live]
-    if not params:
-        return None
-    s.execute(
-        update(t).where(t.c.id == bindparam("b_id"))
-        .values(status="sent", sent_at=func.coalesce(t.c.sent_at, bindparam("b_sent")),
-                provider_message_id=bindparam("b_pid"), lease_owner=None, lease_expires_at=None,
-                last_error=None, ambiguous_at=None, updated_at=now),
-        params,
-    )
-    return _advance(s, [p["b_id"] for p in params], now)
+        rows = s.connection().execute(_PG_RECORD_SENT, {
+            "ids": ids, "sent": [o.finished for o in sent], "pids": [o.provider_id for o in sent], "now": now,
+        }).all()
+        return _advance_rows(s, [r for r in rows if r.enrollment_id is not None], now, active_checked=False)
+    sent_at = case({o.message_id: o.finished for o in sent}, value=_M.c.id)
+    provider_id = case({o.message_id: o.provider_id for o in sent}, value=_M.c.id)
+    rows = s.connection().execute(
+        update(_M)
+        .where(_M.c.id.in_(ids), _M.c.status.in_(("sending", "ambiguous")))
+        .values(status="sent", sent_at=func.coalesce(_M.c.sent_at, type_coerce(sent_at, _M.c.sent_at.type)),
+                provider_message_id=type_coerce(provider_id, _M.c.provider_message_id.type), lease_owner=None,
+                lease_expires_at=None, last_error=None, ambiguous_at=None, updated_at=now)
+        .returning(*_ADVANCE_COLUMNS)
+    ).all()
+    return _advance_rows(s, [r for r in rows if r.enrollment_id is not None], now, active_checked=False)
 
 
 def _advance(s: Session, message_ids: list[int], now: datetime) -> datetime | None:
     """After sends: schedule each active sequence's next email (after its waits), or complete it."""
     rows = s.execute(
-        select(Message.id, Message.enrollment_id, Message.campaign_id, Message.step_id, Message.workspace_id,
-               Message.contact_id, Message.email, Message.sent_at)
-        .join(Enrollment, Enrollment.id == Message.enrollment_id)
-        .where(Message.id.in_(message_ids), Enrollment.status == "active")
+        select(*_ADVANCE_COLUMNS)
+        .join(Enrollment, Enrollment.id == _M.c.enrollment_id)
+        .where(_M.c.id.in_(message_ids), Enrollment.status == "active")
     ).all()
+    return _advance_rows(s, rows, now, active_checked=True)
+
+
+def _advance_rows(s: Session, rows: list, now: datetime, active_checked: bool) -> datetime | None:
+    """Schedule the next email of each of these sent messages' sequences, or complete it.
+
+    ``active_checked``: the rows' enrollments are known to be active; else only active ones
+    advance (one query, only when some sequence has a next email).
+    """
     if not rows:
         return None
     plans = {cid: _sequence_plan(s, cid) for cid in {r.campaign_id for r in rows}}
+    steps = [(r, plans[r.campaign_id].get(r.step_id, (None, 0, 5))) for r in rows]
+    active = None
+    if not active_checked and any(p[0] is not None for _, p in steps):
+        active = set(s.scalars(select(Enrollment.id).where(
+            Enrollment.id.in_(sorted({r.enrollment_id for r, p in steps if p[0] is not None})),
+            Enrollment.status == "active")))
     new_rows, completed = [], []
     earliest: datetime | None = None
-    for r in rows:
-        nxt_id, wait, max_attempts = plans[r.campaign_id].get(r.step_id, (None, 0, 5))
+    for r, (nxt_id, wait, max_attempts) in steps:
         if nxt_id is None:
             completed.append(r.enrollment_id)
+            continue
+        if active is not None and r.enrollment_id not in active:
             continue
         due = (r.sent_at or now) + timedelta(seconds=wait)
         earliest = due if earliest is None else min(earliest, due)
@@ -1363,12 +1681,10 @@ def _advance(s: Session, message_ids: list[int], now: datetime) -> datetime | No
     if new_rows:
         s.execute(_insert(s, Message.__table__).on_conflict_do_nothing(), new_rows)
     if completed:
-        s.execute(
-            update(Enrollment)
-            .where(Enrollment.id.in_(completed), Enrollment.status == "active")
-            .values(status="completed", finished_at=now)
-        )
-        s.info["herald_completed"] = True
+        done = s.connection().execute(_complete_enrollments_stmt(is_postgres(s)),
+                                      {"ids": completed, "now": now}).rowcount
+        if done:
+            s.info["herald_completed"] = True
     return earliest
 
 
@@ -1405,16 +1721,14 @@ def maybe_complete(s: Session, campaign_id: int) -> bool:
     c = s.get(Campaign, campaign_id)
     if c is None or c.status != "running" or c.fanout_done_at is None:
         return False
-    busy = s.scalar(
-        select(literal(1)).where(
-            or_(
-                exists().where(Enrollment.campaign_id == campaign_id, Enrollment.status == "active"),
-                exists().where(Message.campaign_id == campaign_id, Message.status.in_(UNSETTLED),
-                               Message.is_test.is_(False)),
-            )
-        )
-    )
-    if busy:
+    # Two probes that stop at the first row found (ix_enrollments_campaign_status,
+    # ix_messages_campaign_status); one query OR-ing two EXISTS was planned as hashed subplans
+    # that read every active enrollment and unsettled message of the campaign.
+    if s.scalar(select(Enrollment.id).where(Enrollment.campaign_id == campaign_id, Enrollment.status == "active")
+                .limit(1)) is not None:
+        return False
+    if s.scalar(select(Message.id).where(Message.campaign_id == campaign_id, Message.status.in_(UNSETTLED),
+                                         Message.is_test.is_(False)).limit(1)) is not None:
         return False
     c.status = "completed"
     c.finished_at = utcnow()
@@ -1529,7 +1843,7 @@ class ReconcileReport:
     settled_ambiguous: int = 0
     enrolled: int = 0
     completed: int = 0
-    due_now: int = 0
+    due_now: int = 0  # at most DUE_NOW_CAP
 
 
 def reconcile(hooks: Hooks, owner: str | None = None) -> ReconcileReport | None:
@@ -1612,11 +1926,15 @@ def reconcile(hooks: Hooks, owner: str | None = None) -> ReconcileReport | None:
             row = s.get(JobLock, "reconciler")
             if row is not None:
                 row.checkpoint = now
-            report.due_now = s.scalar(
-                select(func.count()).select_from(Message)
+            # Counted up to DUE_NOW_CAP: a count of a million due rows every minute says no more.
+            due = (
+                select(literal(1)).select_from(Message)
                 .join(Campaign, Campaign.id == Message.campaign_id)
                 .where(Message.status == "scheduled", Message.due_at <= now, Campaign.status == "running")
-            ) or 0
+                .limit(DUE_NOW_CAP)
+                .subquery()
+            )
+            report.due_now = s.scalar(select(func.count()).select_from(due)) or 0
         if report.due_now or report.enrolled or report.requeued_stale or report.resent_ambiguous:
             hooks.wake_dispatcher(None)
         else:

@@ -241,8 +241,9 @@ class Message(Base):
         UniqueConstraint("enrollment_id", "step_id", name="uq_messages_enrollment_step"),
         # The dispatcher's query: work due now, oldest first.
         Index("ix_messages_status_due", "status", "due_at"),
-        # A campaign's messages by status (stats, dead letters, the message log).
-        Index("ix_messages_campaign_status", "campaign_id", "status", "due_at"),
+        # A campaign's messages by status (stats, dead letters, the message log), and the
+        # dispatcher's pass: a campaign's due work in its order (due_at, id), read no further.
+        Index("ix_messages_campaign_status", "campaign_id", "status", "due_at", "id"),
         # The reconciler's query: leases that ran out.
         Index("ix_messages_lease", "status", "lease_expires_at"),
         Index("ix_messages_provider_id", "provider_message_id"),

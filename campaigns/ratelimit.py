@@ -89,6 +89,7 @@ class Grant:
     granted: int
     wait: float  # seconds until at least one more unit frees (0 when all n were granted)
     blocked_by: str | None = None  # the rule that limited the grant
+    watched: int | None = None  # the watched counter's value, read in the same step (Redis only)
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,11 @@ class Limiter:
     clock: Callable[[], float] | None = None
     local: dict
 
-    def take(self, rules: list[Rule], n: int = 1) -> Grant:
+    def take(self, rules: list[Rule], n: int = 1, watch: str | None = None) -> Grant:
+        """Up to ``n`` units of every rule at once (fewer when a rule has less room now).
+
+        ``watch``: a raw Redis key of an integer counter (the stop generation) to read in the same
+        atomic step, returned as ``Grant.watched``; stores that cannot do that ignore it (None)."""
         raise NotImplementedError
 
     def peek(self, rules: list[Rule], horizon: float = 0.0) -> list[Capacity]:
@@ -250,8 +255,9 @@ class Limiter:
 
 # --------------------------------------------------------------------------- Redis
 
-# KEYS: one per rule. ARGV: n, now (0: the server's clock), then 5 per rule:
-# kind, count, period, burst, gap_seconds. Returns {granted, wait, blocker}.
+# KEYS: one per rule, then optionally a watched key. ARGV: n, now (0: the server's clock), watch
+# (1: the last key is watched), then 5 per rule: kind, count, period, burst, gap_seconds.
+# Returns {granted, wait, blocker, the watched key's value or ''}.
 _LUA_COMMON = """
 local BUCKET = 300
 local function window_state(key)
@@ -328,9 +334,14 @@ if now <= 0 then
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local nr = #KEYS
+local watched = ''
+if ARGV[3] == '1' then
+  nr = nr - 1
+  watched = redis.call('GET', KEYS[#KEYS]) or '0'
+end
 local R = {}
 for i = 1, nr do
-  local base = 2 + (i - 1) * 5
+  local base = 3 + (i - 1) * 5
   local r = {kind = ARGV[base + 1], count = tonumber(ARGV[base + 2]), period = tonumber(ARGV[base + 3]),
              burst = tonumber(ARGV[base + 4]), gap = tonumber(ARGV[base + 5])}
   r.hold = tonumber(redis.call('GET', KEYS[i] .. ':hold') or '0')
@@ -376,7 +387,7 @@ if k > 0 then
     end
   end
 end
-return {k, tostring(wait), blocker}
+return {k, tostring(wait), blocker, watched}
 """
 
 # KEYS: one per rule; ARGV: now (0: the server's clock), kinds. Returns now and raw states.
@@ -443,15 +454,17 @@ class RedisLimiter(Limiter):
     def _now_arg(self) -> float:
         return self.clock() if self.clock else 0
 
-    def take(self, rules: list[Rule], n: int = 1) -> Grant:
+    def take(self, rules: list[Rule], n: int = 1, watch: str | None = None) -> Grant:
         if n <= 0 or not rules:
             return Grant(max(n, 0), 0.0)
-        args: list = [n, self._now_arg()]
+        args: list = [n, self._now_arg(), 1 if watch else 0]
         for r in rules:
             args += [r.kind, r.count, r.period, r.burst, r.gap_seconds]
-        k, wait, blocker = self._take(keys=[self.prefix + r.key for r in rules], args=args)
+        keys = [self.prefix + r.key for r in rules] + ([watch] if watch else [])
+        k, wait, blocker, watched = self._take(keys=keys, args=args)
         blocker = _text(blocker)
-        return Grant(int(k), float(_text(wait)), blocker[len(self.prefix):] if blocker else None)
+        return Grant(int(k), float(_text(wait)), blocker[len(self.prefix):] if blocker else None,
+                     int(_text(watched)) if watch else None)
 
     def _states(self, rules: list[Rule]) -> tuple[float, dict, dict]:
         raw = self._read(keys=[self.prefix + r.key for r in rules], args=[self._now_arg()] + [r.kind for r in rules])
@@ -603,7 +616,7 @@ class SqlLimiter(Limiter):
                 flat[r.key] = new[r.key]
         self._store(s, flat)
 
-    def take(self, rules: list[Rule], n: int = 1) -> Grant:
+    def take(self, rules: list[Rule], n: int = 1, watch: str | None = None) -> Grant:
         if n <= 0 or not rules:
             return Grant(max(n, 0), 0.0)
         with self.session_factory() as s, s.begin():

@@ -1,11 +1,12 @@
 """The stop generation: a shared counter bumped after every commit that stops sending
 (pause, cancel, a suppression, a stopped sequence).
 
-A send loop checks its whole batch against the database once, then before each call reads
-only this counter (one Redis GET, or one tiny SQLite read); when it moved, the loop checks the
-batch again. Because the bump happens *after* the stopping transaction commits, a send that
-starts after a pause or an unsubscribe has returned always sees the new value, and so the
-stop: no email is handed to the provider once the stopping request has answered.
+A send loop checks its whole batch against the database once (when it claims it), then reads
+only this counter before each group of calls (in the same Redis round trip as the rate-limit
+take, or one tiny SQL read without Redis); when it moved, the loop checks the batch again.
+Because the bump happens *after* the stopping transaction commits, a send that starts after a
+pause or an unsubscribe has returned always sees the new value, and so the stop: no email is
+handed to the provider once the stopping request has answered.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def bump() -> None:
     with session_factory()() as s, s.begin():
         if s.execute(update(Counter).where(Counter.name == KEY).values(value=Counter.value + 1)).rowcount == 0:
             s.add(Counter(name=KEY, value=1))
+
+
+def watch_key() -> str | None:
+    """The counter's Redis key when it lives in Redis (a limiter take can read it in the same
+    round trip, ``Limiter.take(watch=...)``), else None."""
+    return _redis_key() if _client() is not None else None
 
 
 def current() -> int:
