@@ -1497,7 +1497,6 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
         released = []
         for o in outcomes:
             counts[o.kind] += 1
-            mine = and_(Message.id == o.message_id, Message.status.in_(("sending", "ambiguous")))
             if o.kind == "released":
                 released.append(o.message_id)
                 continue
@@ -1541,14 +1540,14 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
                     finished.add(o.campaign_id)
             elif o.kind == "account":
                 s.execute(
-                    update(Message).where(mine)
+                    update(Message).where(_mine(o))
                     .values(status="scheduled", queued_at=None, lease_owner=None, lease_expires_at=None,
                             attempts=Message.attempts - 1, last_error=o.error, last_response=o.body)
                 )
                 pause[o.campaign_id] = f"the provider refused the account: {o.error}"
             elif o.kind == "ambiguous":
                 s.execute(
-                    update(Message).where(mine)
+                    update(Message).where(_mine(o))
                     .values(status="ambiguous", ambiguous_at=now, lease_owner=None, lease_expires_at=None,
                             last_error=o.error, updated_at=now)
                 )
@@ -1588,6 +1587,11 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
     if wake_at is not None:
         hooks.wake_dispatcher(wake_at)
     return finished
+
+
+def _mine(o: Outcome):
+    """The outcome's message, while it is still this send's to record."""
+    return and_(Message.id == o.message_id, Message.status.in_(("sending", "ambiguous")))
 
 
 def _fail(s: Session, row: Message, o: Outcome, now: datetime) -> None:
@@ -1718,7 +1722,7 @@ def _sequence_plan(s: Session, campaign_id: int) -> dict[int, tuple[int | None, 
 
 def maybe_complete(s: Session, campaign_id: int) -> bool:
     """Mark a running campaign completed once its list is enrolled and no sequence is active."""
-    c = s.get(Campaign, campaign_id)
+    c = s.execute(select(Campaign.status, Campaign.fanout_done_at).where(Campaign.id == campaign_id)).first()
     if c is None or c.status != "running" or c.fanout_done_at is None:
         return False
     # Two probes that stop at the first row found (ix_enrollments_campaign_status,
@@ -1730,9 +1734,11 @@ def maybe_complete(s: Session, campaign_id: int) -> bool:
     if s.scalar(select(Message.id).where(Message.campaign_id == campaign_id, Message.status.in_(UNSETTLED),
                                          Message.is_test.is_(False)).limit(1)) is not None:
         return False
-    c.status = "completed"
-    c.finished_at = utcnow()
-    return True
+    now = utcnow()
+    return s.execute(
+        update(Campaign).where(Campaign.id == campaign_id, Campaign.status == "running")
+        .values(status="completed", finished_at=now, updated_at=now)
+    ).rowcount > 0
 
 
 # --------------------------------------------------------------------------- ambiguity, replay

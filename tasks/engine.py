@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -55,7 +56,8 @@ def _wake_dispatcher(at: datetime | None) -> None:
 
 
 HOOKS = engine.Hooks(
-    enqueue_send=lambda ids, priority=PRIORITY_BULK: huey.enqueue(send_messages.s(ids, priority=priority)),
+    enqueue_send=lambda ids, priority=PRIORITY_BULK: huey.enqueue(
+        send_messages.s(ids, priority > PRIORITY_BULK, priority=priority)),
     wake_dispatcher=_wake_dispatcher,
     enqueue_fanout=lambda campaign_id: fanout_campaign(campaign_id),
 )
@@ -93,9 +95,21 @@ def dispatch() -> None:
     engine.run_dispatcher(HOOKS)
 
 
+# Bulk send batches running at once in this process (HERALD_SEND_BATCHES, default 3). Their calls
+# overlap in the process's send pool anyway; more batch threads than this only fight over the GIL
+# (measured: 8 at once cost ~25% more consumer CPU per email than 2-3, bench/RESULTS.md). A
+# worker waiting here holds no lease (the batch claims its rows after it gets in); priority sends
+# (test sends) never wait here.
+_bulk_batches = threading.BoundedSemaphore(max(1, int(os.environ.get("HERALD_SEND_BATCHES", "3"))))
+
+
 @huey.task(priority=PRIORITY_BULK)
-def send_messages(ids: list[int]) -> None:
-    engine.send_batch(ids, HOOKS)
+def send_messages(ids: list[int], urgent: bool = False) -> None:
+    if urgent:
+        engine.send_batch(ids, HOOKS)
+        return
+    with _bulk_batches:
+        engine.send_batch(ids, HOOKS)
 
 
 @huey.periodic_task(crontab(minute="*"), priority=PRIORITY_DISPATCH)

@@ -499,7 +499,7 @@ def campaign_test_send(campaign_id: int):
         db.rollback()
         flash(f"Test not sent: {error_text(exc)}", "error")
         return redirect(back), 303
-    task_engine.huey.enqueue(task_engine.send_messages.s([msg.id], priority=task_engine.PRIORITY_TEST))
+    task_engine.HOOKS.enqueue_send([msg.id], task_engine.PRIORITY_TEST)
     flash(f"Test email queued for {msg.email}, ahead of campaign sends (kept out of the statistics).", "success")
     return redirect(back), 303
 

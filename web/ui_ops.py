@@ -112,7 +112,7 @@ def _requeue(message: Message) -> None:
     from tasks import engine as task_engine
 
     if message.is_test:
-        task_engine.huey.enqueue(task_engine.send_messages.s([message.id], priority=task_engine.PRIORITY_TEST))
+        task_engine.HOOKS.enqueue_send([message.id], task_engine.PRIORITY_TEST)
     else:
         task_engine.wake_dispatcher(None)
 

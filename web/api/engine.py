@@ -139,7 +139,7 @@ def test_send(campaign_id):
     msg = engine.test_send(db, g.workspace_id, campaign_id, data["email"], data.get("step"))
     db.commit()
     t = _tasks()
-    t.huey.enqueue(t.send_messages.s([msg.id], priority=t.PRIORITY_TEST))
+    t.HOOKS.enqueue_send([msg.id], t.PRIORITY_TEST)
     return message_json(msg), 202
 
 
@@ -251,7 +251,7 @@ def replay_message(message_id):
     db.commit()
     t = _tasks()
     if m.is_test:
-        t.huey.enqueue(t.send_messages.s([m.id], priority=t.PRIORITY_TEST))
+        t.HOOKS.enqueue_send([m.id], t.PRIORITY_TEST)
     else:
         t.wake_dispatcher(None)
     return message_json(m), 202
