@@ -74,6 +74,19 @@ def _positive_number(env, name: str, default: float) -> float:
     return value
 
 
+def _positive_int(env, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a whole number") from None
+    if value <= 0:
+        raise ConfigError(f"{name}: must be at least 1, got {raw!r}")
+    return value
+
+
 def _http_url(env, name: str, default: str) -> str:
     raw = env.get(name) or default
     parts = urlsplit(raw)
@@ -128,6 +141,8 @@ class Settings:
     lease_seconds: float = 120.0
     send_timeout: float = 10.0
     queue_name: str = "herald"
+    send_concurrency: int = 16  # provider calls in flight per consumer process
+    send_batches: int = 3  # bulk send batches running at once per consumer process
     extra: dict = field(default_factory=dict)
 
     @property
@@ -218,6 +233,8 @@ def load_settings(env=None) -> Settings:
         lease_seconds=_positive_number(env, "HERALD_LEASE_SECONDS", 120.0),
         send_timeout=_positive_number(env, "HERALD_SEND_TIMEOUT", 10.0),
         queue_name=env.get("HERALD_QUEUE_NAME") or "herald",
+        send_concurrency=_positive_int(env, "HERALD_SEND_CONCURRENCY", 16),
+        send_batches=_positive_int(env, "HERALD_SEND_BATCHES", 3),
     )
 
 

@@ -1331,7 +1331,7 @@ def _send_pool():
             if _pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                size = max(1, int(os.environ.get("HERALD_SEND_CONCURRENCY", "16")))
+                size = get_settings().send_concurrency
                 _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="herald-send")
     return _pool
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from huey import crontab
 from huey.constants import EmptyData
 
 from campaigns import engine
+from campaigns.config import get_settings
 
 from . import huey
 
@@ -100,7 +100,17 @@ def dispatch() -> None:
 # (measured: 8 at once cost ~25% more consumer CPU per email than 2-3, bench/RESULTS.md). A
 # worker waiting here holds no lease (the batch claims its rows after it gets in); priority sends
 # (test sends) never wait here.
-_bulk_batches = threading.BoundedSemaphore(max(1, int(os.environ.get("HERALD_SEND_BATCHES", "3"))))
+_bulk_batches: threading.BoundedSemaphore | None = None
+_bulk_lock = threading.Lock()
+
+
+def _bulk_gate() -> threading.BoundedSemaphore:
+    global _bulk_batches
+    if _bulk_batches is None:
+        with _bulk_lock:
+            if _bulk_batches is None:
+                _bulk_batches = threading.BoundedSemaphore(get_settings().send_batches)
+    return _bulk_batches
 
 
 @huey.task(priority=PRIORITY_BULK)
@@ -108,7 +118,7 @@ def send_messages(ids: list[int], urgent: bool = False) -> None:
     if urgent:
         engine.send_batch(ids, HOOKS)
         return
-    with _bulk_batches:
+    with _bulk_gate():
         engine.send_batch(ids, HOOKS)
 
 

@@ -28,6 +28,9 @@ def _env(**overrides):
         ("SENDGRID_RATE_LIMIT", "fast"),
         ("SENDGRID_API_HOST", "ftp://x"),
         ("PUBLIC_URL", "nowhere"),
+        ("HERALD_SEND_CONCURRENCY", "0"),
+        ("HERALD_SEND_BATCHES", "three"),
+        ("HERALD_LEASE_SECONDS", "-5"),
     ],
 )
 def test_bad_setting_names_the_variable(name, value, tmp_path):
