@@ -924,6 +924,10 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
         result.next_wake = now
     elif waits:
         result.next_wake = now + timedelta(seconds=_jittered(min(max(min(waits), 0.01), 60.0)))
+        # Work that falls due before then is looked at when it falls due, not at the next poll.
+        upcoming = _next_due(now, after=now)
+        if upcoming is not None and upcoming < result.next_wake:
+            result.next_wake = upcoming
     else:
         result.next_wake = _next_due(now)
     return result
@@ -936,14 +940,14 @@ def _queue_stmt(pg: bool):
             .values(status="queued", queued_at=bindparam("now")).returning(_M.c.id))
 
 
-def _next_due(now: datetime) -> datetime | None:
-    """The earliest due time of scheduled work in running campaigns: one index probe per campaign
-    (a plain min over the join would read every scheduled row)."""
-    first = (
-        select(func.min(Message.due_at))
-        .where(Message.campaign_id == Campaign.id, Message.status == "scheduled")
-        .scalar_subquery()
-    )
+def _next_due(now: datetime, after: datetime | None = None) -> datetime | None:
+    """The earliest due time of scheduled work in running campaigns (only later than ``after``,
+    when given): one index probe per campaign (a plain min over the join would read every
+    scheduled row)."""
+    first = select(func.min(Message.due_at)).where(Message.campaign_id == Campaign.id, Message.status == "scheduled")
+    if after is not None:
+        first = first.where(Message.due_at > after)
+    first = first.scalar_subquery()
     with session_factory()() as s:
         return s.scalar(select(func.min(first)).select_from(Campaign).where(Campaign.status == "running"))
 

@@ -439,6 +439,34 @@ def test_completed_campaign_status(api, sink, db):
     assert c.status == "completed" and c.finished_at is not None
 
 
+def test_bulk_batches_take_turns_but_test_sends_never_wait(monkeypatch):
+    """HERALD_SEND_BATCHES caps the bulk batches running at once in a process; a test send
+    (urgent, enqueued through HOOKS at PRIORITY_TEST) goes past a full gate."""
+    import threading
+
+    from tasks import engine as task_engine
+
+    gate = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(task_engine, "_bulk_batches", gate)
+    ran = []
+    monkeypatch.setattr(task_engine.engine, "send_batch", lambda ids, hooks: ran.append(ids))
+    gate.acquire()  # the one bulk slot is taken by a batch still running
+    bulk = threading.Thread(target=task_engine.send_messages.call_local, args=([1],))
+    bulk.start()
+    task_engine.send_messages.call_local([2], True)
+    bulk.join(0.3)
+    assert ran == [[2]] and bulk.is_alive()  # the test send went; the bulk batch waits its turn
+    gate.release()
+    bulk.join(5)
+    assert ran == [[2], [1]]
+    enqueued = []
+    monkeypatch.setattr(task_engine.huey, "enqueue", enqueued.append)
+    task_engine.HOOKS.enqueue_send([3], task_engine.PRIORITY_TEST)
+    task_engine.HOOKS.enqueue_send([4], task_engine.PRIORITY_BULK)
+    assert [(t.args, t.priority) for t in enqueued] == [(([3], True), task_engine.PRIORITY_TEST),
+                                                        (([4], False), task_engine.PRIORITY_BULK)]
+
+
 def test_pause_mid_batch_stops_the_rest_of_the_batch(api, sink, db, monkeypatch):
     """Once pause has returned, no further call of the batch starts (the stop generation)."""
     from concurrent.futures import ThreadPoolExecutor
