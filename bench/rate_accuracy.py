@@ -3,7 +3,8 @@ sink, for Herald's limiter and for Huey's built-in ``huey.rate_limit`` side by s
 
 - Herald: a one-step campaign to N contacts with ``SENDGRID_RATE_LIMIT=R/second;burst=B``,
   2 consumers (8 workers each) on Redis + PostgreSQL. The limit is taken right before each call
-  (GCRA, one Lua script); the dispatcher queues about a second of work at a time.
+  (GCRA, one Lua script per group of up to 8 calls that start together); the dispatcher queues
+  about a second of work at a time.
 - Huey built-in: one plain Huey task per email (the naive design), each inside
   ``with huey.rate_limit("sendgrid", R, 1)`` (Huey 3.5: a fixed one-second window counted in
   Redis; over the limit, ``RateLimitExceeded`` re-schedules the task for the next window), the

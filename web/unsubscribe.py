@@ -8,7 +8,8 @@ address in that workspace synchronously (``contacts.suppress``: suppression row,
 every sequence to the address stopped) and sets the message's ``unsubscribed_at`` once.
 
 From the moment the POST returns, no further email is handed to the provider for that address:
-the send path re-checks suppression right before each call, and a call that passed that check
+the send path re-checks suppression right before each call (one check per group of calls that
+start together), and a call that passed that check
 before the suppression committed is waited for (it shows as ``sending``) before answering, up
 to the send timeout. The suppression row's ``created_at`` is the recorded time.
 """
