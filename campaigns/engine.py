@@ -582,56 +582,6 @@ def _limit_kind(key: str | None) -> str:
     return parts[0]
 
 
-def pace(limiter: Limiter, msg: Message, campaign: Campaign) -> bool:
-    """Wait for this message's turn under every limit it is under, right before the call.
-
-    True: one unit of each was taken, send now. False: the wait is long (a 429 hold, a spent
-    daily cap, a campaign's per-minute pace): give the message back to the ledger, unspent; the
-    dispatcher queues it again when the limit frees.
-
-    Test sends (the priority lane) are under the account budget only, and while one waits for it
-    it holds PRIORITY_GATE, which every bulk send also passes: the next unit is the test send's,
-    not the first of the many bulk sends waiting beside it.
-    """
-    max_wait = min(PACE_MAX_WAIT, get_settings().lease_seconds / 4)
-    deadline = time.monotonic() + 1.5 * max_wait
-    shut = _memo(limiter, "shut")  # limit key -> monotonic time until which a send need not ask
-    waited = None
-    while True:
-        rules = [account_rule()]
-        if not msg.is_test:
-            rules += [Rule.gate(PRIORITY_GATE)] + campaign_rules(campaign) + sender_rules(campaign, limiter)
-        mono = time.monotonic()
-        blocked = next((r.key for r in rules if shut.get(r.key, 0.0) > mono), None)
-        if blocked:
-            _wait_counter.add(limiter, f"rate_limit_released:{_limit_kind(blocked)}")
-            return False
-        try:
-            g = limiter.take(rules, 1)
-        except Exception:  # noqa: BLE001 - no limiter, no send: the ledger keeps the message
-            log.exception("the limiter did not answer; message %s goes back to the ledger", msg.id)
-            return False
-        if g.granted:
-            if waited:
-                _wait_counter.add(limiter, f"rate_limit_waits:{_limit_kind(waited)}")
-            if msg.is_test and waited:
-                limiter.release(PRIORITY_GATE)
-            if not msg.is_test:
-                _note_first_send(limiter, campaign, time.time())
-            return True
-        waited = waited or g.blocked_by
-        if g.wait > max_wait or mono + g.wait > deadline:
-            if g.blocked_by and g.wait > max_wait:
-                shut[g.blocked_by] = mono + min(g.wait, 5.0) - 0.05
-            _wait_counter.add(limiter, f"rate_limit_released:{_limit_kind(g.blocked_by)}")
-            return False
-        if msg.is_test:
-            limiter.hold(PRIORITY_GATE, time.time() + g.wait + 0.1)
-        # Wake a moment early and ask again: with a burst of one, every millisecond a unit waits
-        # for its taker is lost for good. Spread only the longer waits (many senders at once).
-        time.sleep(max(0.0, g.wait - PACE_EARLY) + (random.uniform(0, 0.01) if g.wait > 0.2 else 0.0))
-
-
 # ----- planning: how much of each limit's room the queue may take, and who gets it
 
 
@@ -1043,7 +993,7 @@ class _StopGuard:
 
     The claim itself checked them against the database (``_claimable``), after ``generation``
     was read. From then on only the stop generation is read, once per group of calls (in the
-    same Redis round trip as the rate-limit take, see ``_pace_many``); when it moved, the
+    same Redis round trip as the rate-limit take, see ``pace``); when it moved, the
     messages not yet handed over are checked against the database again.
     """
 
@@ -1248,10 +1198,10 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
     return dict(counts)
 
 
-def _outcome(r, kind: str, **extra) -> Outcome:
-    t = extra.pop("started", None) or utcnow()
+def _outcome(r, kind: str, started: datetime | None = None, **extra) -> Outcome:
+    t = started or utcnow()
     return Outcome(message_id=r.id, campaign_id=r.campaign_id, workspace_id=r.workspace_id, kind=kind,
-                   started=t, finished=extra.pop("finished", None) or t, attempt=r.attempts, **extra)
+                   started=t, finished=t, attempt=r.attempts, **extra)
 
 
 class _BatchRun:
@@ -1271,10 +1221,11 @@ class _BatchRun:
     def submit(self, fn, *args) -> None:
         self.inflight.append(_send_pool().submit(fn, *args))
 
-    def collect(self, wait: bool = False) -> None:
+    def collect(self) -> None:
+        """Take the finished calls' outcomes, and record them when a flush is due."""
         still = []
         for fut in self.inflight:
-            if wait or fut.done():
+            if fut.done():
                 self.pending.append(fut.result())
             else:
                 still.append(fut)
@@ -1362,7 +1313,7 @@ def _send_group(group: list, campaign: Campaign, emails: dict, guard: _StopGuard
         k = slots.take_up_to(min(SEND_GROUP, len(group) - i))
         if not k:
             continue
-        granted = _pace_many(limiter, campaign, k, guard)
+        granted = pace(limiter, campaign, k, guard)
         if granted < k:
             slots.give(k - granted)
         if not granted:  # a long wait: the rest of this campaign's part goes back to the ledger
@@ -1394,20 +1345,26 @@ def _give_back(limiter: Limiter, campaign: Campaign, n: int) -> None:
         log.exception("could not give back %s limiter units", n)
 
 
-def _pace_many(limiter: Limiter, campaign: Campaign, n: int, guard: _StopGuard) -> int:
-    """Wait for the turn of up to ``n`` bulk sends of this campaign under every limit it is under;
-    how many units were taken (0: the wait is long, give the rest back to the ledger).
+def pace(limiter: Limiter, campaign: Campaign, n: int, guard: _StopGuard | None = None, urgent: bool = False) -> int:
+    """Wait for the turn of up to ``n`` sends of this campaign under every limit they are under,
+    right before the calls; how many units were taken (0: the wait is long, a 429 hold, a spent
+    daily cap, a campaign's per-minute pace: the messages go back to the ledger, unspent, and the
+    dispatcher queues them again when the limit frees).
 
-    The same rules as ``pace``, for a group: one limiter round trip takes the units and reads the
-    stop generation, which ``guard`` checks before any of them is sent.
+    ``guard``: the same limiter round trip reads the stop generation, and the guard re-checks the
+    batch when it moved, before any of these is sent.
+
+    ``urgent`` (test sends, the priority lane) is under the account budget only, and while it waits
+    for it it holds PRIORITY_GATE, which every bulk send also passes: the next unit is the test
+    send's, not the first of the many bulk sends waiting beside it.
     """
     max_wait = min(PACE_MAX_WAIT, get_settings().lease_seconds / 4)
     deadline = time.monotonic() + 1.5 * max_wait
-    shut = _memo(limiter, "shut")
-    watch = stopgen.watch_key()
+    shut = _memo(limiter, "shut")  # limit key -> monotonic time until which a send need not ask
+    watch = stopgen.watch_key() if guard is not None else None
     waited = None
     while True:
-        rules = _bulk_rules(limiter, campaign)
+        rules = [account_rule()] if urgent else _bulk_rules(limiter, campaign)
         mono = time.monotonic()
         blocked = next((r.key for r in rules if shut.get(r.key, 0.0) > mono), None)
         if blocked:
@@ -1418,11 +1375,15 @@ def _pace_many(limiter: Limiter, campaign: Campaign, n: int, guard: _StopGuard) 
         except Exception:  # noqa: BLE001 - no limiter, no send: the ledger keeps the messages
             log.exception("the limiter did not answer; %s messages go back to the ledger", n)
             return 0
-        guard.observe(g.watched)
+        if guard is not None:
+            guard.observe(g.watched)
         if g.granted:
             if waited:
                 _wait_counter.add(limiter, f"rate_limit_waits:{_limit_kind(waited)}", g.granted)
-            _note_first_send(limiter, campaign, time.time())
+            if urgent and waited:
+                limiter.release(PRIORITY_GATE)
+            if not urgent:
+                _note_first_send(limiter, campaign, time.time())
             return g.granted
         waited = waited or g.blocked_by
         if g.wait > max_wait or mono + g.wait > deadline:
@@ -1430,6 +1391,10 @@ def _pace_many(limiter: Limiter, campaign: Campaign, n: int, guard: _StopGuard) 
                 shut[g.blocked_by] = mono + min(g.wait, 5.0) - 0.05
             _wait_counter.add(limiter, f"rate_limit_released:{_limit_kind(g.blocked_by)}", n)
             return 0
+        if urgent:
+            limiter.hold(PRIORITY_GATE, time.time() + g.wait + 0.1)
+        # Wake a moment early and ask again: with a burst of one, every millisecond a unit waits
+        # for its taker is lost for good. Spread only the longer waits (many senders at once).
         time.sleep(max(0.0, g.wait - PACE_EARLY) + (random.uniform(0, 0.01) if g.wait > 0.2 else 0.0))
 
 
@@ -1438,7 +1403,7 @@ def _send_one(r, email: OutgoingEmail, campaign: Campaign, guard: _StopGuard, ma
     guard.observe(None)
     if not guard.allows(r.id):
         return _outcome(r, "released")
-    if not pace(limiter, r, campaign):
+    if not pace(limiter, campaign, 1, urgent=True):
         return _outcome(r, "released")
     return _call(r, email, mailer, limiter)
 
