@@ -301,26 +301,32 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None) ->
         members = members.where(ListMember.added_at >= since)
     ins = _insert(session, Enrollment.__table__).from_select(
         ["workspace_id", "campaign_id", "contact_id", "status", "created_at"], members
-    )
-    enrolled = session.execute(
-        ins.on_conflict_do_nothing(), execution_options={"preserve_rowcount": True}
-    ).rowcount or 0
-
-    first = (
-        select(
-            Enrollment.workspace_id,
-            Enrollment.campaign_id,
-            Enrollment.id,
-            literal(step.id),
-            Enrollment.contact_id,
-            Contact.email,
-            _random_key_sql(session),
-            literal("scheduled"),
-            literal(now + timedelta(seconds=wait)),
-            literal(c.max_attempts),
-            literal(now),
-            literal(now),
+    ).on_conflict_do_nothing()
+    message_columns = ["workspace_id", "campaign_id", "enrollment_id", "step_id", "contact_id", "email",
+                       "message_key", "status", "due_at", "max_attempts", "created_at", "updated_at", "is_test",
+                       "priority", "attempts", "resends"]
+    # Every column given: the Python-side defaults are not applied to an INSERT fed by a DML CTE.
+    rest = (_random_key_sql(session), literal("scheduled"), literal(now + timedelta(seconds=wait)),
+            literal(c.max_attempts), literal(now), literal(now), literal(False), literal(0), literal(0), literal(0))
+    if is_postgres(session):
+        # One statement: the enrollments it creates (RETURNING) get their first message. No
+        # anti-join against messages, whose plan on a young table (stale statistics, a table
+        # growing under the statement) went quadratic: 10,000 contacts took 2.3 s, not 0.3 s.
+        new = ins.returning(Enrollment.id, Enrollment.workspace_id, Enrollment.contact_id).cte("new_enrollments")
+        first = (
+            select(new.c.workspace_id, literal(c.id), new.c.id, literal(step.id), new.c.contact_id, Contact.email,
+                   *rest)
+            .select_from(new)
+            .join(Contact, Contact.id == new.c.contact_id)
         )
+        return _finish_fanout(c, now, session.execute(
+            _insert(session, Message.__table__).from_select(message_columns, first).on_conflict_do_nothing(),
+            execution_options={"preserve_rowcount": True},
+        ).rowcount or 0)
+    enrolled = session.execute(ins, execution_options={"preserve_rowcount": True}).rowcount or 0
+    first = (
+        select(Enrollment.workspace_id, Enrollment.campaign_id, Enrollment.id, literal(step.id), Enrollment.contact_id,
+               Contact.email, *rest)
         .select_from(Enrollment)
         .join(Contact, Contact.id == Enrollment.contact_id)
         .where(
@@ -332,14 +338,12 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None) ->
     if since is not None:
         first = first.where(Enrollment.created_at >= since)
     session.execute(
-        _insert(session, Message.__table__)
-        .from_select(
-            ["workspace_id", "campaign_id", "enrollment_id", "step_id", "contact_id", "email", "message_key",
-             "status", "due_at", "max_attempts", "created_at", "updated_at"],
-            first,
-        )
-        .on_conflict_do_nothing()
+        _insert(session, Message.__table__).from_select(message_columns, first).on_conflict_do_nothing()
     )
+    return _finish_fanout(c, now, enrolled)
+
+
+def _finish_fanout(c: Campaign, now: datetime, enrolled: int) -> int:
     if c.fanout_done_at is None:
         c.fanout_done_at = now
     return enrolled
