@@ -4,7 +4,7 @@ The ``sendgrid`` library builds the ``/v3/mail/send`` JSON (``helpers.mail.Mail`
 path (``python_http_client``) opens a new ``urllib`` connection for every call and keeps the
 request headers on the client object, shared by every thread that uses it, so a per-call
 ``Idempotency-Key`` header is not safe to set there. Herald therefore keeps the library's
-payload helpers and posts with one ``urllib3.PoolManager`` per process: thread-safe,
+payload helpers and posts with one ``urllib3`` connection pool per process: thread-safe,
 keep-alive connections, explicit connect/read timeouts. ``bench/send_throughput.py`` measures
 both paths side by side (``LibraryTransportMailer`` below is the library's own path).
 """
@@ -86,10 +86,14 @@ def classify(status: int, body: str, headers) -> SendResult:
 
 class SendGridMailer(Mailer):
     def __init__(self, api_key: str, host: str, timeout: float = 10.0, pool_size: int = 32):
-        self.url = host.rstrip("/") + SEND_PATH
+        base = host.rstrip("/")
+        self.url = base + SEND_PATH
+        self.path = urllib3.util.parse_url(self.url).request_uri
         self.auth = f"Bearer {api_key}"
         self.timeout = urllib3.Timeout(connect=min(5.0, timeout), read=timeout)
-        self.http = urllib3.PoolManager(maxsize=pool_size, block=False, retries=False)
+        # One host: its connection pool directly (a PoolManager would parse the URL and look the
+        # pool up again on every call).
+        self.http = urllib3.connection_from_url(base, maxsize=pool_size, block=False, retries=False)
 
     def send(self, email: OutgoingEmail) -> SendResult:
         body = json.dumps(build_payload(email)).encode()
@@ -100,7 +104,8 @@ class SendGridMailer(Mailer):
             "User-Agent": "herald",
         }
         try:
-            resp = self.http.request("POST", self.url, body=body, headers=headers, timeout=self.timeout)
+            resp = self.http.urlopen("POST", self.path, body=body, headers=headers, timeout=self.timeout,
+                                     retries=False, redirect=False)
         except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.NewConnectionError) as exc:
             # The request never left: safe to retry.
             raise RetryableSendError(f"connection failed: {exc}") from None
