@@ -118,9 +118,10 @@ def start_sink() -> str:
 
 def start_consumers(n: int = 2, workers: int = 8, module: str = "tasks.huey") -> None:
     exe = str(Path(sys.executable).parent / "huey_consumer")
+    quiet = [] if os.environ.get("HERALD_BENCH_VERBOSE") else ["-q"]  # verbose: each task's timing in the logs
     for i in range(n):
         _consumers.append(spawn([exe, module, "-k", "thread", "-w", str(workers), "-g", "TERM", "-t", "30",
-                                 "-d", "0.02", "-m", "0.2", "-q"], f"consumer-{module}-{i}"))
+                                 "-d", "0.02", "-m", "0.2"] + quiet, f"consumer-{module}-{i}"))
 
 
 def stop_consumers() -> None:
