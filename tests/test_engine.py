@@ -82,6 +82,39 @@ def test_launch_twice_is_launched_once(api, sink, db):
     assert db.scalar(select(func.count()).select_from(Enrollment)) == 5
 
 
+def test_fanout_gives_each_new_enrollment_one_first_message_in_one_statement(api, sink, db):
+    from sqlalchemy import event
+
+    from campaigns.db import get_engine
+
+    list_id = make_contacts(api, 30)
+    api.post("/api/v1/suppressions", json={"emails": ["person3@example.com"], "reason": "manual"})
+    cid = launched_campaign(api, list_id)
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    eng = get_engine()
+    event.listen(eng, "before_cursor_execute", seen)
+    try:
+        with session_scope() as s:
+            assert engine.fanout(s, cid) == 29
+        with session_scope() as s:
+            assert engine.fanout(s, cid) == 0  # again: nothing new
+    finally:
+        event.remove(eng, "before_cursor_execute", seen)
+    msgs = _messages(db, cid)
+    assert len(msgs) == 29 and len({m.enrollment_id for m in msgs}) == 29 and len({m.message_key for m in msgs}) == 29
+    assert "person3@example.com" not in {m.email for m in msgs}
+    assert {(m.status, m.is_test, m.attempts, m.priority, m.resends) for m in msgs} == {("scheduled", False, 0, 0, 0)}
+    if eng.dialect.name == "postgresql":
+        # The enrollments' INSERT ... RETURNING feeds the messages: no anti-join against messages,
+        # whose plan on a young, growing table went quadratic (40,000 contacts: 18 s instead of 5 s).
+        inserts = [st.split("INSERT INTO messages", 1)[1] for st in statements if "INSERT INTO messages" in st]
+        assert inserts and all("new_enrollments" in st and "EXISTS" not in st for st in inserts)
+
+
 def test_retries_on_503_then_429_honour_reset_and_back_off(api, sink, db):
     list_id = make_contacts(api, 3)
     sink.behaviour(mode="5xx", status=503, count=4)
