@@ -583,3 +583,16 @@ def test_late_event_after_the_window_cancels_the_pending_resend(api, sink, db):
     drain(huey, timeout=10)
     assert _messages(db, cid)[0].status == "sent"
     assert sink.keys()[msg.message_key] == 1  # only the hung call: no resend
+
+
+def test_consumer_start_loads_the_mailer_and_templates_before_the_first_send():
+    import campaigns.providers as providers
+    from tasks import engine as task_engine
+
+    saved = providers._mailer
+    providers.set_mailer(None)
+    try:
+        task_engine._warm_up()
+        assert providers._mailer is not None  # the HTTP pool exists before the first batch claims anything
+    finally:
+        providers.set_mailer(saved)
