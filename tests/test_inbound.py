@@ -253,3 +253,51 @@ def test_the_raw_mime_option_is_understood(api, client, inbound, db, sent):
     assert resp.status_code == 200 and resp.json["matched"] is True
     assert db.scalars(select(Reply.text)).one().strip() == "Yes please."
     assert stats(api, cid)["replied"] == 1
+
+
+def _multipart(fields: dict[str, bytes], boundary: str = "hb0undary") -> bytes:
+    out = b""
+    for name, value in fields.items():
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def test_fields_are_decoded_with_the_charsets_inbound_parse_names(api, client, inbound, db, sent):
+    cid, (m0, _) = sent
+    to = reply_address(m0.message_key, DOMAIN).encode()
+    body = _multipart({
+        "headers": b"Message-ID: <latin-1@mail.example.net>\r\nSubject: =?iso-8859-1?q?Gr=FC=DFe?=\r\n",
+        "from": b"person0@example.com",
+        "to": to,
+        "subject": "Re: Grüße aus Köln".encode("iso-8859-1"),
+        "text": "Grüße, gerne nächste Woche – bis dann".encode("cp1252"),
+        "html": "<p>Grüße</p>".encode("utf-8"),  # no charset named: UTF-8
+        "charsets": json.dumps({"to": "UTF-8", "from": "UTF-8", "subject": "iso-8859-1",
+                                "text": "windows-1252"}).encode(),
+    })
+    resp = client.post(URL, data=body, content_type="multipart/form-data; boundary=hb0undary")
+    assert resp.status_code == 200, resp.json
+    assert resp.json["matched"] is True
+    reply = db.scalars(select(Reply)).one()
+    assert reply.subject == "Re: Grüße aus Köln"
+    assert reply.text == "Grüße, gerne nächste Woche – bis dann"
+    assert stats(api, cid)["replied"] == 1
+
+
+def test_an_unknown_or_wrong_charset_is_replaced_not_a_500(client, inbound, db):
+    body = _multipart({
+        "from": b"someone@example.com",
+        "to": b"team@example.com",
+        "subject": b"Re: \xff\xfe odd",
+        "text": "Grüße".encode("iso-8859-1"),  # declared UTF-8 below: not valid UTF-8
+        "charsets": json.dumps({"subject": "x-no-such-charset", "text": "UTF-8"}).encode(),
+    })
+    resp = client.post(URL, data=body, content_type="multipart/form-data; boundary=hb0undary")
+    assert resp.status_code == 200, resp.json
+    reply = db.scalars(select(Reply)).one()
+    assert reply.subject == "Re: \ufffd\ufffd odd" and reply.text == "Gr\ufffd\ufffde"
+
+
+def test_a_multipart_post_without_a_boundary_is_400(client, inbound):
+    resp = client.post(URL, data=b"x", content_type="multipart/form-data")
+    assert resp.status_code == 400 and "boundary" in resp.json["error"]["message"]

@@ -9,19 +9,26 @@ the answer is 503, so SendGrid retries. Effects are applied by a task (``tasks.e
 
 ``POST /webhooks/sendgrid/inbound/<secret>``: 404 unless ``INBOUND_PARSE_SECRET`` is set and
 matches (constant-time); a reply is stored and applied inline (replies are rare), idempotent
-under Inbound Parse's retries.
+under Inbound Parse's retries. Inbound Parse posts each field in the reply's own encoding and
+names it in the ``charsets`` field (``{"text": "iso-8859-1", ...}``): multipart fields are read
+as bytes and decoded with that charset (else the part's own, else UTF-8; undecodable bytes are
+replaced, never a 500).
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hmac
+import json
 import logging
 import threading
 
 from flask import Blueprint, abort, current_app, jsonify, request
 from sendgrid.helpers.eventwebhook import EventWebhook
 from werkzeug.exceptions import HTTPException
+from werkzeug.formparser import MultiPartParser
+from werkzeug.http import parse_options_header
 
 from campaigns import events, replies
 from campaigns.errors import BadRequest
@@ -99,6 +106,59 @@ def _form_fields() -> dict[str, str]:
     return {k: form.get(k) or "" for k in form}
 
 
+class _BytesFieldParser(MultiPartParser):
+    """Werkzeug's multipart parser, but every field comes out as Latin-1 (one character per
+    byte, so nothing is lost); ``declared`` keeps the charset a part's own header named."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.declared: dict[str, str] = {}
+
+    def get_part_charset(self, headers) -> str:
+        name = parse_options_header(headers.get("content-disposition", ""))[1].get("name")
+        charset = parse_options_header(headers.get("content-type", ""))[1].get("charset")
+        if name and charset:
+            self.declared.setdefault(name, charset)
+        return "latin-1"
+
+
+def _decode(data: bytes, charset: str | None) -> str:
+    try:
+        codec = codecs.lookup(charset or "utf-8").name
+    except LookupError:  # a charset Python does not know: read it as UTF-8
+        codec = "utf-8"
+    return data.decode(codec, "replace")
+
+
+def _inbound_fields() -> dict[str, str]:
+    """The Inbound Parse fields, each decoded with the charset the post names for it."""
+    if request.mimetype != "multipart/form-data":
+        return _form_fields()
+    boundary = request.mimetype_params.get("boundary")
+    if not boundary:
+        raise BadRequest("multipart/form-data without a boundary")
+    parser = _BytesFieldParser(max_form_memory_size=request.max_form_memory_size,
+                               max_form_parts=request.max_form_parts)
+    try:
+        form, _files = parser.parse(request.stream, boundary.encode("latin-1"), request.content_length)
+    except HTTPException:  # e.g. 413: werkzeug's answer stands
+        raise
+    except Exception:  # noqa: BLE001 - a broken multipart body is bad input, not a 500
+        raise BadRequest("the body is not a readable form post") from None
+    try:
+        charsets = json.loads(form.get("charsets") or "{}")
+    except ValueError:
+        charsets = {}
+    if not isinstance(charsets, dict):
+        charsets = {}
+    out = {}
+    for name in form:
+        charset = charsets.get(name)
+        charset = charset if isinstance(charset, str) else parser.declared.get(name)
+        out[name] = _decode((form.get(name) or "").encode("latin-1"), charset)
+    return out
+
+
 @bp.post("/sendgrid/inbound/<secret>")
 def sendgrid_inbound(secret: str):
     expected = _settings().inbound_parse_secret
@@ -106,7 +166,7 @@ def sendgrid_inbound(secret: str):
         abort(404)
     if request.mimetype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise BadRequest("Inbound Parse posts multipart/form-data")
-    fields = _form_fields()
+    fields = _inbound_fields()
     session = get_db()
     try:
         result = replies.ingest(session, fields)
