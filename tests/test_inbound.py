@@ -271,7 +271,7 @@ def test_fields_are_decoded_with_the_charsets_inbound_parse_names(api, client, i
         "to": to,
         "subject": "Re: Grüße aus Köln".encode("iso-8859-1"),
         "text": "Grüße, gerne nächste Woche – bis dann".encode("cp1252"),
-        "html": "<p>Grüße</p>".encode("utf-8"),  # no charset named: UTF-8
+        "html": "<p>Grüße</p>".encode(),  # no charset named: UTF-8
         "charsets": json.dumps({"to": "UTF-8", "from": "UTF-8", "subject": "iso-8859-1",
                                 "text": "windows-1252"}).encode(),
     })
