@@ -51,13 +51,16 @@ import json
 import logging
 import os
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import BinaryIO
 
-from sqlalchemy import func, literal_column, text, update
+from sqlalchemy import and_, func, literal_column, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from .config import get_settings
 from .contacts import (
     FIELD_KEY_MAX,
     NAME_MAX,
@@ -546,22 +549,53 @@ def release_import(import_id: int) -> bool:
     return bool(released)
 
 
+class _ClaimLost(Exception):
+    """Another run took the import over (this one's heartbeat was found stale)."""
+
+
+def _stale_before() -> datetime:
+    return utcnow() - timedelta(seconds=get_settings().lease_seconds)
+
+
+def stale_imports() -> list[int]:
+    """Imports whose run is gone: ``running`` with a heartbeat older than the lease (the
+    consumer was killed: no signal handler put them back), or ``pending`` that long (their task
+    was lost with the queue store). Queuing them again is safe: a run claims before it works."""
+    stale = _stale_before()
+    with new_session() as session:
+        return list(session.scalars(
+            select(Import.id).where(or_(
+                and_(Import.status == "running", or_(Import.heartbeat_at.is_(None), Import.heartbeat_at < stale)),
+                and_(Import.status == "pending", Import.created_at < stale,
+                     or_(Import.heartbeat_at.is_(None), Import.heartbeat_at < stale)),
+            )).order_by(Import.id)
+        ))
+
+
 def run_import(import_id: int) -> ImportReport | None:
     """Run a queued import (an ``Import`` row in ``pending``): stream its file through
     :func:`import_csv`, keeping the row's progress and report current after every batch (in
     the batch's own transaction, so they always agree with what is stored).
 
-    Claims the row first (``pending -> running``), so a task delivered twice runs once; returns
-    None when the row was not pending. A run that was interrupted and released
-    (:func:`release_import`) resumes after its last committed batch. Ends ``done`` or
-    ``failed`` (with ``error``) and then deletes the file; unexpected errors are recorded, then
-    raised again. An interruption (KeyboardInterrupt, SystemExit) keeps the file.
+    Claims the row first (``pending -> running``, with a new run token and a heartbeat), so a
+    task delivered twice runs once; returns None when the row was not claimable. A run that
+    was interrupted and released (:func:`release_import`), or whose heartbeat went stale (its
+    consumer was killed), is taken over and resumes after its last committed batch; every
+    batch renews the heartbeat only while the token is still this run's, so a run that was
+    taken over stops at its next batch and writes nothing more. Ends ``done`` or ``failed``
+    (with ``error``) and then deletes the file; unexpected errors are recorded, then raised
+    again. An interruption (KeyboardInterrupt, SystemExit) keeps the file.
     """
+    token = uuid.uuid4().hex
     with new_session() as session:
         claimed = session.execute(
             update(Import)
-            .where(Import.id == import_id, Import.status == "pending")
-            .values(status="running")
+            .where(Import.id == import_id, or_(
+                Import.status == "pending",
+                and_(Import.status == "running",
+                     or_(Import.heartbeat_at.is_(None), Import.heartbeat_at < _stale_before())),
+            ))
+            .values(status="running", run_token=token, heartbeat_at=utcnow())
             .execution_options(synchronize_session=False)
         ).rowcount
         session.commit()
@@ -570,11 +604,12 @@ def run_import(import_id: int) -> ImportReport | None:
         job = session.get(Import, import_id)
         path, workspace_id, list_id = job.path, job.workspace_id, job.list_id
         resume = _resume_report(job) if job.rows_done else None
+        mine = and_(Import.id == import_id, Import.run_token == token)
 
         def progress(report: ImportReport, bytes_read: int) -> None:
-            session.execute(
+            if not session.execute(
                 update(Import)
-                .where(Import.id == import_id)
+                .where(mine)
                 .values(
                     bytes_done=bytes_read,
                     rows_done=report.rows,
@@ -582,19 +617,21 @@ def run_import(import_id: int) -> ImportReport | None:
                     updated=report.updated,
                     skipped=report.skipped,
                     errors=list(report.errors),
+                    heartbeat_at=utcnow(),
                 )
                 .execution_options(synchronize_session=False)
-            )
+            ).rowcount:
+                raise _ClaimLost
 
         def finish(**values) -> None:
-            session.execute(
+            done = session.execute(
                 update(Import)
-                .where(Import.id == import_id)
+                .where(mine)
                 .values(finished_at=utcnow(), **values)
                 .execution_options(synchronize_session=False)
-            )
+            ).rowcount
             session.commit()
-            if path:
+            if path and done:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
@@ -603,6 +640,10 @@ def run_import(import_id: int) -> ImportReport | None:
         try:
             with open(path, "rb") as fh:
                 report = import_csv(session, workspace_id, fh, list_id=list_id, progress=progress, resume=resume)
+        except _ClaimLost:
+            session.rollback()  # the batch that found it out is not kept: the new run redoes it
+            log.warning("import %s was taken over by another run; this one stops", import_id)
+            return None
         except (HeraldError, OSError) as exc:
             session.rollback()
             finish(status="failed", error=getattr(exc, "message", None) or str(exc))

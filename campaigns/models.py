@@ -391,6 +391,10 @@ class Import(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # The running worker's claim: written at the claim and with every batch. A run whose
+    # heartbeat is older than the lease (its consumer was killed) is taken over and resumed.
+    run_token: Mapped[str | None] = mapped_column(String(40))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class JobLock(Base):

@@ -5,7 +5,8 @@
   next wake-up or the reconciler runs it again).
 - ``send_messages``: one batch of message ids; the ledger decides retries (backoff with jitter,
   capped attempts), so the Huey task itself is never retried.
-- ``reconcile``: every minute (stable id, a database lease stops overlaps) and at consumer start.
+- ``reconcile``: every minute (stable id, a database lease stops overlaps) and at consumer start;
+  it also queues again imports whose run is gone (``tasks.imports.requeue_stale_imports``).
 """
 
 from __future__ import annotations
@@ -125,8 +126,11 @@ def send_messages(ids: list[int], urgent: bool = False) -> None:
 @huey.periodic_task(crontab(minute="*"), priority=PRIORITY_DISPATCH)
 def reconcile() -> None:
     report = engine.reconcile(HOOKS)
-    if report is not None:
+    if report is not None:  # this consumer held the reconciler's lease
         log.info("reconcile: %s", report)
+        from .imports import requeue_stale_imports
+
+        requeue_stale_imports()
 
 
 _started = threading.Lock()

@@ -38,3 +38,17 @@ def requeue_interrupted_import(signal, task, *args, **kwargs) -> None:
     if importer.release_import(import_id):
         log.warning("import %s interrupted; queued again, it will resume", import_id)
         run_import(import_id)
+
+
+def requeue_stale_imports() -> int:
+    """Queue again the imports whose run is gone (``importer.stale_imports``: a consumer killed
+    mid-import, or a task lost with the queue store); the new run takes over and resumes.
+    Called by the reconciler."""
+    from campaigns import importer
+
+    ids = importer.stale_imports()
+    for import_id in ids:
+        run_import(import_id)
+    if ids:
+        log.warning("imports %s had no live run; queued again, they will resume", ids)
+    return len(ids)

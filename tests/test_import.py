@@ -7,10 +7,11 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from campaigns import contacts, importer
 from campaigns.config import get_settings
@@ -453,3 +454,88 @@ def test_100k_rows_stream_with_flat_memory(api, tmp_path):
     print(f"100k rows: {r['elapsed']:.1f}s, peak resident memory +{growth / 1e6:.1f} MB for a {size / 1e6:.1f} MB file")
     # Flat: a few batches' worth. Holding the file would add its size; holding the rows, ~10x.
     assert growth < size / 4, (growth, size)
+
+
+def _stop_after_first_batch(monkeypatch):
+    """import_csv that dies (as a killed consumer would) before its second batch commits."""
+    real = importer.import_csv
+    batches = []
+
+    def dying(session, workspace_id, stream, *, progress, **kw):
+        def wrapped(report, bytes_read):
+            batches.append(report.rows)
+            if len(batches) == 2:
+                raise KeyboardInterrupt
+            progress(report, bytes_read)
+
+        return real(session, workspace_id, stream, progress=wrapped, **kw)
+
+    monkeypatch.setattr(importer, "import_csv", dying)
+    return real
+
+
+def _age_heartbeat(import_id: int, seconds: float) -> None:
+    with session_scope() as s:
+        job = s.get(Import, import_id)
+        job.heartbeat_at = job.heartbeat_at - timedelta(seconds=seconds)
+        job.created_at = job.created_at - timedelta(seconds=seconds)
+
+
+def test_an_import_whose_consumer_was_killed_is_found_and_resumed(api, monkeypatch):
+    from tasks.imports import requeue_stale_imports
+
+    monkeypatch.setattr(importer, "BATCH_SIZE", 10)
+    body = ("email,first_name\n" + "".join(f"k{i}@example.com,K{i}\n" for i in range(25))).encode()
+    import_id = post_csv(api, body, **{"async": "1"}).json["import_id"]
+    real = _stop_after_first_batch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):  # SIGKILL: no handler puts it back, it stays running
+        run_queued_imports()
+    monkeypatch.setattr(importer, "import_csv", real)
+    assert api.get(f"/api/v1/imports/{import_id}").json["status"] == "running"
+    assert requeue_stale_imports() == 0  # its heartbeat is recent: it may still be running
+
+    _age_heartbeat(import_id, 121)  # older than the lease (HERALD_LEASE_SECONDS, 120 s)
+    assert requeue_stale_imports() == 1
+    assert run_queued_imports() == 1
+    done = api.get(f"/api/v1/imports/{import_id}").json
+    assert (done["status"], done["rows_done"], done["created"]) == ("done", 25, 25)
+    assert count(Contact, Contact.workspace_id == api.workspace_id) == 25
+    assert requeue_stale_imports() == 0
+
+
+def test_a_run_that_was_taken_over_stops_and_writes_nothing_more(api, monkeypatch):
+    monkeypatch.setattr(importer, "BATCH_SIZE", 10)
+    body = ("email\n" + "".join(f"t{i}@example.com\n" for i in range(25))).encode()
+    import_id = post_csv(api, body, **{"async": "1"}).json["import_id"]
+    real = importer.import_csv
+
+    def overtaken(session, workspace_id, stream, *, progress, **kw):
+        def wrapped(report, bytes_read):
+            if report.rows == 20:
+                # Meanwhile another run claimed it (this one looked dead). Written in this batch's
+                # own transaction: SQLite would not let a second writer in while it is open.
+                session.execute(update(Import).where(Import.id == import_id).values(run_token="the-other-run"))
+            progress(report, bytes_read)
+
+        return real(session, workspace_id, stream, progress=wrapped, **kw)
+
+    monkeypatch.setattr(importer, "import_csv", overtaken)
+    assert run_queued_imports() == 1
+    with session_scope() as s:
+        job = s.get(Import, import_id)
+        assert (job.status, job.rows_done, job.created) == ("running", 10, 10)  # the second batch was not kept
+        assert os.path.exists(job.path)  # the run that took over still needs the file
+    assert count(Contact, Contact.workspace_id == api.workspace_id) == 10
+
+
+def test_a_pending_import_whose_task_was_lost_is_queued_again(api):
+    from tasks import huey
+    from tasks.imports import requeue_stale_imports
+
+    import_id = post_csv(api, b"email\nlost@example.com\n", **{"async": "1"}).json["import_id"]
+    huey.flush()  # the queue store lost the task
+    assert run_queued_imports() == 0
+    with session_scope() as s:
+        s.get(Import, import_id).created_at -= timedelta(seconds=121)
+    assert requeue_stale_imports() == 1 and run_queued_imports() == 1
+    assert api.get(f"/api/v1/imports/{import_id}").json["status"] == "done"
