@@ -320,19 +320,7 @@ def test_interrupted_async_import_resumes_after_its_last_batch(api, monkeypatch)
     body = ("email,first_name\n" + "\n".join(lines) + "\n").encode()
     import_id = post_csv(api, body, **{"async": "1"}).json["import_id"]
 
-    real = importer.import_csv
-    batches = []
-
-    def stopping(session, workspace_id, stream, *, progress, **kw):
-        def wrapped(report, bytes_read):
-            batches.append(report.rows)
-            if len(batches) == 2:
-                raise KeyboardInterrupt  # the worker stops before the second batch commits
-            progress(report, bytes_read)
-
-        return real(session, workspace_id, stream, progress=wrapped, **kw)
-
-    monkeypatch.setattr(importer, "import_csv", stopping)
+    real = _stop_after_first_batch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_queued_imports()
     halfway = api.get(f"/api/v1/imports/{import_id}").json
@@ -457,7 +445,8 @@ def test_100k_rows_stream_with_flat_memory(api, tmp_path):
 
 
 def _stop_after_first_batch(monkeypatch):
-    """import_csv that dies (as a killed consumer would) before its second batch commits."""
+    """import_csv that stops (KeyboardInterrupt: a worker stopping, or killed) before its second
+    batch commits. Returns the real import_csv."""
     real = importer.import_csv
     batches = []
 
