@@ -674,6 +674,7 @@ def test_outbox_lists_what_the_sink_received_for_this_workspace(ui, sink, app, m
     html = ui.text("/outbox")
     assert "person0@example.com" in html and "person1@example.com" in html and "z@example.com" not in html
     assert "1 other call on this page" in html and "202 accepted" in html
+    assert "<td>Hi P0</td>" in html and "<td>Hi P1</td>" in html  # the subject as sent
     seq = re.findall(r'href="/outbox/(\d+)"', html)[0]
     detail = ui.text(f"/outbox/{seq}")
     assert "srcdoc=" in detail and "Hello &lt;b&gt;P" in detail and 'sandbox=""' in detail

@@ -26,7 +26,7 @@ Endpoints (JSON unless noted)::
     POST   /v3/mail/send                 202 + X-Message-Id | 400/401/413/415 {"errors": [{message, field, help}]}
     GET    /_sink/messages               {"count", "messages"}; ?since=<seq> ?key=<message or idempotency key>
                                          ?status=202|dropped ?limit=N ?fields=summary (seq, time, key, to,
-                                         status, message_id, idempotency_key)
+                                         subject, status, message_id, idempotency_key)
     GET    /_sink/messages/<seq>         one recorded call;  GET /_sink/messages/<seq>/html  an HTML view
     GET    /_sink/stats                  {"calls", "accepted", "by_status", "keys": {"distinct", "repeated",
                                          "max_repeats", "max_calls"}, "accepted_keys", "idempotency_keys",
@@ -1197,7 +1197,7 @@ _REASONS = {
 # --------------------------------------------------------------------------- Flask app
 
 
-_SUMMARY_FIELDS = ("seq", "time", "key", "to", "status", "message_id", "idempotency_key")
+_SUMMARY_FIELDS = ("seq", "time", "key", "to", "subject", "status", "message_id", "idempotency_key")
 
 
 def _summary(rec: dict) -> dict:
