@@ -2,6 +2,8 @@
 own, the local sink and huey consumers as subprocesses. Everything started is stopped on exit.
 
 Benchmarks print their figures; they are not tests. Run them as ``.venv/bin/python bench/X.py``.
+``HERALD_BENCH_VERBOSE=1`` keeps the consumers' logs (each task and its duration) in the run's
+instance folder instead of starting them with ``-q``.
 """
 
 from __future__ import annotations
