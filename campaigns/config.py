@@ -61,30 +61,25 @@ def parse_rate(value: str, name: str = "SENDGRID_RATE_LIMIT") -> Rate:
     return Rate(count=count, period=_RATE_UNITS[unit], burst=b)
 
 
-def _positive_number(env, name: str, default: float) -> float:
+def _positive(env, name: str, default, whole: bool):
     raw = env.get(name)
     if raw in (None, ""):
         return default
     try:
-        value = float(raw)
+        value = int(raw) if whole else float(raw)
     except ValueError:
-        raise ConfigError(f"{name}: {raw!r} is not a number") from None
+        raise ConfigError(f"{name}: {raw!r} is not a {'whole ' if whole else ''}number") from None
     if value <= 0:
-        raise ConfigError(f"{name}: must be greater than 0, got {raw!r}")
+        raise ConfigError(f"{name}: must be {'at least 1' if whole else 'greater than 0'}, got {raw!r}")
     return value
+
+
+def _positive_number(env, name: str, default: float) -> float:
+    return _positive(env, name, default, whole=False)
 
 
 def _positive_int(env, name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: {raw!r} is not a whole number") from None
-    if value <= 0:
-        raise ConfigError(f"{name}: must be at least 1, got {raw!r}")
-    return value
+    return _positive(env, name, default, whole=True)
 
 
 def _http_url(env, name: str, default: str) -> str:
