@@ -557,6 +557,11 @@ def _stale_before() -> datetime:
     return utcnow() - timedelta(seconds=get_settings().lease_seconds)
 
 
+def _no_live_heartbeat(stale: datetime):
+    """No heartbeat since ``stale``: whatever run had the import is gone."""
+    return or_(Import.heartbeat_at.is_(None), Import.heartbeat_at < stale)
+
+
 def stale_imports() -> list[int]:
     """Imports whose run is gone: ``running`` with a heartbeat older than the lease (the
     consumer was killed: no signal handler put them back), or ``pending`` that long (their task
@@ -564,11 +569,10 @@ def stale_imports() -> list[int]:
     stale = _stale_before()
     with new_session() as session:
         return list(session.scalars(
-            select(Import.id).where(or_(
-                and_(Import.status == "running", or_(Import.heartbeat_at.is_(None), Import.heartbeat_at < stale)),
-                and_(Import.status == "pending", Import.created_at < stale,
-                     or_(Import.heartbeat_at.is_(None), Import.heartbeat_at < stale)),
-            )).order_by(Import.id)
+            select(Import.id).where(
+                Import.status.in_(("running", "pending")), _no_live_heartbeat(stale),
+                or_(Import.status == "running", Import.created_at < stale),
+            ).order_by(Import.id)
         ))
 
 
@@ -592,8 +596,7 @@ def run_import(import_id: int) -> ImportReport | None:
             update(Import)
             .where(Import.id == import_id, or_(
                 Import.status == "pending",
-                and_(Import.status == "running",
-                     or_(Import.heartbeat_at.is_(None), Import.heartbeat_at < _stale_before())),
+                and_(Import.status == "running", _no_live_heartbeat(_stale_before())),
             ))
             .values(status="running", run_token=token, heartbeat_at=utcnow())
             .execution_options(synchronize_session=False)
