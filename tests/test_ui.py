@@ -363,15 +363,15 @@ def test_lists_create_view_members_and_delete(ui):
     dup = ui.post("/lists", {"name": "Prospects"})
     assert dup.status_code == 422 and "already exists" in dup.get_data(as_text=True)
     list_id = int(page.rsplit("/", 1)[1])
-    resp = ui.post(f"/lists/{list_id}/members", {"emails": "a@example.com, b@example.com\nnope"},
+    resp = ui.post(f"/lists/{list_id}/members", {"emails": "ann.member@example.com, bob.member@example.com\nnope"},
                    follow_redirects=True)
     html = resp.get_data(as_text=True)
-    assert "2 added" in html and "Not added: nope" in html and "a@example.com" in html
+    assert "2 added" in html and "Not added: nope" in html and "ann.member@example.com" in html
     assert ">2</td>" in ui.text("/lists")
     with session_scope() as s:
-        a_id = s.scalar(select(Contact.id).where(Contact.email == "a@example.com"))
+        a_id = s.scalar(select(Contact.id).where(Contact.email == "ann.member@example.com"))
     ui.post(f"/lists/{list_id}/members/{a_id}/remove")
-    assert "a@example.com" not in ui.text(f"/lists/{list_id}")
+    assert "ann.member@example.com" not in ui.text(f"/lists/{list_id}")
     ui.post(f"/lists/{list_id}/rename", {"name": "Warm prospects"})
     assert "Warm prospects" in ui.text(f"/lists/{list_id}")
     assert "1 memberships" in ui.text(f"/lists/{list_id}/delete")
