@@ -320,10 +320,12 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None) ->
             .select_from(new)
             .join(Contact, Contact.id == new.c.contact_id)
         )
-        return _finish_fanout(c, now, session.execute(
+        enrolled = session.execute(
             _insert(session, Message.__table__).from_select(message_columns, first).on_conflict_do_nothing(),
             execution_options={"preserve_rowcount": True},
-        ).rowcount or 0)
+        ).rowcount or 0
+        _refresh_statistics(session, enrolled)
+        return _finish_fanout(c, now, enrolled)
     enrolled = session.execute(ins, execution_options={"preserve_rowcount": True}).rowcount or 0
     first = (
         select(Enrollment.workspace_id, Enrollment.campaign_id, Enrollment.id, literal(step.id), Enrollment.contact_id,
@@ -342,6 +344,24 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None) ->
         _insert(session, Message.__table__).from_select(message_columns, first).on_conflict_do_nothing()
     )
     return _finish_fanout(c, now, enrolled)
+
+
+def _refresh_statistics(session: Session, added: int) -> None:
+    """ANALYZE messages and enrollments after a fan-out that changed a good part of them.
+
+    The send path's statements look rows up by id and check their status. PostgreSQL plans them
+    from the tables' statistics; on statistics older than the fan-out (a young table, or one
+    where ``scheduled``/``active`` were rare) it reads every row of a status and filters by id:
+    each claim and each record then reads the whole campaign (measured on 10,000 messages: 4 M
+    index entries read, ~40% of the database's time). Autovacuum would analyze within a minute;
+    the sends start now. Same threshold as autovacuum's: at least 1,000 rows and 10% of the table.
+    """
+    if added < 1000:
+        return
+    known = session.execute(text(
+        "SELECT COALESCE(max(reltuples), 0) FROM pg_class WHERE oid = CAST('messages' AS regclass)")).scalar() or 0
+    if added >= 0.1 * known:
+        session.execute(text("ANALYZE messages, enrollments"))
 
 
 def _finish_fanout(c: Campaign, now: datetime, enrolled: int) -> int:

@@ -115,6 +115,34 @@ def test_fanout_gives_each_new_enrollment_one_first_message_in_one_statement(api
         assert inserts and all("new_enrollments" in st and "EXISTS" not in st for st in inserts)
 
 
+@pytest.mark.postgres_only
+def test_a_large_fanout_refreshes_statistics_so_sends_read_their_rows_by_id(api, db):
+    """After a fan-out the send path's statements (ids plus a status check) must find their rows
+    through the primary key. On statistics from before the fan-out PostgreSQL read every row of
+    the status and filtered by id: each claim and record read the whole campaign."""
+    from sqlalchemy import text
+
+    from campaigns.db import get_engine
+
+    list_id = make_contacts(api, 1500)
+    cid = launched_campaign(api, list_id)
+    with session_scope() as s:
+        assert engine.fanout(s, cid) == 1500
+    with get_engine().connect() as conn:
+        ids = [r[0] for r in conn.execute(text("SELECT id FROM messages ORDER BY id LIMIT 40"))]
+
+        def plan(sql: str, **params) -> str:
+            return "\n".join(r[0] for r in conn.execute(text("EXPLAIN " + sql), {"ids": ids, **params}))
+
+        # The dispatcher's queue statement and the record's enrollment update, as the engine binds them.
+        queue = plan("UPDATE messages SET status = :to WHERE id = ANY(:ids) AND status = :st",
+                     to="queued", st="scheduled")
+        complete = plan("UPDATE enrollments SET status = :to WHERE id = ANY(:ids) AND status = :st",
+                        to="completed", st="active")
+    assert "messages_pkey" in queue and "ix_messages_status_due" not in queue, queue
+    assert "enrollments_pkey" in complete and "ix_enrollments_campaign_status" not in complete, complete
+
+
 def test_retries_on_503_then_429_honour_reset_and_back_off(api, sink, db):
     list_id = make_contacts(api, 3)
     sink.behaviour(mode="5xx", status=503, count=4)
