@@ -644,7 +644,7 @@ class _Limits:
 
 def _read_limits(s: Session, limiter: Limiter, campaigns: list[Campaign], horizon: float) -> _Limits:
     """Every limit's room for these campaigns: the limiter's state, less what is queued or sending."""
-    from .models import Workspace
+    from .models import DEFAULT_CONCURRENCY, Workspace
 
     out_campaign: dict[int, int] = defaultdict(int)
     out_ws: dict[int, int] = defaultdict(int)
@@ -684,7 +684,7 @@ def _read_limits(s: Session, limiter: Limiter, campaigns: list[Campaign], horizo
                         for r, k in zip(theirs, caps[len(mine):], strict=True)]
     workspace = {}
     for ws in ws_ids:
-        room = workspace_slots(concurrency.get(ws, 8)) - out_ws[ws]
+        room = workspace_slots(concurrency.get(ws, DEFAULT_CONCURRENCY)) - out_ws[ws]
         workspace[ws] = _Room(f"workspace:{ws}:concurrency", room, 0.0 if room > 0 else CONCURRENCY_POLL)
     return _Limits(account, own, sender, workspace, total)
 

@@ -47,14 +47,19 @@ def _ws():
     return mapped_column(BigId, ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False, index=True)
 
 
+DEFAULT_CONCURRENCY = 16
+
+
 class Workspace(Base):
     __tablename__ = "workspaces"
     __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = _pk()
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    # How many sends of this workspace may be in flight at once (fairness, issue 4).
-    concurrency: Mapped[int] = mapped_column(Integer, default=8, server_default="8")
+    # Send tasks of this workspace queued or sending at once (fairness, issue 4); each carries up
+    # to 40 messages. Migration 0005 raised the default from 8.
+    concurrency: Mapped[int] = mapped_column(Integer, default=DEFAULT_CONCURRENCY,
+                                             server_default=str(DEFAULT_CONCURRENCY))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

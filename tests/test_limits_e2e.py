@@ -282,3 +282,24 @@ def test_warm_up_day_0_is_the_senders_first_send_in_the_workspace(api, db):
         s.add(Message(workspace_id=api.workspace_id, campaign_id=old, step_id=step_id, email="x@example.com",
                       message_key="seed-old", status="sent", sent_at=utcnow() - timedelta(days=5, minutes=1)))
     assert sender_rules(_campaign(98, api.workspace_id, "old@example.com", warm))[0].count == 60
+
+
+def test_a_workspace_s_concurrency_budget_defaults_to_16_send_tasks(db):
+    """The budget counts send tasks queued or sending (SEND_BATCH messages each); at 8 it, not the
+    consumers, capped a workspace sending alone (bench/RESULTS.md). Both the model's default and
+    the column's (a row written without the ORM) are 16."""
+    from sqlalchemy import text
+
+    from campaigns import accounts, engine
+    from campaigns.db import get_engine
+    from campaigns.models import DEFAULT_CONCURRENCY, Workspace
+
+    assert DEFAULT_CONCURRENCY == 16
+    with session_scope() as s:
+        ws_id = accounts.create_workspace(s, "budget").id
+    with get_engine().begin() as conn:
+        conn.execute(text("INSERT INTO workspaces (name, created_at) VALUES ('raw', CURRENT_TIMESTAMP)"))
+    with session_scope() as s:
+        assert s.get(Workspace, ws_id).concurrency == 16
+        assert s.scalar(select(Workspace.concurrency).where(Workspace.name == "raw")) == 16
+    assert engine.workspace_slots(16) == 16 * engine.SEND_BATCH
