@@ -303,3 +303,24 @@ def test_a_workspace_s_concurrency_budget_defaults_to_16_send_tasks(db):
         assert s.get(Workspace, ws_id).concurrency == 16
         assert s.scalar(select(Workspace.concurrency).where(Workspace.name == "raw")) == 16
     assert engine.workspace_slots(16) == 16 * engine.SEND_BATCH
+
+
+def test_workspace_concurrency_command_shows_sets_and_refuses_bad_values(api, app):
+    runner = app.test_cli_runner()
+    name = api.workspace_name
+    shown = runner.invoke(args=["workspace-concurrency", name])
+    assert shown.exit_code == 0 and f"workspace {name!r}: concurrency 16 send tasks (640 messages" in shown.output
+    assert runner.invoke(args=["workspace-concurrency", name, "4"]).exit_code == 0
+    with session_scope() as s:
+        from campaigns.models import Workspace
+
+        assert s.scalar(select(Workspace.concurrency).where(Workspace.name == name)) == 4
+    for bad in (["0"], ["1001"], ["--", "-3"]):
+        res = runner.invoke(args=["workspace-concurrency", name, *bad])
+        assert res.exit_code != 0 and "concurrency must be a whole number from 1 to 1000" in res.output, res.output
+    res = runner.invoke(args=["workspace-concurrency", name, "many"])
+    assert res.exit_code != 0 and "'many' is not a valid integer" in res.output, res.output
+    res = runner.invoke(args=["workspace-concurrency", "no-such-workspace"])
+    assert res.exit_code != 0 and "no workspace named 'no-such-workspace'" in res.output
+    with session_scope() as s:
+        assert s.scalar(select(Workspace.concurrency).where(Workspace.name == name)) == 4  # unchanged

@@ -39,6 +39,24 @@ def register_commands(app: Flask) -> None:
         except HeraldError as exc:
             _fail(exc)
 
+    @app.cli.command("workspace-concurrency")
+    @click.argument("name")
+    @click.argument("value", type=int, required=False)
+    def workspace_concurrency(name, value):
+        """Show or set a workspace's concurrency budget: send tasks (up to 40 messages each) it may
+        have queued or sending at once (default 16)."""
+        from campaigns.engine import workspace_slots
+
+        try:
+            with session_scope() as s:
+                ws = accounts.get_workspace_by_name(s, name)
+                if value is not None:
+                    accounts.set_concurrency(ws, value)
+                click.echo(f"workspace {ws.name!r}: concurrency {ws.concurrency} send tasks "
+                           f"({workspace_slots(ws.concurrency)} messages queued or sending)")
+        except HeraldError as exc:
+            _fail(exc)
+
     @app.cli.command("create-user")
     @click.argument("email")
     @click.option("--workspace", required=True, help="name of the workspace to join")
