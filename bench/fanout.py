@@ -2,7 +2,9 @@
 
 The floor is a plain ``INSERT … SELECT`` of the same rows (the enrollments and their first
 messages) with no conflict handling and no suppression check, measured in the same run on the
-same data. Herald's fan-out (``campaigns.engine.fanout``) is set-based too; the target is at most
+same data. Herald's fan-out (``campaigns.engine.fanout_in_parts``, what a launch runs: the list in
+parts of 1,000 then 20,000 contacts, one set-based statement and commit each) is measured
+whole, with the time its first part took (when the first sends may start); the target is at most
 2 x the floor and under 300 MB peak RSS of the process that runs it (memory must stay flat:
 no row is brought into Python).
 """
@@ -70,17 +72,17 @@ def main() -> None:
     with session_scope() as s:
         engine.launch(s, ws_id, cid)
     t0 = time.perf_counter()
-    with session_scope() as s:
-        enrolled = engine.fanout(s, cid)
+    parts: list[float] = []
+    enrolled = engine.fanout_in_parts(cid, on_part=lambda n: parts.append(time.perf_counter() - t0))
     took = time.perf_counter() - t0
     with get_engine().connect() as conn:
         msgs = conn.scalar(text("SELECT count(*) FROM messages WHERE campaign_id = :c"), {"c": cid})
     print(f"Herald fan-out (suppression-aware, idempotent): {took:6.1f} s  enrolled {enrolled:,}, "
           f"first messages {msgs:,}")
+    print(f"first part committed (first sends may start) after {parts[0]:.2f} s; {len(parts)} parts")
     print(f"peak RSS of this process: {rss_mb():.0f} MB (before the fan-out: {rss_before:.0f} MB); target < 300 MB")
     t0 = time.perf_counter()
-    with session_scope() as s:
-        again = engine.fanout(s, cid)
+    again = engine.fanout_in_parts(cid)
     print(f"second fan-out (launch twice): {time.perf_counter() - t0:.1f} s, enrolled {again}")
     print(f"ratio Herald/floor = {took / floor:.2f} (target <= 2)")
 

@@ -281,12 +281,15 @@ def _next_email(steps: list[Step], after_position: int) -> tuple[Step | None, in
     return None, wait
 
 
-def fanout(session: Session, campaign_id: int, since: datetime | None = None) -> int:
+def fanout(session: Session, campaign_id: int, since: datetime | None = None,
+           contacts: tuple[int | None, int | None] | None = None) -> int:
     """Enroll the campaign's list (set-based) and schedule each new enrollment's first email.
 
     Suppressed addresses and contacts that are not active are skipped. Safe to run again: the
     unique (campaign, contact) and (enrollment, step) constraints make repeats do nothing.
     ``since`` limits the look to list members added after that time (the reconciler's sweep).
+    ``contacts`` = (after, upto) limits it to contact ids in that range (None: open), one part
+    of a fan-out in parts (``fanout_in_parts``); the part with no upper end finishes it.
     Returns how many contacts were enrolled now.
     """
     c = session.get(Campaign, campaign_id)
@@ -315,6 +318,11 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None) ->
     )
     if since is not None:
         members = members.where(ListMember.added_at >= since)
+    after, upto = contacts or (None, None)
+    if after is not None:
+        members = members.where(ListMember.contact_id > after)
+    if upto is not None:
+        members = members.where(ListMember.contact_id <= upto)
     ins = _insert(session, Enrollment.__table__).from_select(
         ["workspace_id", "campaign_id", "contact_id", "status", "created_at"], members
     ).on_conflict_do_nothing()
@@ -340,7 +348,7 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None) ->
             execution_options={"preserve_rowcount": True},
         ).rowcount or 0
         _refresh_statistics(session, enrolled)
-        return _finish_fanout(c, now, enrolled)
+        return _finish_fanout(c, now, enrolled, last=upto is None)
     enrolled = session.execute(ins, execution_options={"preserve_rowcount": True}).rowcount or 0
     first = (
         select(Enrollment.workspace_id, Enrollment.campaign_id, Enrollment.id, literal(step.id), Enrollment.contact_id,
@@ -355,10 +363,14 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None) ->
     )
     if since is not None:
         first = first.where(Enrollment.created_at >= since)
+    if after is not None:
+        first = first.where(Enrollment.contact_id > after)
+    if upto is not None:
+        first = first.where(Enrollment.contact_id <= upto)
     session.execute(
         _insert(session, Message.__table__).from_select(message_columns, first).on_conflict_do_nothing()
     )
-    return _finish_fanout(c, now, enrolled)
+    return _finish_fanout(c, now, enrolled, last=upto is None)
 
 
 def _refresh_statistics(session: Session, added: int) -> None:
@@ -379,10 +391,61 @@ def _refresh_statistics(session: Session, added: int) -> None:
         session.execute(text("ANALYZE messages, enrollments"))
 
 
-def _finish_fanout(c: Campaign, now: datetime, enrolled: int) -> int:
-    if c.fanout_done_at is None:
+def _finish_fanout(c: Campaign, now: datetime, enrolled: int, last: bool = True) -> int:
+    if last and c.fanout_done_at is None:
         c.fanout_done_at = now
     return enrolled
+
+
+FANOUT_FIRST_PART = 1000  # contacts in a fan-out's first part: the first sends start after it
+FANOUT_PART = 20000  # contacts in each later part
+
+
+def fanout_lease(campaign_id: int) -> str:
+    return f"fanout:{campaign_id}"
+
+
+def fanout_in_parts(campaign_id: int, on_part: Callable[[int], None] | None = None, owner: str | None = None,
+                    first_part: int | None = None, part: int | None = None) -> int | None:
+    """The launch fan-out, in parts of the list in contact-id order, each its own transaction.
+
+    The first part is small, so the first emails go out while the rest of a large list is
+    enrolled (a million contacts take about two minutes; their first sends no longer wait for
+    them). ``on_part(n)`` runs after each part that enrolled someone (the task wakes the
+    dispatcher). The run holds the lease ``fanout:<campaign>``, renewed with every part, so
+    the reconciler does not start a second fan-out beside it; a run that died is finished by
+    the reconciler once the lease runs out (parts already committed are skipped: the unique
+    constraints make them cost a look each). Returns how many contacts were enrolled; None
+    when another run holds the lease.
+    """
+    Session_ = session_factory()
+    owner = owner or worker_id()
+    ttl = get_settings().lease_seconds
+    if not leases.acquire(Session_, fanout_lease(campaign_id), owner, ttl=ttl):
+        return None
+    total, after, size = 0, None, first_part or FANOUT_FIRST_PART
+    try:
+        while True:
+            with Session_() as s, s.begin():
+                c = s.execute(select(Campaign.status, Campaign.list_id).where(Campaign.id == campaign_id)).first()
+                if c is None or c.status not in ("running", "paused") or c.list_id is None:
+                    return total  # cancelled meanwhile (or nothing to enroll)
+                bound = select(ListMember.contact_id).where(ListMember.list_id == c.list_id)
+                if after is not None:
+                    bound = bound.where(ListMember.contact_id > after)
+                upto = s.scalar(bound.order_by(ListMember.contact_id).offset(size - 1).limit(1))
+                n = fanout(s, campaign_id, contacts=(after, upto))
+            total += n
+            if n and on_part is not None:
+                on_part(n)
+            if upto is None:
+                return total
+            after, size = upto, part or FANOUT_PART
+            if not leases.acquire(Session_, fanout_lease(campaign_id), owner, ttl=ttl):
+                log.warning("campaign %s: the fan-out lease was taken over; this run stops", campaign_id)
+                return total
+    finally:
+        leases.release(Session_, fanout_lease(campaign_id), owner)
 
 
 def enroll_new_members_of_list(list_id: int, hooks: Hooks | None = None) -> int:
@@ -1939,9 +2002,16 @@ def reconcile(hooks: Hooks, owner: str | None = None) -> ReconcileReport | None:
             running = s.scalars(select(Campaign.id).where(Campaign.status.in_(("running", "paused")))).all()
         sweep_from = (since - timedelta(minutes=5)) if since else None
         for cid in running:
-            with Session_() as s, s.begin():
-                c = s.get(Campaign, cid)
-                report.enrolled += fanout(s, cid, since=None if c.fanout_done_at is None else sweep_from)
+            # Not beside a launch fan-out still running in parts (it holds this lease); one that
+            # died is finished here once its lease runs out.
+            if not leases.acquire(Session_, fanout_lease(cid), owner, ttl=get_settings().lease_seconds):
+                continue
+            try:
+                with Session_() as s, s.begin():
+                    c = s.get(Campaign, cid)
+                    report.enrolled += fanout(s, cid, since=None if c.fanout_done_at is None else sweep_from)
+            finally:
+                leases.release(Session_, fanout_lease(cid), owner)
         with Session_() as s, s.begin():
             for cid in running:
                 if maybe_complete(s, cid):

@@ -1,6 +1,6 @@
 """Engine tasks: thin, ids in, ``campaigns.engine`` does the work. Each stage has its own retry policy.
 
-- ``fanout_campaign``: launch fan-out (set-based, idempotent); retried 5 times, 10 s apart.
+- ``fanout_campaign``: launch fan-out (set-based, in parts, idempotent); retried 5 times, 10 s apart.
 - ``dispatch``: claims due work within the budgets and queues send batches; not retried (the
   next wake-up or the reconciler runs it again).
 - ``send_messages``: one batch of message ids; the ledger decides retries (backoff with jitter,
@@ -70,10 +70,12 @@ def wake_dispatcher(at: datetime | None = None) -> None:
 
 @huey.task(retries=5, retry_delay=10, priority=PRIORITY_DISPATCH)
 def fanout_campaign(campaign_id: int) -> None:
-    from campaigns.db import session_scope
-
-    with session_scope() as s:
-        n = engine.fanout(s, campaign_id)
+    # In parts: the dispatcher is woken after each, so the first sends start after the first
+    # part, not after the whole list (engine.fanout_in_parts).
+    n = engine.fanout_in_parts(campaign_id, on_part=lambda _n: _wake_dispatcher(None))
+    if n is None:
+        log.info("campaign %s: a fan-out is already running", campaign_id)
+        return
     log.info("campaign %s: %s contacts enrolled", campaign_id, n)
     _wake_dispatcher(None)
 

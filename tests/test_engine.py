@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import func, select, update
 
 from campaigns import engine
-from campaigns.db import session_scope, utcnow
-from campaigns.models import Campaign, Enrollment, Event, Message, MessageAttempt
+from campaigns.db import session_factory, session_scope, utcnow
+from campaigns.models import Campaign, Enrollment, Event, JobLock, Message, MessageAttempt
 from tasks import huey
 from tasks.engine import HOOKS
 from tests.helpers import campaign_status, drain, launched_campaign, make_contacts, run_through
@@ -113,6 +113,64 @@ def test_fanout_gives_each_new_enrollment_one_first_message_in_one_statement(api
         # whose plan on a young, growing table went quadratic (40,000 contacts: 18 s instead of 5 s).
         inserts = [st.split("INSERT INTO messages", 1)[1] for st in statements if "INSERT INTO messages" in st]
         assert inserts and all("new_enrollments" in st and "EXISTS" not in st for st in inserts)
+
+
+def test_launch_fanout_runs_in_parts_and_sends_start_after_the_first(api, db):
+    """The launch fan-out commits the list in parts (contact-id order), waking the dispatcher
+    after each; the campaign counts as fanned out only after the last part."""
+    from campaigns import leases
+
+    list_id = make_contacts(api, 12)
+    api.post("/api/v1/suppressions", json={"emails": ["person4@example.com"], "reason": "manual"})
+    cid = launched_campaign(api, list_id)
+    seen: list[tuple[int, int, bool]] = []
+
+    def on_part(n: int) -> None:
+        db.expire_all()
+        seen.append((n, len(_messages(db, cid)), db.get(Campaign, cid).fanout_done_at is not None))
+
+    assert engine.fanout_in_parts(cid, on_part=on_part, first_part=3, part=5) == 11
+    # 3 | 5 (one suppressed: 4) | 4 = the rest; committed part by part, finished at the last.
+    assert seen == [(3, 3, False), (4, 7, False), (4, 11, True)]
+    msgs = _messages(db, cid)
+    assert len({m.enrollment_id for m in msgs}) == 11 and "person4@example.com" not in {m.email for m in msgs}
+    assert engine.fanout_in_parts(cid, first_part=3, part=5) == 0  # again: nothing new
+    # A run holding the lease keeps a second one (and the reconciler) out.
+    assert leases.acquire(session_factory(), engine.fanout_lease(cid), "someone-else", ttl=60)
+    assert engine.fanout_in_parts(cid) is None
+
+
+def test_a_fanout_cancelled_midway_stops_and_a_dead_one_is_finished_by_the_reconciler(api, db):
+    from campaigns import leases
+
+    list_id = make_contacts(api, 10)
+    cid = launched_campaign(api, list_id)
+    ws_id = db.get(Campaign, cid).workspace_id
+
+    def cancel_after_first(n: int) -> None:
+        with session_scope() as s:
+            engine.cancel(s, ws_id, cid)
+
+    assert engine.fanout_in_parts(cid, on_part=cancel_after_first, first_part=4, part=4) == 4
+    db.expire_all()
+    assert db.scalar(select(func.count()).select_from(Enrollment).where(Enrollment.campaign_id == cid)) == 4
+
+    # A run that died after its first part: the reconciler leaves it while its lease lives...
+    other = launched_campaign(api, list_id)
+    with session_scope() as s:
+        assert engine.fanout(s, other, contacts=(None, db.scalars(select(Enrollment.contact_id).where(
+            Enrollment.campaign_id == cid).order_by(Enrollment.contact_id)).all()[2])) == 3
+    assert leases.acquire(session_factory(), engine.fanout_lease(other), "dead-consumer", ttl=60)
+    engine.reconcile(HOOKS, owner="reconciler-test")
+    db.expire_all()
+    assert len(_messages(db, other)) == 3 and db.get(Campaign, other).fanout_done_at is None
+    # ...and finishes it once the lease has run out.
+    with session_scope() as s:
+        s.execute(update(JobLock).where(JobLock.name == engine.fanout_lease(other)).values(
+            expires_at=utcnow() - timedelta(seconds=1)))
+    engine.reconcile(HOOKS, owner="reconciler-test-2")
+    db.expire_all()
+    assert len(_messages(db, other)) == 10 and db.get(Campaign, other).fanout_done_at is not None
 
 
 def _plan_of(conn, stmt, params: dict) -> str:
