@@ -1,7 +1,12 @@
-"""The naive baseline for bench/send_throughput.py: one plain Huey task per email, no ledger.
+"""The naive baselines for bench/send_throughput.py: one plain Huey task per email, no ledger.
 
-What a first version would do: the task builds the payload and posts it. No claim, no lease,
-no record of the outcome, nothing that makes a repeat safe.
+- ``send_one``: the task builds a fixed payload from its number and posts it (Huey's cost per
+  email on top of the floor);
+- ``send_rendered``: what a first version of the engine would do per email: read the contact,
+  the step and the campaign (one ORM ``get`` each), render the step for the contact (the same
+  ``build_email`` Herald uses: templates, signed unsubscribe link, headers) and post it.
+
+Neither claims, leases or records anything: nothing makes a repeat safe.
 """
 
 from __future__ import annotations
@@ -41,3 +46,19 @@ def email_for(i: int) -> OutgoingEmail:
 @huey.task()
 def send_one(i: int) -> None:
     mailer().send(email_for(i))
+
+
+@huey.task()
+def send_rendered(contact_id: int, campaign_id: int, step_id: int) -> None:
+    from types import SimpleNamespace
+
+    from campaigns.db import session_scope
+    from campaigns.engine import build_email
+    from campaigns.models import Campaign, Contact, Step
+
+    with session_scope() as s:
+        contact, campaign, step = s.get(Contact, contact_id), s.get(Campaign, campaign_id), s.get(Step, step_id)
+        msg = SimpleNamespace(message_key=f"naive-{contact_id}", email=contact.email,
+                              workspace_id=campaign.workspace_id, campaign_id=campaign_id, is_test=False)
+        email = build_email(msg, step, campaign, contact)
+    mailer().send(email)

@@ -5,6 +5,8 @@
 - library path: the same, but through the ``sendgrid`` library's own HTTP client (a new
   connection per call), to show what the pooled client buys;
 - naive: one plain Huey task per email (no ledger), 2 consumers, run two ways (``naive``);
+- naive engine: one Huey task per email that reads the contact, step and campaign and renders
+  the email as Herald does, then posts it (no ledger; ``naive_engine``);
 - Herald: launch a one-step campaign to N contacts on PostgreSQL + Redis, 2 consumers, until the
   sink has accepted N; ``SENDGRID_RATE_LIMIT`` lifted out of the way.
 
@@ -90,6 +92,34 @@ def naive(sink: str, n: int) -> tuple[float, float]:
     return filled_first, overlapped
 
 
+def naive_engine(sink: str, n: int, round_no: int = 0) -> float:
+    """One task per email doing a send's own work (read, render, post) without the ledger:
+    queue filled first, then drained by 2 consumers (time = enqueueing + first to last accept)."""
+    from sqlalchemy import select
+
+    from bench.naive_tasks import huey, send_rendered
+    from campaigns.db import session_scope
+    from campaigns.models import ListMember, Step
+
+    ws_id, list_id = common.seed_contacts(n, workspace=f"naive{round_no}")
+    cid = common.make_campaign(ws_id, list_id)
+    with session_scope() as s:
+        step_id = s.scalar(select(Step.id).where(Step.campaign_id == cid))
+        contact_ids = s.scalars(select(ListMember.contact_id).where(ListMember.list_id == list_id)).all()
+    common.reset_sink(sink)
+    huey.storage.flush_all()
+    tasks = [send_rendered.s(c, cid, step_id) for c in contact_ids]
+    t0 = time.perf_counter()
+    for task in tasks:
+        huey.enqueue(task)
+    enqueue_secs = time.perf_counter() - t0
+    common.start_consumers(2, 8, module="bench.naive_tasks.huey")
+    common.wait_for_accepted(sink, n)
+    common.stop_consumers()
+    times = _accept_times(sink)
+    return n / (enqueue_secs + (times[-1] - times[0]) * n / max(1, n - 1))
+
+
 def herald(sink: str, n: int, round_no: int = 0) -> tuple[float, dict]:
     from campaigns import engine
     from campaigns.db import session_scope
@@ -122,7 +152,8 @@ def main() -> None:
     sink = common.start_sink()
     n = args.n
     print(f"machine: {common.machine()}; n = {n}; {args.repeat} rounds, medians")
-    figures: dict[str, list[float]] = {k: [] for k in ("floor", "library", "naive", "naive_overlap", "herald")}
+    figures: dict[str, list[float]] = {k: [] for k in ("floor", "library", "naive", "naive_overlap", "naive_engine",
+                                                       "herald")}
     repeated = 0
     for r in range(args.repeat):
         # One round measures every path back to back, so a slow patch of the machine hits all.
@@ -131,23 +162,26 @@ def main() -> None:
         nv, nvo = naive(sink, n)
         figures["naive"].append(nv)
         figures["naive_overlap"].append(nvo)
+        figures["naive_engine"].append(naive_engine(sink, n, r))
         h, stats = herald(sink, n, r)
         figures["herald"].append(h)
         repeated += stats["keys"]["repeated"]
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in figures.items()), flush=True)
-    f, lib, nv, nvo, h = (statistics.median(v) for v in figures.values())
+    f, lib, nv, nvo, nve, h = (statistics.median(v) for v in figures.values())
     print(f"floor (pooled client, 2 processes x 8 threads, no queue, no db):        {f:8.0f} sends/s")
     print(f"library's own HTTP path (new connection per call):                    {lib:8.0f} sends/s")
     print(f"naive, queue filled first then drained by 2 consumers:                {nv:8.0f} sends/s")
     print(f"naive, enqueued while 2 consumers drain:                               {nvo:8.0f} sends/s")
+    print(f"naive engine (read + render + post per task), filled first:           {nve:8.0f} sends/s")
     print(f"Herald end to end (ledger, leases, PostgreSQL + Redis, 2 consumers):  {h:8.0f} sends/s")
     print(f"  repeated keys at the sink, all rounds: {repeated}")
     print(f"ratios of the medians: Herald/floor = {h / f:.2f} (target >= 0.5); Herald/naive = {h / nv:.2f} filled "
-          f"first, {h / nvo:.2f} overlapped (target >= 1.5); pooled/library = {f / lib:.2f}")
+          f"first, {h / nvo:.2f} overlapped (target >= 1.5); Herald/naive engine = {h / nve:.2f}; "
+          f"pooled/library = {f / lib:.2f}")
     # The machine's speed drifts between rounds (a shared host): each round's own ratios, too.
     per_round = {name: statistics.median(a / b for a, b in zip(figures["herald"], figures[base], strict=True))
                  for name, base in (("floor", "floor"), ("naive filled first", "naive"),
-                                    ("naive overlapped", "naive_overlap"))}
+                                    ("naive overlapped", "naive_overlap"), ("naive engine", "naive_engine"))}
     print("medians of the per-round ratios: " + "; ".join(f"Herald/{k} = {v:.2f}" for k, v in per_round.items()))
 
 
