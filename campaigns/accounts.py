@@ -43,7 +43,7 @@ MAX_CONCURRENCY = 1000
 
 
 def set_concurrency(workspace: Workspace, value: int) -> Workspace:
-    """A workspace's concurrency budget: send tasks (up to 40 messages each) queued or sending at
+    """A workspace's concurrency budget: send tasks (up to 80 messages each) queued or sending at
     once. The dispatcher reads it at its next pass; sends already queued are not recalled."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
         raise InvalidInput(f"concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, not {value!r}")

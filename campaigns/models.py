@@ -57,7 +57,7 @@ class Workspace(Base):
     id: Mapped[int] = _pk()
     name: Mapped[str] = mapped_column(String(200), unique=True)
     # Send tasks of this workspace queued or sending at once (fairness, issue 4); each carries up
-    # to 40 messages. Migration 0005 raised the default from 8.
+    # to engine.SEND_BATCH (80) messages. Migration 0005 raised the default from 8.
     concurrency: Mapped[int] = mapped_column(Integer, default=DEFAULT_CONCURRENCY,
                                              server_default=str(DEFAULT_CONCURRENCY))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -309,7 +309,7 @@ def test_workspace_concurrency_command_shows_sets_and_refuses_bad_values(api, ap
     runner = app.test_cli_runner()
     name = api.workspace_name
     shown = runner.invoke(args=["workspace-concurrency", name])
-    assert shown.exit_code == 0 and f"workspace {name!r}: concurrency 16 send tasks (640 messages" in shown.output
+    assert shown.exit_code == 0 and f"workspace {name!r}: concurrency 16 send tasks (1280 messages" in shown.output
     assert runner.invoke(args=["workspace-concurrency", name, "4"]).exit_code == 0
     with session_scope() as s:
         from campaigns.models import Workspace

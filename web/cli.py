@@ -43,7 +43,7 @@ def register_commands(app: Flask) -> None:
     @click.argument("name")
     @click.argument("value", type=int, required=False)
     def workspace_concurrency(name, value):
-        """Show or set a workspace's concurrency budget: send tasks (up to 40 messages each) it may
+        """Show or set a workspace's concurrency budget: send tasks (up to 80 messages each) it may
         have queued or sending at once (default 16)."""
         from campaigns.engine import workspace_slots
 
