@@ -1283,7 +1283,7 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
         contacts = {c.id: c for c in s.connection().execute(_contacts_stmt(pg), {"ids": contact_ids})}
         campaigns = {c.id: c for c in s.scalars(select(Campaign).where(
             Campaign.id.in_(sorted({r.campaign_id for r in claimed}))))}
-        steps = {st.id: st for st in s.scalars(select(Step).where(Step.id.in_(sorted({r.step_id for r in claimed}))))}
+        steps = _steps_of(s, claimed, campaigns)
         s.expunge_all()
         s.rollback()
     check = Session_()
@@ -1781,11 +1781,30 @@ def _advance_rows(s: Session, rows: list, now: datetime, active_checked: bool) -
 
 
 _plans: dict[int, dict[int, tuple[int | None, int, int]]] = {}
+_steps: dict[int, Step] = {}
 
 
 def clear_caches() -> None:
-    """Forget cached sequence plans (ids are never reused in production; tests reset them)."""
+    """Forget cached sequence plans and steps (ids are never reused in production; tests reset them)."""
     _plans.clear()
+    _steps.clear()
+
+
+def _steps_of(s: Session, claimed: list, campaigns: dict[int, Campaign]) -> dict[int, Step]:
+    """The claimed messages' steps. A launched campaign's steps never change (only a draft can be
+    edited), so they are kept per process, detached; a draft's (test sends) are read each time."""
+    wanted = {r.step_id for r in claimed}
+    found = {i: _steps[i] for i in wanted if i in _steps}
+    missing = sorted(wanted - found.keys())
+    if missing:
+        for st in s.scalars(select(Step).where(Step.id.in_(missing))):
+            found[st.id] = st
+            c = campaigns.get(st.campaign_id)
+            if c is not None and c.status != "draft":
+                if len(_steps) > 5000:
+                    _steps.clear()
+                _steps[st.id] = st
+    return found
 
 
 def _sequence_plan(s: Session, campaign_id: int) -> dict[int, tuple[int | None, int, int]]:

@@ -418,6 +418,27 @@ def test_test_send_goes_first_and_stays_out_of_stats(api, sink, db):
     assert stats["sent"] == 50  # the test send is not counted
 
 
+def test_a_draft_s_test_sends_render_its_latest_edit_while_launched_steps_are_kept(api, sink, db):
+    """Send batches keep a launched campaign's steps per process (they cannot change); a draft's
+    steps are read for every test send, so an edit shows in the next one."""
+    list_id = make_contacts(api, 1)
+    cid = api.post("/api/v1/campaigns", json={
+        "name": "x", "list_id": list_id, "from_email": "a@example.com",
+        "steps": [{"type": "email", "subject": "First draft", "html": "<p>1</p>"}]}).json["id"]
+    for subject in ("First draft", "Second draft"):
+        if subject != "First draft":
+            resp = api.patch(f"/api/v1/campaigns/{cid}", json={
+                "steps": [{"type": "email", "subject": subject, "html": "<p>2</p>"}]})
+            assert resp.status_code == 200, resp.json
+        assert api.post(f"/api/v1/campaigns/{cid}/test-send", json={"email": "me@example.com"}).status_code == 202
+        drain(huey, until=lambda s=subject: any(m["subject"] == f"[Test] {s}" for m in sink.accepted()), timeout=30)
+    assert [m["subject"] for m in sink.accepted()] == ["[Test] First draft", "[Test] Second draft"]
+    assert not engine._steps  # nothing of a draft is kept
+    launched = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Live", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, launched), timeout=60)
+    assert {st.campaign_id for st in engine._steps.values()} == {launched}
+
+
 def test_test_send_validates_input(api, sink):
     list_id = make_contacts(api, 1)
     cid = api.post("/api/v1/campaigns", json={
