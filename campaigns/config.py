@@ -137,7 +137,7 @@ class Settings:
     send_timeout: float = 10.0
     queue_name: str = "herald"
     send_concurrency: int = 16  # provider calls in flight per consumer process
-    send_batches: int = 3  # bulk send batches running at once per consumer process
+    send_batches: int = 2  # bulk send batches running at once per consumer process
     extra: dict = field(default_factory=dict)
 
     @property
@@ -229,7 +229,7 @@ def load_settings(env=None) -> Settings:
         send_timeout=_positive_number(env, "HERALD_SEND_TIMEOUT", 10.0),
         queue_name=env.get("HERALD_QUEUE_NAME") or "herald",
         send_concurrency=_positive_int(env, "HERALD_SEND_CONCURRENCY", 16),
-        send_batches=_positive_int(env, "HERALD_SEND_BATCHES", 3),
+        send_batches=_positive_int(env, "HERALD_SEND_BATCHES", 2),
     )
 
 

@@ -98,9 +98,10 @@ def dispatch() -> None:
     engine.run_dispatcher(HOOKS)
 
 
-# Bulk send batches running at once in this process (HERALD_SEND_BATCHES, default 3). Their calls
+# Bulk send batches running at once in this process (HERALD_SEND_BATCHES, default 2). Their calls
 # overlap in the process's send pool anyway; more batch threads than this only fight over the GIL
-# (measured: 8 at once cost ~25% more consumer CPU per email than 2-3, bench/RESULTS.md). A
+# (measured: 8 at once cost ~25% more consumer CPU per email than 2-3; with 80-message batches,
+# 2 at once sent 1,767-1,860/s against 3's 1,678-1,740 and 4's 1,649-1,697, bench/RESULTS.md). A
 # worker waiting here holds no lease (the batch claims its rows after it gets in); priority sends
 # (test sends) never wait here.
 _bulk_batches: threading.BoundedSemaphore | None = None
