@@ -382,12 +382,10 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None,
 def _refresh_statistics(session: Session, added: int) -> None:
     """ANALYZE messages and enrollments after a fan-out that changed a good part of them.
 
-    The send path's statements look rows up by id and check their status. PostgreSQL plans them
-    from the tables' statistics; on statistics older than the fan-out (a young table, or one
-    where ``scheduled``/``active`` were rare) it reads every row of a status and filters by id:
-    each claim and each record then reads the whole campaign (measured on 10,000 messages: 4 M
-    index entries read, ~40% of the database's time). Autovacuum would analyze within a minute;
-    the sends start now. Same threshold as autovacuum's: at least 1,000 rows and 10% of the table.
+    PostgreSQL plans from statistics that autovacuum refreshes about a minute after a bulk
+    change; the sends start at once. The send path's statements do not depend on them any more
+    (``_not_by_index``), but the dispatcher's reads and the joins plan better on fresh ones.
+    Same threshold as autovacuum's: at least 1,000 rows and 10% of the table.
     """
     if added < 1000:
         return
@@ -416,13 +414,13 @@ def fanout_in_parts(campaign_id: int, on_part: Callable[[int], None] | None = No
     """The launch fan-out, in parts of the list in contact-id order, each its own transaction.
 
     The first part is small, so the first emails go out while the rest of a large list is
-    enrolled (a million contacts take about two minutes; their first sends no longer wait for
-    them). ``on_part(n)`` runs after each part that enrolled someone (the task wakes the
-    dispatcher). The run holds the lease ``fanout:<campaign>``, renewed with every part, so
-    the reconciler does not start a second fan-out beside it; a run that died is finished by
-    the reconciler once the lease runs out (parts already committed are skipped: the unique
-    constraints make them cost a look each). Returns how many contacts were enrolled; None
-    when another run holds the lease.
+    enrolled (a million contacts take about a minute; their first sends no longer wait for it).
+    ``on_part(n)`` runs after each part that enrolled someone (the task wakes the dispatcher).
+    The run holds the lease ``fanout:<campaign>``, renewed with every part, so the reconciler
+    does not start a second fan-out beside it; a run that died is finished by the reconciler
+    once the lease runs out (parts already committed are skipped: the unique constraints make
+    them cost a look each). Returns how many contacts were enrolled; None when another run
+    holds the lease.
     """
     Session_ = session_factory()
     owner = owner or worker_id()
