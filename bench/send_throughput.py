@@ -54,6 +54,25 @@ def _accept_times(sink: str) -> list[float]:
     return sorted(m["time"] for m in json.loads(urllib.request.urlopen(url, timeout=60).read())["messages"])
 
 
+def _filled_first(sink: str, tasks: list) -> float:
+    """Sends/s of naive tasks when the queue is filled first, then drained by 2 consumers: the
+    enqueueing plus the drain (first to last accept at the sink, plus one interval)."""
+    from bench.naive_tasks import huey
+
+    n = len(tasks)
+    common.reset_sink(sink)
+    huey.storage.flush_all()
+    t0 = time.perf_counter()
+    for task in tasks:
+        huey.enqueue(task)
+    enqueue_secs = time.perf_counter() - t0
+    common.start_consumers(2, 8, module="bench.naive_tasks.huey")
+    common.wait_for_accepted(sink, n)
+    common.stop_consumers()
+    times = _accept_times(sink)
+    return n / (enqueue_secs + (times[-1] - times[0]) * n / max(1, n - 1))
+
+
 def naive(sink: str, n: int) -> tuple[float, float]:
     """Two ways to run the naive baseline; both leave the consumers' process start-up out:
 
@@ -64,19 +83,7 @@ def naive(sink: str, n: int) -> tuple[float, float]:
     """
     from bench.naive_tasks import huey, send_one
 
-    common.reset_sink(sink)
-    huey.storage.flush_all()
-    tasks = [send_one.s(i) for i in range(n)]
-    t0 = time.perf_counter()
-    for task in tasks:
-        huey.enqueue(task)
-    enqueue_secs = time.perf_counter() - t0
-    common.start_consumers(2, 8, module="bench.naive_tasks.huey")
-    common.wait_for_accepted(sink, n)
-    common.stop_consumers()
-    times = _accept_times(sink)
-    drain = (times[-1] - times[0]) * n / max(1, n - 1)
-    filled_first = n / (enqueue_secs + drain)
+    filled_first = _filled_first(sink, [send_one.s(i) for i in range(n)])
 
     common.reset_sink(sink)
     huey.storage.flush_all()
@@ -97,7 +104,7 @@ def naive_engine(sink: str, n: int, round_no: int = 0) -> float:
     queue filled first, then drained by 2 consumers (time = enqueueing + first to last accept)."""
     from sqlalchemy import select
 
-    from bench.naive_tasks import huey, send_rendered
+    from bench.naive_tasks import send_rendered
     from campaigns.db import session_scope
     from campaigns.models import ListMember, Step
 
@@ -106,18 +113,7 @@ def naive_engine(sink: str, n: int, round_no: int = 0) -> float:
     with session_scope() as s:
         step_id = s.scalar(select(Step.id).where(Step.campaign_id == cid))
         contact_ids = s.scalars(select(ListMember.contact_id).where(ListMember.list_id == list_id)).all()
-    common.reset_sink(sink)
-    huey.storage.flush_all()
-    tasks = [send_rendered.s(c, cid, step_id) for c in contact_ids]
-    t0 = time.perf_counter()
-    for task in tasks:
-        huey.enqueue(task)
-    enqueue_secs = time.perf_counter() - t0
-    common.start_consumers(2, 8, module="bench.naive_tasks.huey")
-    common.wait_for_accepted(sink, n)
-    common.stop_consumers()
-    times = _accept_times(sink)
-    return n / (enqueue_secs + (times[-1] - times[0]) * n / max(1, n - 1))
+    return _filled_first(sink, [send_rendered.s(c, cid, step_id) for c in contact_ids])
 
 
 def herald(sink: str, n: int, round_no: int = 0) -> tuple[float, dict]:
