@@ -2022,17 +2022,22 @@ def reconcile(hooks: Hooks, owner: str | None = None) -> ReconcileReport | None:
 
             lock_row = s.get(JobLock, "reconciler")
             since = (lock_row.checkpoint if lock_row and lock_row.checkpoint else None)
-            running = s.scalars(select(Campaign.id).where(Campaign.status.in_(("running", "paused")))).all()
+            fanned_out = dict(s.execute(select(Campaign.id, Campaign.fanout_done_at.is_not(None))
+                                        .where(Campaign.status.in_(("running", "paused")))).all())
+            running = list(fanned_out)
         sweep_from = (since - timedelta(minutes=5)) if since else None
         for cid in running:
-            # Not beside a launch fan-out still running in parts (it holds this lease); one that
-            # died is finished here once its lease runs out.
+            if fanned_out[cid]:  # only list members added since the last sweep
+                with Session_() as s, s.begin():
+                    report.enrolled += fanout(s, cid, since=sweep_from)
+                continue
+            # An unfinished fan-out: not beside a launch still running it in parts (that run
+            # holds this lease); one that died is finished here once its lease runs out.
             if not leases.acquire(Session_, fanout_lease(cid), owner, ttl=get_settings().lease_seconds):
                 continue
             try:
                 with Session_() as s, s.begin():
-                    c = s.get(Campaign, cid)
-                    report.enrolled += fanout(s, cid, since=None if c.fanout_done_at is None else sweep_from)
+                    report.enrolled += fanout(s, cid)
             finally:
                 leases.release(Session_, fanout_lease(cid), owner)
         with Session_() as s, s.begin():
