@@ -1012,7 +1012,8 @@ def _next_due_stmt(pg: bool):
     status = 'scheduled'``, the planner may walk ``ix_messages_status_due`` in due order instead,
     filtering on the campaign, betting that one of its rows comes soon: for a small campaign
     launched after a big one, that read every scheduled row of the big one on every dispatcher
-    pass (76 ms a pass with 500,000 of them due before it; ``bench/dispatch_scale.py``).
+    pass (96 ms a pass, 76 ms of it this probe, with 500,000 of the big campaign's messages due
+    first; ``bench/dispatch_scale.py``).
     """
     after = bindparam("after", type_=Message.due_at.type)
     if pg:
