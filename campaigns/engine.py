@@ -37,6 +37,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     case,
+    delete,
     exists,
     func,
     literal,
@@ -51,6 +52,7 @@ from sqlalchemy.orm import Session
 
 from . import leases, stopgen
 from .config import get_settings
+from .contacts import valid_id
 from .db import is_postgres, session_factory, utcnow
 from .errors import Conflict, InvalidInput, NotFound
 from .models import (
@@ -180,7 +182,7 @@ def backoff_delay(attempt: int, base: float | None = None, cap: float | None = N
 
 
 def get_campaign(session: Session, workspace_id: int, campaign_id: int) -> Campaign:
-    c = session.get(Campaign, campaign_id)
+    c = session.get(Campaign, campaign_id) if valid_id(campaign_id) else None
     if c is None or c.workspace_id != workspace_id:
         raise NotFound("no such campaign")
     return c
@@ -1708,7 +1710,7 @@ def _mine(o: Outcome):
 
 
 def _fail(s: Session, row: Message, o: Outcome, now: datetime) -> None:
-    """The dead letter: kept with its error, attempts and last response, until replayed."""
+    """The dead letter: kept with its error, attempts and last response, until replayed or deleted."""
     row.status = "failed"
     row.failed_at = now
     row.last_error = o.error
@@ -1898,7 +1900,7 @@ def settle_ambiguous(s: Session, message_ids: list[int]) -> int:
 
 def replay_message(s: Session, workspace_id: int, message_id: int) -> Message:
     """Queue a dead letter again with the same message key."""
-    msg = s.get(Message, message_id)
+    msg = s.get(Message, message_id) if valid_id(message_id) else None
     if msg is None or msg.workspace_id != workspace_id:
         raise NotFound("no such message")
     if msg.status != "failed":
@@ -1912,6 +1914,43 @@ def replay_failed(s: Session, workspace_id: int, campaign_id: int) -> int:
     rows = s.scalars(select(Message).where(Message.campaign_id == campaign_id, Message.status == "failed")).all()
     _revive(s, rows)
     return len(rows)
+
+
+def delete_dead_letter(s: Session, workspace_id: int, message_id: int) -> dict:
+    """Delete one dead letter for good, with its attempt history: it can no longer be replayed.
+
+    Only a ``failed`` message is deleted, and the DELETE re-checks the status, so a replay that
+    won the race keeps its message (Conflict). The contact's sequence stays stopped: its
+    enrollment stays ``failed``. Returns what the message was (id, email, campaign_id).
+    """
+    msg = s.get(Message, message_id) if valid_id(message_id) else None
+    if msg is None or msg.workspace_id != workspace_id:
+        raise NotFound("no such message")
+    if msg.status != "failed":
+        raise Conflict(f"only dead letters (failed messages) can be deleted; this one is {msg.status}")
+    gone = {"id": msg.id, "email": msg.email, "campaign_id": msg.campaign_id}
+    deleted = s.execute(
+        delete(Message).where(Message.id == msg.id, Message.status == "failed")
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    s.expunge(msg)
+    if not deleted:
+        raise Conflict("the message is no longer a dead letter (it was replayed meanwhile)")
+    log.info("dead letter %s (campaign %s) deleted", gone["id"], gone["campaign_id"])
+    return gone
+
+
+def delete_failed(s: Session, workspace_id: int, campaign_id: int) -> int:
+    """Delete every dead letter of a campaign (test sends included), with their attempt history;
+    how many. One set-based DELETE: a message replayed meanwhile is no longer ``failed`` and stays."""
+    get_campaign(s, workspace_id, campaign_id)
+    n = s.execute(
+        delete(Message).where(Message.campaign_id == campaign_id, Message.status == "failed")
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if n:
+        log.info("%s dead letters of campaign %s deleted", n, campaign_id)
+    return n
 
 
 def _revive(s: Session, rows: list[Message]) -> None:

@@ -345,6 +345,102 @@ def test_replay_failed_for_a_whole_campaign(api, sink, db, app):
     assert {m.status for m in _messages(db, cid)} == {"sent"}
 
 
+def _queue_dead_letters(api):
+    return api.get("/api/v1/queue").json["dead_letters"]
+
+
+def test_a_dead_letter_is_deleted_with_its_attempts_and_nothing_else(api, sink, db):
+    list_id = make_contacts(api, 4)
+    sink.fail_addresses(["person0@example.com", "person1@example.com"], status=400)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=60)
+    dead = _messages(db, cid, status="failed")
+    sent = _messages(db, cid, status="sent")
+    assert len(dead) == 2 and len(sent) == 2 and _queue_dead_letters(api) == 2
+    victim, kept = dead
+    victim_id, victim_enrollment, kept_id = victim.id, victim.enrollment_id, kept.id
+    assert db.scalar(select(func.count()).select_from(MessageAttempt).where(MessageAttempt.message_id == victim.id))
+
+    # only a dead letter can be deleted: a sent message answers 409 and stays as it was
+    resp = api.delete(f"/api/v1/messages/{sent[0].id}")
+    assert resp.status_code == 409 and "this one is sent" in resp.json["error"]["message"]
+    assert api.get(f"/api/v1/messages/{sent[0].id}").json["status"] == "sent"
+    assert api.delete("/api/v1/messages/99999999999999999999999").status_code == 404
+
+    sent_ids = {m.id for m in sent}
+    resp = api.delete(f"/api/v1/messages/{victim_id}")
+    assert resp.status_code == 204 and resp.get_data() == b""
+    assert api.get(f"/api/v1/messages/{victim_id}").status_code == 404
+    assert api.delete(f"/api/v1/messages/{victim_id}").status_code == 404  # gone: a second delete finds nothing
+    db.expunge_all()
+    assert not db.scalar(select(func.count()).select_from(Message).where(Message.id == victim_id))
+    assert not db.scalar(select(func.count()).select_from(MessageAttempt).where(MessageAttempt.message_id == victim_id))
+    # the other dead letter, the sent messages and their attempts are untouched; the sequence stays stopped
+    assert [m.id for m in _messages(db, cid, status="failed")] == [kept_id]
+    assert {m.id for m in _messages(db, cid, status="sent")} == sent_ids
+    attempts_of_sent = select(func.count()).select_from(MessageAttempt).where(MessageAttempt.message_id.in_(sent_ids))
+    assert db.scalar(attempts_of_sent) == 2
+    assert db.get(Enrollment, victim_enrollment).status == "failed"
+    assert api.get(f"/api/v1/campaigns/{cid}").json["stats"]["failed"] == 1
+    assert _queue_dead_letters(api) == 1
+    assert campaign_status(api, cid) == "completed"
+
+
+def test_a_dead_letter_replayed_first_is_not_deleted(api, sink, db):
+    list_id = make_contacts(api, 2)
+    sink.fail_addresses(["person0@example.com"], status=400)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=60)
+    (dead,) = _messages(db, cid, status="failed")
+    # A delete has read the dead letter (its session still holds it as failed) when a replay
+    # commits: the DELETE re-checks the status, deletes nothing and says why.
+    deleting = session_factory()(expire_on_commit=False)
+    try:
+        held = deleting.get(Message, dead.id)  # held: the identity map keeps it only while referenced
+        assert held.status == "failed"
+        deleting.commit()
+        with session_scope() as s:
+            assert engine.replay_message(s, dead.workspace_id, dead.id).status == "scheduled"
+        with pytest.raises(engine.Conflict, match="replayed meanwhile"):
+            engine.delete_dead_letter(deleting, dead.workspace_id, dead.id)
+        deleting.rollback()
+    finally:
+        deleting.close()
+    db.expire_all()
+    assert db.get(Message, dead.id).status == "scheduled"
+
+
+def test_delete_failed_deletes_one_campaigns_dead_letters_by_api_and_command(api, sink, db, app):
+    list_id = make_contacts(api, 4)
+    sink.fail_addresses(["person0@example.com", "person2@example.com"], status=400)
+    step = [{"type": "email", "subject": "Hi", "html": "<p>x</p>"}]
+    first = launched_campaign(api, list_id, steps=step)
+    drain(huey, until=_completed(api, first), timeout=60)
+    second = launched_campaign(api, list_id, steps=step)
+    drain(huey, until=_completed(api, second), timeout=60)
+    assert len(_messages(db, first, status="failed")) == 2 and len(_messages(db, second, status="failed")) == 2
+
+    resp = api.post(f"/api/v1/campaigns/{first}/delete-failed")
+    assert resp.status_code == 200 and resp.json == {"deleted": 2}
+    assert _messages(db, first, status="failed") == [] and len(_messages(db, first, status="sent")) == 2
+    assert len(_messages(db, second, status="failed")) == 2  # another campaign's dead letters stay
+    assert api.post(f"/api/v1/campaigns/{first}/delete-failed").json == {"deleted": 0}
+    assert api.post("/api/v1/campaigns/99999999999999999999999/delete-failed").status_code == 404
+
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["delete-failed", "--campaign", str(second)], input="n\n")
+    assert result.exit_code == 1 and "Delete 2 dead letter(s)" in result.output and "Aborted" in result.output
+    assert len(_messages(db, second, status="failed")) == 2  # answered no: nothing deleted
+    result = runner.invoke(args=["delete-failed", "--campaign", str(second)], input="y\n")
+    assert result.exit_code == 0, result.output
+    assert "deleted 2 dead letter(s)" in result.output and _messages(db, second, status="failed") == []
+    result = runner.invoke(args=["delete-failed", "--campaign", str(second), "--yes"])
+    assert result.exit_code == 0 and "no dead letters" in result.output
+    result = runner.invoke(args=["delete-failed", "--campaign", "987654"])
+    assert result.exit_code != 0 and "no campaign with id 987654" in result.output
+    assert _queue_dead_letters(api) == 0
+
+
 def test_pause_stops_new_sends_and_resume_finishes(api, sink, db):
     list_id = make_contacts(api, 30)
     cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])

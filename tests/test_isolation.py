@@ -298,6 +298,30 @@ def test_every_id_route_answers_404_for_another_workspaces_ids(app, api, other_a
     assert _snapshot(other_api.workspace_id) == before
 
 
+def test_every_id_route_answers_404_for_ids_no_row_can_have(app, api, other_api, worlds):
+    """0 and numbers past BIGINT: Flask's int converter lets them through; the driver would refuse
+    them (a 500) if a lookup reached the database with one."""
+    _, ours, _ = worlds
+    problems, walked = [], 0
+    for rule in sorted(api_rules(app), key=lambda r: r.rule):
+        args = [arg for conv, arg in rule_args(rule) if conv == "int"]
+        if not args:
+            continue
+        walked += 1
+        for bad in (0, 2**63, 10**23):
+            for arg in args:  # one argument out of range at a time, the others real
+                ids = {a: (bad if a == arg else ours[kind_for(rule, a)]) for _, a in rule_args(rule)}
+                for method in methods(rule):
+                    body = BODIES.get(rule.endpoint, lambda own: {})(ours) if method != "GET" else None
+                    resp = call(api, method, fill(rule, ids), body)
+                    err = (resp.get_json(silent=True) or {}).get("error", {})
+                    if resp.status_code != 404 or "message" not in err:
+                        problems.append(f"{method} {fill(rule, ids)} -> {resp.status_code}")
+                    resp.close()
+    assert walked >= 10, walked
+    assert not problems, "\n".join(problems)
+
+
 def test_collections_never_show_another_workspaces_rows(app, api, other_api, worlds):
     theirs, _, tag_a = worlds
     markers = [tag_a, theirs["suppression_email"]]

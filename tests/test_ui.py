@@ -12,7 +12,7 @@ import re
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from campaigns.db import session_scope
 from campaigns.models import Campaign, Contact, Message, MessageAttempt, Suppression
@@ -644,6 +644,52 @@ def test_dead_letters_are_listed_and_replayed_one_or_all(ui, sink):
     assert "No dead letters" in ui.text("/dead-letters")
     with session_scope() as s:
         assert s.get(Message, dead[0].id).status == "sent"
+
+
+def test_dead_letters_are_deleted_one_or_all_after_a_confirmation(ui, sink):
+    list_id = make_contacts(ui.api, 4)
+    sink.fail_addresses(["person0@example.com", "person1@example.com", "person2@example.com"], status=400)
+    cid = new_campaign(ui, list_id, steps=[{"type": "email", "subject": "a", "html": "<p>a</p>"}])
+    ui.post(f"/campaigns/{cid}/launch")
+    drain(huey, until=lambda: ui.api.get(f"/api/v1/campaigns/{cid}").json["status"] == "completed", timeout=60)
+    with session_scope() as s:
+        dead = s.scalars(select(Message.id).where(Message.status == "failed").order_by(Message.id)).all()
+        sent = s.scalar(select(Message.id).where(Message.status == "sent"))
+    html = ui.text("/dead-letters")
+    assert "Delete all 3…" in html and f'href="/messages/{dead[0]}/delete?back=' in html
+    assert "Delete…" in ui.text(f"/messages/{dead[0]}")
+
+    # one: the confirmation names it and changes nothing; the POST deletes it and goes back
+    confirm = ui.text(f"/messages/{dead[0]}/delete?back=/dead-letters?campaign_id={cid}")
+    assert "Delete the dead letter to person0@example.com?" in confirm and "Keep it" in confirm
+    with session_scope() as s:
+        assert s.get(Message, dead[0]).status == "failed"
+    resp = ui.post(f"/messages/{dead[0]}/delete", {"back": f"/dead-letters?campaign_id={cid}"})
+    assert location(resp) == f"/dead-letters?campaign_id={cid}"
+    assert "Dead letter to person0@example.com deleted." in ui.text(location(resp))
+    assert ui.get(f"/messages/{dead[0]}").status_code == 404
+    assert "person0@example.com" not in ui.text("/dead-letters")
+    # a message that is no dead letter is not offered for deletion, and a forged POST is refused
+    resp = ui.get(f"/messages/{sent}/delete")
+    assert location(resp) == f"/messages/{sent}"
+    resp = ui.post(f"/messages/{sent}/delete", follow_redirects=True)
+    assert "Not deleted" in resp.get_data(as_text=True)
+    with session_scope() as s:
+        assert s.get(Message, sent).status == "sent"
+
+    # all of a campaign: the confirmation counts them; the POST deletes them
+    confirm = ui.text(f"/campaigns/{cid}/delete-failed")
+    assert "Delete 2 dead letters of" in confirm and "Keep them" in confirm
+    resp = ui.post(f"/campaigns/{cid}/delete-failed")
+    assert location(resp) == "/dead-letters"
+    html = ui.text("/dead-letters")
+    assert "2 dead letters of" in html and "deleted." in html and "No dead letters" in html
+    assert location(ui.get(f"/campaigns/{cid}/delete-failed")) == "/dead-letters"  # none left to confirm
+    assert "inspect and replay" not in ui.text(f"/campaigns/{cid}")
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Message).where(Message.campaign_id == cid)) == 1
+    assert ui.get("/campaigns/99999999999999999999999/delete-failed").status_code == 404
+    assert ui.post("/campaigns/99999999999999999999999/delete-failed").status_code == 404
 
 
 def test_queue_health_page(ui, sink):

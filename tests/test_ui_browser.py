@@ -272,3 +272,51 @@ def test_dead_letter_replay_pause_resume_and_cancel(page, live, consumer, sink):
     with session_scope() as s:
         assert s.get(Campaign, cid).status == "cancelled"
 
+
+
+def test_dead_letters_deleted_one_then_all_after_confirmations(page, live, consumer, sink):
+    from campaigns import campaign_rules, contacts, engine
+
+    base = live
+    ws_id = sign_in(page, base)
+    addresses = ("keep@example.com", "bad1@example.com", "bad2@example.com", "bad3@example.com")
+    with session_scope() as s:
+        lst = contacts.create_list(s, ws_id, "Delete dead letters list")
+        for email in addresses:
+            contact, _ = contacts.upsert_contact(s, ws_id, email)
+            contacts.add_list_members(s, ws_id, lst.id, [contact.id])
+        campaign = campaign_rules.create_campaign(s, ws_id, {
+            "name": "Delete my dead letters", "list_id": lst.id, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "Hello", "html": "<p>1</p>"}]})
+        cid = campaign.id
+    sink.fail_addresses(list(addresses[1:]), status=400)
+    with session_scope() as s:
+        engine.launch(s, ws_id, cid)
+    from tasks.engine import fanout_campaign
+
+    fanout_campaign(cid)
+    page.goto(f"{base}/campaigns/{cid}")
+    expect(page.locator('.stats [data-stat="failed"]')).to_have_text("3")
+
+    # one, from its row: a confirmation page, then back to the dead letters
+    page.click("nav >> text=Dead letters")
+    row = page.locator("tbody tr", has_text="bad1@example.com")
+    row.get_by_role("link", name="Delete…").click()
+    expect(page.locator("h1")).to_have_text("Delete the dead letter to bad1@example.com?")
+    page.click("text=Delete dead letter")
+    expect(page.locator(".flash-success")).to_contain_text("Dead letter to bad1@example.com deleted.")
+    expect(page.locator("tbody tr")).to_have_count(2)
+    expect(page.locator("tbody")).not_to_contain_text("bad1@example.com")
+
+    # the rest of the campaign's, after a confirmation that counts them; "Keep them" changes nothing
+    page.click("text=Delete all 2…")
+    expect(page.locator("h1")).to_have_text("Delete 2 dead letters of Delete my dead letters?")
+    page.click("text=Keep them")
+    expect(page.locator("tbody tr")).to_have_count(2)
+    page.click("text=Delete all 2…")
+    page.get_by_role("button", name="Delete 2").click()
+    expect(page.locator(".flash-success")).to_contain_text("2 dead letters of Delete my dead letters deleted.")
+    expect(page.locator(".empty")).to_contain_text("No dead letters")
+    with session_scope() as s:
+        left = s.scalars(select(Message.status).where(Message.campaign_id == cid)).all()
+    assert left == ["sent"]

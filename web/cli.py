@@ -7,6 +7,7 @@ from flask import Flask
 
 from campaigns import accounts
 from campaigns.config import ConfigError
+from campaigns.contacts import valid_id
 from campaigns.db import check_database, session_scope
 from campaigns.errors import HeraldError
 
@@ -103,12 +104,39 @@ def register_commands(app: Flask) -> None:
         from tasks.engine import wake_dispatcher
 
         with session_scope() as s:
-            c = s.get(Campaign, campaign_id)
+            c = s.get(Campaign, campaign_id) if valid_id(campaign_id) else None
             if c is None:
                 raise click.ClickException(f"no campaign with id {campaign_id}")
             n = engine.replay_failed(s, c.workspace_id, campaign_id)
         wake_dispatcher(None)
         click.echo(f"queued {n} failed message(s) of campaign {campaign_id} again")
+
+    @app.cli.command("delete-failed")
+    @click.option("--campaign", "campaign_id", required=True, type=int, help="the campaign's id")
+    @click.option("--yes", is_flag=True, help="do not ask for confirmation")
+    def delete_failed(campaign_id, yes):
+        """Delete every dead letter of a campaign for good (they can no longer be replayed)."""
+        from sqlalchemy import func, select
+
+        from campaigns import engine
+        from campaigns.models import Campaign, Message
+
+        with session_scope() as s:
+            c = s.get(Campaign, campaign_id) if valid_id(campaign_id) else None
+            if c is None:
+                raise click.ClickException(f"no campaign with id {campaign_id}")
+            name, workspace_id = c.name, c.workspace_id
+            n = s.scalar(select(func.count()).select_from(Message)
+                         .where(Message.campaign_id == campaign_id, Message.status == "failed"))
+        if not n:
+            click.echo(f"campaign {campaign_id} has no dead letters")
+            return
+        if not yes:
+            click.confirm(f"Delete {n} dead letter(s) of campaign {campaign_id} ({name}) and their attempts? "
+                          "They cannot be replayed afterwards", abort=True)
+        with session_scope() as s:
+            n = engine.delete_failed(s, workspace_id, campaign_id)
+        click.echo(f"deleted {n} dead letter(s) of campaign {campaign_id}")
 
     @app.cli.command("demo")
     @click.option("--email", default="demo@herald.local", show_default=True)

@@ -1,4 +1,4 @@
-"""UI pages: the message log and each message's details, dead letters and replay, queue health,
+"""UI pages: the message log and each message's details, dead letters (replay, delete), queue health,
 and the development outbox (what the local SendGrid sink received)."""
 
 from __future__ import annotations
@@ -157,6 +157,73 @@ def dead_letters_page():
     ).all()
     return render_template("dead_letters.html", rows=rows, next_before=next_before, names=names, steps=steps,
                            by_campaign=by_campaign, campaign_id=campaign_id)
+
+
+def _dead_letters_url(campaign_id: int | None = None) -> str:
+    return url_for("ui.dead_letters_page", campaign_id=campaign_id) if campaign_id else url_for("ui.dead_letters_page")
+
+
+@bp.get("/messages/<int:message_id>/delete")
+@login_required
+def message_delete_confirm(message_id: int):
+    m = _message(message_id)
+    if m.status != "failed":
+        flash(f"Only dead letters can be deleted; this message is {m.status}.", "error")
+        return redirect(url_for("ui.message_page", message_id=m.id)), 303
+    back = safe_next(request.args.get("back"), _dead_letters_url())
+    return render_template(
+        "confirm.html", title=f"Delete the dead letter to {m.email}?",
+        message=("The message and its attempts are deleted for good: it can no longer be inspected or replayed. "
+                 "The contact's sequence in this campaign stays stopped."),
+        action=url_for("ui.message_delete", message_id=m.id), fields={"back": back}, button="Delete dead letter",
+        danger=True, back=url_for("ui.message_page", message_id=m.id), back_label="Keep it")
+
+
+@bp.post("/messages/<int:message_id>/delete")
+@login_required
+def message_delete(message_id: int):
+    db = get_db()
+    m = _message(message_id)
+    back = safe_next(request.form.get("back"), _dead_letters_url())
+    try:
+        gone = engine.delete_dead_letter(db, g.workspace_id, m.id)
+        db.commit()
+    except HeraldError as exc:
+        db.rollback()
+        flash(f"Not deleted: {error_text(exc)}", "error")
+        return redirect(url_for("ui.message_page", message_id=message_id)), 303
+    flash(f"Dead letter to {gone['email']} deleted.", "success")
+    return redirect(back), 303
+
+
+@bp.get("/campaigns/<int:campaign_id>/delete-failed")
+@login_required
+def campaign_delete_failed_confirm(campaign_id: int):
+    db = get_db()
+    c = engine.get_campaign(db, g.workspace_id, campaign_id)
+    n = db.scalar(select(func.count()).select_from(Message)
+                  .where(Message.campaign_id == c.id, Message.status == "failed"))
+    if not n:
+        flash(f"{c.name} has no dead letters.", "success")
+        return redirect(_dead_letters_url()), 303
+    return render_template(
+        "confirm.html", title=f"Delete {n:,} dead letter{'s' if n != 1 else ''} of {c.name}?",
+        message=("They are deleted for good with their attempts: they can no longer be inspected or replayed. "
+                 "The contacts' sequences in this campaign stay stopped."),
+        action=url_for("ui.campaign_delete_failed", campaign_id=c.id), button=f"Delete {n:,}", danger=True,
+        back=_dead_letters_url(c.id), back_label="Keep them")
+
+
+@bp.post("/campaigns/<int:campaign_id>/delete-failed")
+@login_required
+def campaign_delete_failed(campaign_id: int):
+    db = get_db()
+    c = engine.get_campaign(db, g.workspace_id, campaign_id)
+    name = c.name
+    n = engine.delete_failed(db, g.workspace_id, c.id)
+    db.commit()
+    flash(f"{n:,} dead letter{'s' if n != 1 else ''} of {name} deleted.", "success")
+    return redirect(_dead_letters_url()), 303
 
 
 # --------------------------------------------------------------------------- queue health

@@ -1,5 +1,5 @@
 """API routes that run campaigns: launch/pause/resume/cancel, test sends, the progress stream,
-the message log, dead-letter replay and the queue's health. Handlers answer at once; the
+the message log, dead-letter replay and deletion, and the queue's health. Handlers answer at once; the
 consumers do the work."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from flask import Response, g, request, stream_with_context
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
-from campaigns import engine, queue_health
+from campaigns import contacts, engine, queue_health
 from campaigns.db import new_session
 from campaigns.errors import BadRequest
 from campaigns.models import Message, MessageAttempt
@@ -53,6 +53,10 @@ class MessageOut(Schema):
     sent_at = fields.String(allow_none=True)
     last_error = fields.String(allow_none=True)
     provider_message_id = fields.String(allow_none=True)
+
+
+class DeletedOut(Schema):
+    deleted = fields.Integer(metadata={"description": "how many dead letters were deleted"})
 
 
 class QueueOut(Schema):
@@ -216,7 +220,7 @@ def list_messages():
 def _own_message(message_id) -> Message:
     from campaigns.errors import NotFound
 
-    m = get_db().get(Message, message_id)
+    m = get_db().get(Message, message_id) if contacts.valid_id(message_id) else None
     if m is None or m.workspace_id != g.workspace_id:
         raise NotFound("no such message")
     return m
@@ -265,6 +269,25 @@ def replay_failed(campaign_id):
     db.commit()
     _tasks().wake_dispatcher(None)
     return {"replayed": n}, 202
+
+
+@bp.delete("/messages/<int:message_id>")
+@doc("Delete a dead letter (a failed message) and its attempts for good; 409 for any other status", status=204)
+def delete_message(message_id):
+    db = get_db()
+    _own_message(message_id)
+    engine.delete_dead_letter(db, g.workspace_id, message_id)
+    db.commit()
+    return "", 204
+
+
+@bp.post("/campaigns/<int:campaign_id>/delete-failed")
+@doc("Delete every dead letter of the campaign and their attempts for good", response=DeletedOut)
+def delete_failed(campaign_id):
+    db = get_db()
+    n = engine.delete_failed(db, g.workspace_id, campaign_id)
+    db.commit()
+    return {"deleted": n}
 
 
 @bp.get("/queue")
