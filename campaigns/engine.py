@@ -1931,11 +1931,12 @@ def delete_dead_letter(s: Session, workspace_id: int, message_id: int) -> dict:
     gone = {"id": msg.id, "email": msg.email, "campaign_id": msg.campaign_id}
     deleted = s.execute(
         delete(Message).where(Message.id == msg.id, Message.status == "failed")
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .returning(Message.step_id, Message.is_test).execution_options(synchronize_session=False)
+    ).all()
     s.expunge(msg)
     if not deleted:
         raise Conflict("the message is no longer a dead letter (it was replayed meanwhile)")
+    _count_deleted(s, deleted)
     log.info("dead letter %s (campaign %s) deleted", gone["id"], gone["campaign_id"])
     return gone
 
@@ -1944,13 +1945,24 @@ def delete_failed(s: Session, workspace_id: int, campaign_id: int) -> int:
     """Delete every dead letter of a campaign (test sends included), with their attempt history;
     how many. One set-based DELETE: a message replayed meanwhile is no longer ``failed`` and stays."""
     get_campaign(s, workspace_id, campaign_id)
-    n = s.execute(
+    deleted = s.execute(
         delete(Message).where(Message.campaign_id == campaign_id, Message.status == "failed")
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if n:
-        log.info("%s dead letters of campaign %s deleted", n, campaign_id)
-    return n
+        .returning(Message.step_id, Message.is_test).execution_options(synchronize_session=False)
+    ).all()
+    if deleted:
+        _count_deleted(s, deleted)
+        log.info("%s dead letters of campaign %s deleted", len(deleted), campaign_id)
+    return len(deleted)
+
+
+def _count_deleted(s: Session, deleted: list) -> None:
+    """Deleted dead letters stay in their steps' ``failed`` statistic (test sends are in none)."""
+    per_step: dict[int, int] = defaultdict(int)
+    for step_id, is_test in deleted:
+        if not is_test:
+            per_step[step_id] += 1
+    for step_id, n in sorted(per_step.items()):
+        s.execute(update(Step).where(Step.id == step_id).values(failed_deleted=Step.failed_deleted + n))
 
 
 def _revive(s: Session, rows: list[Message]) -> None:
@@ -1960,8 +1972,7 @@ def _revive(s: Session, rows: list[Message]) -> None:
     for m in rows:
         m.status = "queued" if m.is_test else "scheduled"
         m.due_at = now
-        m.attempts = 0
-        m.failed_at = None
+        m.attempts = 0  # failed_at stays: the ``failed`` statistic never decreases
         m.queued_at = now if m.is_test else None
         m.updated_at = now
     if enrollment_ids:

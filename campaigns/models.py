@@ -212,6 +212,8 @@ class Step(Base):
     html: Mapped[str | None] = mapped_column(Text)
     text: Mapped[str | None] = mapped_column(Text)
     wait_seconds: Mapped[int | None] = mapped_column(Integer)
+    # Dead letters of this step deleted for good: still counted in its (cumulative) ``failed``.
+    failed_deleted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     campaign: Mapped[Campaign] = relationship(back_populates="steps")
 
@@ -280,6 +282,7 @@ class Message(Base):
     ambiguous_at: Mapped[datetime | None] = mapped_column(DateTime)
     resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # When it last became a dead letter; never cleared (a replay keeps it): the ``failed`` statistic.
     failed_at: Mapped[datetime | None] = mapped_column(DateTime)
     # First-seen times of engagement (unique opens/clicks per message; replies).
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -1,9 +1,10 @@
 """Campaign statistics, computed from the ledger in one grouped query.
 
 Counts are cumulative and never decrease: each is "messages that ever reached this state",
-read from first-seen timestamps (``sent_at``, ``delivered_at``, ``opened_at``...) that the
-engine and the event processor set once and never clear. Only ``scheduled`` is a current
-count. Test sends are kept out.
+read from timestamps (``sent_at``, ``delivered_at``, ``opened_at``..., ``failed_at``) that the
+engine and the event processor set and never clear. ``failed`` also counts the dead letters
+deleted since (each step keeps their number). Only ``scheduled`` and ``dead_letters`` (failed
+now: replayable or deletable) are current counts. Test sends are kept out.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from .models import Enrollment, Message
+from .models import Enrollment, Message, Step
 
 COUNT_KEYS = (
     "enrolled", "sent", "delivered", "opened", "clicked", "bounced", "dropped",
-    "spam_reports", "replied", "unsubscribed", "failed", "ambiguous", "scheduled",
+    "spam_reports", "replied", "unsubscribed", "failed", "ambiguous", "scheduled", "dead_letters",
 )
 RATE_KEYS = ("delivered", "opened", "clicked", "bounced", "replied", "unsubscribed")
 
@@ -36,9 +37,10 @@ def _columns():
         _flag(m.spam_reported_at.is_not(None)).label("spam_reports"),
         _flag(m.replied_at.is_not(None)).label("replied"),
         _flag(m.unsubscribed_at.is_not(None)).label("unsubscribed"),
-        _flag(m.status == "failed").label("failed"),
+        _flag(m.failed_at.is_not(None)).label("failed"),
         _flag(m.status == "ambiguous").label("ambiguous"),
         _flag(m.status.in_(("scheduled", "queued"))).label("scheduled"),
+        _flag(m.status == "failed").label("dead_letters"),
     ]
 
 
@@ -55,12 +57,19 @@ def campaign_stats(session: Session, campaign_id: int) -> tuple[dict, dict[int, 
         .where(Message.campaign_id == campaign_id, Message.is_test.is_(False))
         .group_by(Message.step_id)
     ).all()
-    per_step: dict[int, dict] = {}
-    totals = dict.fromkeys(COUNT_KEYS, 0)
+    counts: dict[int, dict] = {}
     for row in rows:
         d = row._asdict()
         step_id = d.pop("step_id")
-        d = {k: int(v) for k, v in d.items()}
+        counts[step_id] = {k: int(v) for k, v in d.items()}
+    for step_id, deleted in session.execute(
+        select(Step.id, Step.failed_deleted).where(Step.campaign_id == campaign_id, Step.failed_deleted > 0)
+    ):
+        d = counts.setdefault(step_id, {k: 0 for k in COUNT_KEYS if k != "enrolled"})
+        d["failed"] += deleted
+    per_step: dict[int, dict] = {}
+    totals = dict.fromkeys(COUNT_KEYS, 0)
+    for step_id, d in counts.items():
         for k, v in d.items():
             totals[k] += v
         per_step[step_id] = with_rates(d)

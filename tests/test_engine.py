@@ -329,6 +329,9 @@ def test_permanent_error_goes_to_dead_letters_after_one_attempt_and_replays(api,
     assert db.get(Message, failed[0].id).status == "sent"
     assert db.get(Message, failed[0].id).message_key == key
     assert sink.keys()[key] == 2  # one refused call, one accepted: the same key both times
+    # statistics never decrease: it failed once and was sent since; no dead letter is left
+    stats = api.get(f"/api/v1/campaigns/{cid}").json["stats"]
+    assert (stats["failed"], stats["dead_letters"], stats["sent"]) == (1, 0, 3)
 
 
 def test_replay_failed_for_a_whole_campaign(api, sink, db, app):
@@ -381,7 +384,10 @@ def test_a_dead_letter_is_deleted_with_its_attempts_and_nothing_else(api, sink, 
     attempts_of_sent = select(func.count()).select_from(MessageAttempt).where(MessageAttempt.message_id.in_(sent_ids))
     assert db.scalar(attempts_of_sent) == 2
     assert db.get(Enrollment, victim_enrollment).status == "failed"
-    assert api.get(f"/api/v1/campaigns/{cid}").json["stats"]["failed"] == 1
+    # statistics never decrease: both still counted as failed (the deleted one in its step), one left
+    campaign = api.get(f"/api/v1/campaigns/{cid}").json
+    assert (campaign["stats"]["failed"], campaign["stats"]["dead_letters"]) == (2, 1)
+    assert (campaign["steps"][0]["stats"]["failed"], campaign["steps"][0]["stats"]["dead_letters"]) == (2, 1)
     assert _queue_dead_letters(api) == 1
     assert campaign_status(api, cid) == "completed"
 
@@ -418,10 +424,15 @@ def test_delete_failed_deletes_one_campaigns_dead_letters_by_api_and_command(api
     drain(huey, until=_completed(api, first), timeout=60)
     second = launched_campaign(api, list_id, steps=step)
     drain(huey, until=_completed(api, second), timeout=60)
-    assert len(_messages(db, first, status="failed")) == 2 and len(_messages(db, second, status="failed")) == 2
+    # a test send refused too: a dead letter of the campaign, but in no statistic
+    assert api.post(f"/api/v1/campaigns/{first}/test-send", json={"email": "person0@example.com"}).status_code == 202
+    drain(huey, until=lambda: len(_messages(db, first, status="failed")) == 3, timeout=30)
+    assert len(_messages(db, second, status="failed")) == 2
 
     resp = api.post(f"/api/v1/campaigns/{first}/delete-failed")
-    assert resp.status_code == 200 and resp.json == {"deleted": 2}
+    assert resp.status_code == 200 and resp.json == {"deleted": 3}
+    stats = api.get(f"/api/v1/campaigns/{first}").json["stats"]
+    assert (stats["failed"], stats["dead_letters"], stats["sent"]) == (2, 0, 2)
     assert _messages(db, first, status="failed") == [] and len(_messages(db, first, status="sent")) == 2
     assert len(_messages(db, second, status="failed")) == 2  # another campaign's dead letters stay
     assert api.post(f"/api/v1/campaigns/{first}/delete-failed").json == {"deleted": 0}

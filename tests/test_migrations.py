@@ -29,6 +29,51 @@ def scratch_url():
         get_engine(url).dispose()
 
 
+ROWS = """
+INSERT INTO workspaces (id, name, created_at) VALUES (1, 'w', '2026-01-01');
+INSERT INTO campaigns (id, workspace_id, name, from_email, limits, stop_on, tracking, status, created_at, updated_at)
+  VALUES (1, 1, 'c', 'a@example.com', '{}', '[]', '{}', 'running', '2026-01-01', '2026-01-01');
+INSERT INTO steps (id, workspace_id, campaign_id, position, type) VALUES (1, 1, 1, 0, 'email');
+INSERT INTO messages (id, workspace_id, campaign_id, step_id, email, message_key, status, due_at, failed_at,
+                      created_at, updated_at) VALUES
+  (1, 1, 1, 1, 'refused-then-replayed@example.com', 'k1', 'sent', '2026-01-01', NULL, '2026-01-01', '2026-01-01'),
+  (2, 1, 1, 1, 'dead-now@example.com', 'k2', 'failed', '2026-01-01', '2026-01-02 10:00', '2026-01-01', '2026-01-01'),
+  (3, 1, 1, 1, 'retried-then-sent@example.com', 'k3', 'sent', '2026-01-01', NULL, '2026-01-01', '2026-01-01');
+INSERT INTO message_attempts (workspace_id, campaign_id, message_id, number, started_at, finished_at, duration_ms,
+                              outcome) VALUES
+  (1, 1, 1, 1, '2026-01-02 09:00', '2026-01-02 09:00:01', 1000, 'failed'),
+  (1, 1, 1, 1, '2026-01-03 09:00', '2026-01-03 09:00:01', 1000, 'sent'),
+  (1, 1, 2, 1, '2026-01-02 10:00', '2026-01-02 10:00:00', 5, 'failed'),
+  (1, 1, 3, 1, '2026-01-02 11:00', '2026-01-02 11:00:01', 1000, 'retry'),
+  (1, 1, 3, 2, '2026-01-02 11:05', '2026-01-02 11:05:01', 1000, 'sent');
+"""
+
+
+def test_0006_gives_replayed_dead_letters_their_failed_at_back_and_counts_deleted_ones(scratch_url):
+    cfg = alembic_config(scratch_url)
+    command.upgrade(cfg, "0005")
+    engine = get_engine(scratch_url)
+    with engine.begin() as conn:
+        for statement in filter(str.strip, ROWS.split(";")):
+            conn.execute(text(statement))
+    command.upgrade(cfg, "0006")
+    with engine.connect() as conn:
+        failed_at = dict(conn.execute(text("SELECT id, failed_at FROM messages ORDER BY id")).all())
+        deleted = conn.execute(text("SELECT failed_deleted FROM steps")).scalar()
+    # the replayed one gets the time of its refusal back; a current dead letter keeps its own;
+    # retries that ended in a send were never a dead letter
+    assert str(failed_at[1]).startswith("2026-01-02 09:00:01")
+    assert str(failed_at[2]).startswith("2026-01-02 10:00")
+    assert failed_at[3] is None
+    assert deleted == 0
+
+    command.downgrade(cfg, "0005")
+    with engine.connect() as conn:
+        failed_at = dict(conn.execute(text("SELECT id, failed_at FROM messages ORDER BY id")).all())
+        columns = conn.execute(text("SELECT * FROM steps")).keys()
+    assert failed_at[1] is None and failed_at[2] is not None and "failed_deleted" not in columns
+
+
 def _one_row_everywhere(engine) -> list[str]:
     """One row in every table (foreign keys all pointing at rows with id 1), every required
     column filled by its type; returns the tables."""

@@ -644,6 +644,10 @@ def test_dead_letters_are_listed_and_replayed_one_or_all(ui, sink):
     assert "No dead letters" in ui.text("/dead-letters")
     with session_scope() as s:
         assert s.get(Message, dead[0].id).status == "sent"
+    # they failed once: still counted as failed (statistics never decrease), no dead letter left
+    html = ui.text(f"/campaigns/{cid}")
+    assert '<dd data-stat="failed">2</dd>' in html and "inspect and replay" not in html
+    assert "3 of 3 emails handled" in html
 
 
 def test_dead_letters_are_deleted_one_or_all_after_a_confirmation(ui, sink):

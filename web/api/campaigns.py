@@ -104,8 +104,11 @@ class StepStatsOut(Schema):
     spam_reports = fields.Integer()
     replied = fields.Integer()
     unsubscribed = fields.Integer()
-    failed = fields.Integer()
+    failed = fields.Integer(metadata={"description": "messages that ever became dead letters (replayed and deleted "
+                                                    "ones included): never decreases"})
+    ambiguous = fields.Integer(metadata={"description": "a current count: outcome unknown, being reconciled"})
     scheduled = fields.Integer(metadata={"description": "a current count: messages due or waiting"})
+    dead_letters = fields.Integer(metadata={"description": "a current count: failed now, to replay or delete"})
     rates = fields.Nested(RatesOut, metadata={"description": "fractions of sent"})
 
 

@@ -213,9 +213,9 @@
           if (st.rates && key in st.rates) { setText(el, pct(st.rates[key])); }
         });
       });
-      // progress: emails handled (sent or dead) out of enrolled x email steps
+      // progress: emails handled (sent, or a dead letter now) out of enrolled x email steps
       var expected = s.enrolled * emailSteps;
-      var done = s.sent + s.failed;
+      var done = s.sent + s.dead_letters;
       var fraction = status === "completed" ? 1 : (expected ? Math.min(done / expected, 1) : 0);
       var bar = $("[data-progress]", campaignBox);
       bar.value = fraction;
