@@ -132,9 +132,17 @@ def clear_template_cache() -> None:
 
 
 class FieldUndefined(ChainableUndefined):
-    """A custom field the contact lacks: renders empty, and so does anything under it."""
+    """A custom field the contact lacks, or a contact's or campaign's attribute that is empty
+    (no first name): renders empty, and so does anything under it; ``|default('there')``
+    replaces it, and ``|int``/``|float`` give their default (0) as for any value that is no
+    number."""
 
     __slots__ = ()
+
+    def __int__(self):
+        raise TypeError("no value")
+
+    __float__ = __int__
 
 
 class _Fields:
@@ -187,7 +195,10 @@ class _View:
 
     def __getattr__(self, name: str):
         if name in self._attrs:
-            return self._values.get(name)
+            value = self._values.get(name)
+            # Missing (None, or an empty cell of an import): undefined, so that it prints as
+            # nothing and ``|default(...)`` and ``|upper`` behave ("NONE" was printed).
+            return FieldUndefined(name=name) if value is None or value == "" else value
         raise AttributeError(name)
 
     def __str__(self) -> str:

@@ -169,6 +169,21 @@ def test_missing_custom_fields_and_none_render_empty():
     assert out.html == "[][][][][pro][][your company]no"
 
 
+def test_an_empty_name_is_missing_for_filters_and_defaults_too():
+    # A contact imported without a name: "Hi NONE" and "Hi " were what these printed.
+    contact = {"email": "x@example.com", "first_name": None, "last_name": "", "fields": {"score": "7"}}
+    out = render(
+        "Hi {{ contact.first_name|default('there') }}|{{ contact.first_name|upper }}|{{ contact.last_name ~ '!' }}|"
+        "{{ contact.last_name|default('-') }}|{% if contact.first_name %}named{% else %}unnamed{% endif %}|"
+        "{{ contact.fields.missing|int }}|{{ contact.fields.missing|float(1.5) }}|{{ contact.fields.score|int + 1 }}|"
+        "{{ campaign.from_name|default('Herald') }}",
+        contact=contact,
+    )
+    assert out.html == "Hi there||!|-|unnamed|0|1.5|8|Team"
+    named = render("Hi {{ contact.first_name|default('there')|upper }}")
+    assert named.html == "Hi ADA"
+
+
 def test_context_values():
     out = render(
         "{{ contact.email }}|{{ contact.last_name }}|{{ contact.timezone }}|{{ campaign.name }}|"
