@@ -33,7 +33,7 @@ import re
 from html.parser import HTMLParser
 from typing import Any, NamedTuple
 
-from jinja2 import ChainableUndefined, StrictUndefined, TemplateSyntaxError, meta, nodes
+from jinja2 import ChainableUndefined, StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from .errors import InvalidInput
@@ -50,6 +50,9 @@ SAMPLE_CONTACT = {
     "timezone": "UTC",
     "fields": {},
 }
+
+SAMPLE_CAMPAIGN = {"id": 1, "name": "Sample campaign", "from_email": "team@example.com", "from_name": "Team",
+                   "reply_to": None}
 
 # Guards against the cheapest ways to make a template eat memory ('x' * 10**9, 9 ** 9 ** 9).
 MAX_SEQUENCE_PRODUCT = 1_000_000
@@ -80,8 +83,23 @@ def _finalize(value):
     return "" if value is None else value
 
 
+class UnknownAttribute(UndefinedError):
+    """A contact or campaign attribute that does not exist, reached where the check on save cannot
+    see it (through an alias: ``{% set c = contact %}{{ c.phone }}``, ``contact|attr('phone')``)."""
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
+
+    def getattr(self, obj, attribute):
+        if isinstance(obj, _View) and attribute not in obj._attrs:
+            raise UnknownAttribute(obj._unknown(attribute))
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        if isinstance(obj, _View) and argument not in obj._attrs:
+            raise UnknownAttribute(obj._unknown(argument))
+        return super().getitem(obj, argument)
 
     def call_binop(self, context, operator, left, right):
         if operator == "*":
@@ -186,6 +204,10 @@ class _Fields:
 class _View:
     """A read-only object exposing exactly ``_attrs`` to templates."""
 
+    @classmethod
+    def _unknown(cls, name) -> str:
+        return f"unknown variable {name!r}"
+
     __slots__ = ("_values",)
     _attrs: tuple[str, ...] = ()
     _str_attr = ""
@@ -199,7 +221,9 @@ class _View:
             # Missing (None, or an empty cell of an import): undefined, so that it prints as
             # nothing and ``|default(...)`` and ``|upper`` behave ("NONE" was printed).
             return FieldUndefined(name=name) if value is None or value == "" else value
-        raise AttributeError(name)
+        if name.startswith("_"):  # __html__ and the like: Python's protocols, not a template's names
+            raise AttributeError(name)
+        raise UnknownAttribute(self._unknown(name))  # also through |attr(), which calls getattr itself
 
     def __str__(self) -> str:
         return str(self._values.get(self._str_attr) or "")
@@ -210,11 +234,20 @@ class _ContactView(_View):
     _attrs = CONTACT_ATTRS
     _str_attr = "email"
 
+    @classmethod
+    def _unknown(cls, name) -> str:
+        return (f"unknown variable 'contact.{name}' (a contact has {', '.join(CONTACT_ATTRS)}; "
+                f"custom fields are contact.fields.{name})")
+
 
 class _CampaignView(_View):
     __slots__ = ()
     _attrs = CAMPAIGN_ATTRS
     _str_attr = "name"
+
+    @classmethod
+    def _unknown(cls, name) -> str:
+        return f"unknown variable 'campaign.{name}' (a campaign has {', '.join(CAMPAIGN_ATTRS)})"
 
 
 def _get(obj: Any, name: str, default=None):
@@ -310,7 +343,10 @@ def check_template(source: str | None, kind: str = "plain") -> list[str]:
         problems = [f"line {line}: {message}" for line, message in _static_problems(env, ast)]
         if problems:
             return problems
-        _compiled(kind, source)  # warms the cache for the renders to come
+        template = _compiled(kind, source)  # warms the cache for the renders to come
+        trial = _trial_render(template)
+        if trial:
+            return [trial]
     except TemplateSyntaxError as exc:  # includes TemplateAssertionError, raised when compiling
         return [f"line {exc.lineno}: {exc.message}"]
     except RecursionError:
@@ -318,6 +354,24 @@ def check_template(source: str | None, kind: str = "plain") -> list[str]:
     except Exception as exc:  # noqa: BLE001 - e.g. Python refusing the generated code: refuse the template
         return [f"line 1: the template cannot be compiled ({type(exc).__name__})"]
     return []
+
+
+def _trial_render(template) -> str | None:
+    """Render once for the sample contact: an unknown contact or campaign attribute reached
+    through an alias fails here (``"line N: ..."``), not at every send. Other failures depend on
+    a contact's data (a custom field the sample lacks) and are not the template's fault here."""
+    try:
+        template.render(template_context(SAMPLE_CONTACT, SAMPLE_CAMPAIGN, "https://example.invalid/u/check"))
+    except UnknownAttribute as exc:
+        line, tb = 1, exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == "<template>":
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        return f"line {line}: {exc}"
+    except Exception:  # noqa: BLE001 - data-dependent failures are reported per message at send time
+        return None
+    return None
 
 
 def _field_name(prefix: str, field: str) -> str:

@@ -55,6 +55,29 @@ def test_unknown_variable_is_refused_with_its_line():
     assert "steps[0].subject" not in details
 
 
+@pytest.mark.parametrize("source,line,name", [
+    ("{% set c = contact %}{{ c.phone }}", 1, "contact.phone"),
+    ("<p>\n{% for c in [contact] %}\n{{ c.phone }}{% endfor %}", 3, "contact.phone"),
+    ("{{ [contact][0].phone }}", 1, "contact.phone"),
+    ("{{ contact|attr('phone') }}", 1, "contact.phone"),
+    ("{% set k = campaign %}{{ k['budget'] }}", 1, "campaign.budget"),
+])
+def test_an_unknown_attribute_reached_through_an_alias_is_refused_on_save(source, line, name):
+    # They used to pass the check and then fail every send of the step.
+    with pytest.raises(InvalidInput) as err:
+        validate_step_templates("Hi", source, None)
+    assert problems(err)["html"][0].startswith(f"line {line}: unknown variable '{name}'")
+    with pytest.raises(RenderError, match="unknown variable"):
+        render(source)
+
+
+def test_aliases_of_known_names_and_data_dependent_templates_pass():
+    for source in ("{% set c = contact %}{{ c.first_name }}", "{{ contact|attr('email') }}",
+                   "{{ contact.fields.score + 1 }}", "{{ (contact.fields.n|int) * 2 }}",
+                   "{{ contact }} {{ campaign }}"):
+        validate_step_templates("Hi", source, None)  # nothing raised: the sample contact lacks score
+
+
 @pytest.mark.parametrize(
     "source,needle",
     [
