@@ -40,6 +40,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from . import templating
+from .contacts import text_problem
 from .errors import BadRequest, Conflict, InvalidInput, NotFound
 from .models import Campaign, Contact, ContactList, Step
 
@@ -62,14 +63,14 @@ HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
 class Text(fields.String):
-    """A string without NUL characters (PostgreSQL cannot store them; no header may carry one)."""
-
-    default_error_messages = {"nul": "must not contain NUL characters"}
+    """A string the database can store and a header can carry: no NUL (PostgreSQL refuses it),
+    no lone surrogate (not UTF-8: the driver refused it with a 500)."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
-        if "\x00" in value:
-            raise self.make_error("nul")
+        problem = text_problem(value)
+        if problem:
+            raise ValidationError(problem)
         return value
 
 

@@ -331,6 +331,11 @@ INVALID = [
     ("list_id", 2**64, "list_id"),
     ("name", "a\x00b", "name"),
     ("steps.0.html", "<p>\x00</p>", "steps[0].html"),
+    # a lone surrogate is no UTF-8: the driver refused it with a 500
+    ("name", "a\ud800b", "name"),
+    ("from_name", "\udfff", "from_name"),
+    ("steps.0.subject", "Hi \ud83d", "steps[0].subject"),
+    ("steps.0.html", "<p>\ud800</p>", "steps[0].html"),
     ("from_email", DROP, "from_email"),
     ("from_email", "not-an-email", "from_email"),
     ("from_email", "Team <team@example.com>", "from_email"),
