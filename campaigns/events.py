@@ -3,8 +3,11 @@
 Storing is what the webhook does before it answers 2xx (so SendGrid retries anything that was
 not stored, for up to 24 hours)::
 
-    rows = parse_batch(raw_body)              # BadRequest (400) unless a JSON array of event objects
-    store_batch(session, rows, raw_body)      # map to messages + one bulk INSERT ... ON CONFLICT DO NOTHING
+    rows = parse_batch(raw_body, rejected=r)             # BadRequest (400) unless a JSON array
+    store_batch(session, rows, None if r else raw_body)  # map to messages + one bulk INSERT ... ON CONFLICT DO NOTHING
+
+An item of the array that is not an event object is skipped (logged, listed in ``r``) and the
+rest is stored: SendGrid would resend a refused batch unchanged, bad item included, for 24 hours.
 
 Deduplication works both ways, because SendGrid repeats events (3 times on average, sometimes
 dozens), sometimes under a new ``sg_event_id``:
@@ -211,8 +214,24 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_batch(raw: bytes, received_at: datetime | None = None) -> list[dict]:
-    """The rows for an Event Webhook body; BadRequest unless it is a JSON array of event objects."""
+def _not_an_event(item: Any) -> str | None:
+    """Why ``item`` of a batch is not an event, or None when it is one."""
+    if not isinstance(item, dict):
+        return f"not an object ({type(item).__name__})"
+    if not isinstance(item.get("event"), str) or not item["event"].strip():
+        return "no 'event' string"
+    return None
+
+
+def parse_batch(raw: bytes, received_at: datetime | None = None,
+                rejected: list[tuple[int, str]] | None = None) -> list[dict]:
+    """The rows for an Event Webhook body; BadRequest unless it is a JSON array.
+
+    An item of the array that is not an event is skipped, logged with its index and reason, and
+    appended to ``rejected`` as ``(index, reason)``: SendGrid retries a refused batch unchanged
+    for 24 hours, so refusing it for one bad item would lose every good event beside it. With
+    items skipped the rows no longer line up with the body's elements (see :func:`store_batch`).
+    """
     try:
         data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -220,11 +239,20 @@ def parse_batch(raw: bytes, received_at: datetime | None = None) -> list[dict]:
     if not isinstance(data, list):
         raise BadRequest("expected a JSON array of events")
     received_at = received_at or utcnow()
-    rows = []
-    for i, event in enumerate(data):
-        if not isinstance(event, dict) or not isinstance(event.get("event"), str) or not event["event"].strip():
-            raise BadRequest(f"item {i} is not an event (an object with an 'event' string)", {"index": i})
-        rows.append(event_row(event, received_at))
+    rows, skipped = [], []
+    for i, item in enumerate(data):
+        reason = _not_an_event(item)
+        if reason:
+            skipped.append((i, reason))
+        else:
+            rows.append(event_row(item, received_at))
+    if skipped:
+        # One line per batch (a batch holds up to thousands of items), the first few named.
+        log.warning("skipped %d of %d items of an Event Webhook batch that are not events: %s%s",
+                    len(skipped), len(data), "; ".join(f"item {i}: {why}" for i, why in skipped[:20]),
+                    " ..." if len(skipped) > 20 else "")
+        if rejected is not None:
+            rejected.extend(skipped)
     return rows
 
 
@@ -348,7 +376,8 @@ def insert_rows(session: Session, rows: list[dict], body: bytes | None = None) -
 
 def store_batch(session: Session, rows: list[dict], body: bytes | None = None) -> int:
     """Map the rows to messages and insert them (deduplicated), in one statement on PostgreSQL.
-    The caller commits. ``body``: the raw JSON array the rows came from, if at hand."""
+    The caller commits. ``body``: the raw JSON array the rows came from, if at hand and only when
+    its elements are the rows one for one (none skipped by :func:`parse_batch`)."""
     if not rows:
         return 0
     if not is_postgres(session):

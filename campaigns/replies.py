@@ -161,14 +161,17 @@ def ingest(session: Session, fields: dict[str, str]) -> Ingested:
     if fields.get("envelope"):
         try:
             envelope = json.loads(fields["envelope"])
-        except ValueError:
+        except (ValueError, RecursionError):  # too deeply nested is bad input too, never a retryable 5xx
             raise BadRequest("envelope is not JSON") from None
         if not isinstance(envelope, dict):
             raise BadRequest("envelope is not a JSON object")
 
     if raw_mime:
-        headers = message_from_string(raw_mime, policy=compat32)
-        text = fields.get("text") or _first_text(headers)
+        try:
+            headers = message_from_string(raw_mime, policy=compat32)
+            text = fields.get("text") or _first_text(headers)
+        except RecursionError:  # multiparts nested thousands deep: bad input, never a retryable 5xx
+            raise BadRequest("email (the raw MIME message) is nested too deeply to read") from None
         header_text = "".join(f"{k}: {v}\n" for k, v in headers.items())
     else:
         header_text = fields.get("headers") or ""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import uuid
+from urllib.parse import urlencode
 
 import pytest
 from sqlalchemy import func, select
@@ -100,7 +102,8 @@ def test_a_wrong_secret_is_404(client, inbound):
     assert parse_post(client, url=URL + "x").status_code == 404
 
 
-@pytest.mark.parametrize("kind", ["json", "empty_form", "no_fields", "bad_envelope", "envelope_not_object"])
+@pytest.mark.parametrize("kind", ["json", "empty_form", "no_fields", "bad_envelope", "envelope_not_object",
+                                  "deeply_nested_envelope", "deeply_nested_mime"])
 def test_a_malformed_post_is_400(client, inbound, db, kind):
     if kind == "json":
         resp = client.post(URL, json={"from": "a@example.com"})
@@ -110,6 +113,13 @@ def test_a_malformed_post_is_400(client, inbound, db, kind):
         resp = client.post(URL, data={"spam_score": "1"}, content_type="multipart/form-data")
     elif kind == "bad_envelope":
         resp = client.post(URL, data={"from": "a@example.com", "envelope": "{not json"},
+                           content_type="multipart/form-data")
+    elif kind == "deeply_nested_envelope":  # a RecursionError in json: bad input, never a retryable 5xx
+        resp = client.post(URL, data={"from": "a@example.com", "envelope": "[" * 100_000},
+                           content_type="multipart/form-data")
+    elif kind == "deeply_nested_mime":
+        raw = "".join(f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n' for i in range(2000))
+        resp = client.post(URL, data={"from": "a@example.com", "email": "From: a@example.com\r\n" + raw + "\r\nhi"},
                            content_type="multipart/form-data")
     else:
         resp = client.post(URL, data={"from": "a@example.com", "envelope": "[1]"}, content_type="multipart/form-data")
@@ -255,10 +265,14 @@ def test_the_raw_mime_option_is_understood(api, client, inbound, db, sent):
     assert stats(api, cid)["replied"] == 1
 
 
-def _multipart(fields: dict[str, bytes], boundary: str = "hb0undary") -> bytes:
+def _multipart(fields: dict[str, bytes], boundary: str = "hb0undary", types: dict[str, str] | None = None) -> bytes:
+    """A multipart body; ``types`` gives a part its own Content-Type header."""
     out = b""
     for name, value in fields.items():
-        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n'
+        if types and name in types:
+            head += f"Content-Type: {types[name]}\r\n"
+        out += (head + "\r\n").encode() + value + b"\r\n"
     return out + f"--{boundary}--\r\n".encode()
 
 
@@ -301,3 +315,64 @@ def test_an_unknown_or_wrong_charset_is_replaced_not_a_500(client, inbound, db):
 def test_a_multipart_post_without_a_boundary_is_400(client, inbound):
     resp = client.post(URL, data=b"x", content_type="multipart/form-data")
     assert resp.status_code == 400 and "boundary" in resp.json["error"]["message"]
+
+
+@pytest.mark.parametrize("charset", ["base64", "rot13", "zlib", "hex", "idna", "undefined"])
+@pytest.mark.parametrize("where", ["charsets", "part_header"])
+def test_a_charset_that_is_not_a_text_encoding_is_read_as_utf8_not_a_500(client, inbound, db, charset, where):
+    fields = {
+        "from": b"someone@example.com",
+        "to": b"team@example.com",
+        "subject": "Re: Grüße".encode(),
+        "text": "Grüße, bis dann".encode(),
+        "charsets": json.dumps({"subject": charset, "text": charset} if where == "charsets" else {}).encode(),
+    }
+    types = {"subject": f"text/plain; charset={charset}", "text": f"text/plain; charset={charset}"}
+    body = _multipart(fields, types=types if where == "part_header" else None)
+    resp = client.post(URL, data=body, content_type="multipart/form-data; boundary=hb0undary")
+    assert resp.status_code == 200, resp.data
+    reply = db.scalars(select(Reply)).one()
+    assert (reply.subject, reply.text) == ("Re: Grüße", "Grüße, bis dann")
+
+
+def test_deeply_nested_charsets_are_ignored_not_a_500(client, inbound, db):
+    body = _multipart({"from": b"someone@example.com", "text": b"hello", "charsets": b"[" * 100_000})
+    resp = client.post(URL, data=body, content_type="multipart/form-data; boundary=hb0undary")
+    assert resp.status_code == 200, resp.data
+    assert db.scalars(select(Reply.text)).one() == "hello"
+
+
+def test_a_raw_mime_reply_larger_than_500_kb_is_stored_and_stops_the_sequence(api, client, inbound, db, sent):
+    """"POST the raw, full MIME message" sends attachments inside the ``email`` field: Flask's
+    per-field default of 500 kB must not refuse it (a 4xx makes Inbound Parse drop the reply)."""
+    cid, (m0, m1) = sent
+    to = reply_address(m0.message_key, DOMAIN)
+    attachment = base64.encodebytes(bytes(range(256)) * 1800).decode()  # ~460 kB as 620 kB of base64
+    raw = (f"From: person0@example.com\r\nTo: {to}\r\nSubject: Re: Hello\r\n"
+           "Message-ID: <big-raw@mail.example.net>\r\nMIME-Version: 1.0\r\n"
+           'Content-Type: multipart/mixed; boundary="mixed"\r\n\r\n'
+           "--mixed\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nSigned copy attached.\r\n"
+           '--mixed\r\nContent-Type: application/pdf; name="contract.pdf"\r\n'
+           "Content-Transfer-Encoding: base64\r\n\r\n" + attachment + "--mixed--\r\n")
+    assert len(raw) > 600 * 1024
+    # Encoded here: the test client would spool a body this large to a file it never closes.
+    body = _multipart({"email": raw.encode(), "from": b"person0@example.com", "to": to.encode()})
+    resp = client.post(URL, data=body, content_type="multipart/form-data; boundary=hb0undary")
+    assert resp.status_code == 200, resp.data
+    assert resp.json["matched"] is True and resp.json["auto"] is False
+    assert db.scalars(select(Reply.text)).one().strip() == "Signed copy attached."
+    assert enrollment_status(db, m0) == "stopped" and enrollment_status(db, m1) == "active"
+    assert stats(api, cid)["replied"] == 1
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data", "application/x-www-form-urlencoded"])
+def test_large_text_and_html_fields_are_accepted(client, inbound, db, content_type):
+    text = "A long reply. " * 60_000  # 840 kB, in text and in html
+    fields = {"from": b"person0@example.com", "to": b"team@example.com", "text": text.encode(),
+              "html": f"<p>{text}</p>".encode()}
+    if content_type == "multipart/form-data":
+        resp = client.post(URL, data=_multipart(fields), content_type="multipart/form-data; boundary=hb0undary")
+    else:
+        resp = client.post(URL, data=urlencode(fields), content_type=content_type)
+    assert resp.status_code == 200, resp.data
+    assert db.scalars(select(Reply.text)).one().startswith("A long reply.")

@@ -161,7 +161,7 @@ def test_bad_signatures_are_refused_with_403(client, db, private_key, case):
 def test_a_real_signature_is_accepted_and_stored(client, db, private_key):
     resp = post(client, a_batch(3), key=private_key)
     assert resp.status_code == 200, resp.json
-    assert resp.json == {"received": 3, "stored": 3}
+    assert resp.json == {"received": 3, "stored": 3, "rejected": 0}
     assert count(db, Event) == 3
     assert count(db, Event, Event.message_id.is_(None), Event.workspace_id.is_(None)) == 3  # unmatched, kept
 
@@ -181,9 +181,18 @@ def test_unsigned_posts_are_accepted_without_a_key_with_one_warning(client, db, 
     assert count(db, Event) == 4
 
 
+def test_a_signed_body_that_is_not_utf8_is_verified_then_read(client, db, private_key):
+    # The signature is over the raw bytes: a correctly signed body is never a 403 for its encoding.
+    resp = post(client, b"\xff\xfe\x00garbage", key=private_key)
+    assert resp.status_code == 400, resp.data
+    assert resp.json["error"]["code"] == "bad_request"
+    utf16 = json.dumps([{"event": "open", "email": "zoë@example.com", "sg_event_id": "u16"}]).encode("utf-16")
+    resp = post(client, utf16, key=private_key)
+    assert resp.status_code == 200 and resp.json["stored"] == 1, resp.data
+
+
 @pytest.mark.parametrize("body", [
-    b"not json", b"", b"{}", b'{"event": "open"}', b"[1, 2]", b'[{"email": "a@example.com"}]',
-    b'[{"event": 5}]', b'[{"event": ""}]', b"\xff\xfe\x00garbage", b'[{"event": "open"}, null]',
+    b"not json", b"", b"{}", b'{"event": "open"}', b"\xff\xfe\x00garbage",
     b"[" * 100_000, b'[{"event": "open", "timestamp": NaN}]',
 ])
 def test_wrong_shapes_are_400(client, db, body):
@@ -191,6 +200,43 @@ def test_wrong_shapes_are_400(client, db, body):
     assert resp.status_code == 400, resp.data
     assert resp.json["error"]["code"] == "bad_request"
     assert count(db, Event) == 0
+
+
+@pytest.mark.parametrize("body,stored,rejected", [
+    (b"[1, 2]", 0, 2), (b'[{"email": "a@example.com"}]', 0, 1), (b'[{"event": 5}]', 0, 1),
+    (b'[{"event": ""}]', 0, 1), (b'[{"event": "open"}, null]', 1, 1), (b"[]", 0, 0),
+])
+def test_items_that_are_not_events_are_skipped_not_400(client, db, body, stored, rejected):
+    resp = post(client, body)
+    assert resp.status_code == 200, resp.data
+    assert resp.json == {"received": stored + rejected, "stored": stored, "rejected": rejected}
+    assert count(db, Event) == stored
+
+
+def test_one_malformed_item_does_not_lose_the_batch(api, client, db, sink, private_key, caplog):
+    """SendGrid resends a refused batch unchanged for 24 hours: the good events are stored now,
+    the bad items are skipped but visible (logged with index and reason, counted)."""
+    from campaigns.ratelimit import get_limiter
+
+    cid, (m0, m1) = sent_campaign(api, db, 2)
+    batch = [sg_event(m0, "delivered"), {"email": "x@y.z"}, 5, sg_event(m1, "delivered"), {"event": 7}]
+    before = get_limiter().counters("events_rejected").get("events_rejected", 0)
+    with caplog.at_level(logging.WARNING, logger="herald.events"):
+        resp = post(client, batch, key=private_key)
+    assert resp.status_code == 200, resp.data
+    assert resp.json == {"received": 5, "stored": 2, "rejected": 3}
+    rows = db.scalars(select(Event).order_by(Event.id)).all()
+    assert [(r.message_id, r.event) for r in rows] == [(m0.id, "delivered"), (m1.id, "delivered")]
+    assert [r.payload["email"] for r in rows] == [m0.email, m1.email]  # each row keeps its own payload
+    (warning,) = [r.getMessage() for r in caplog.records if "not events" in r.getMessage()]
+    assert "item 1: no 'event' string" in warning and "item 2: not an object (int)" in warning
+    assert "item 4: no 'event' string" in warning
+    assert get_limiter().counters("events_rejected")["events_rejected"] == before + 3
+    # SendGrid's retry of the same body stores nothing twice.
+    again = post(client, batch, key=private_key)
+    assert again.status_code == 200 and again.json["stored"] == 0
+    apply_all()
+    assert stats(api, cid)["delivered"] == 2
 
 
 def test_odd_values_are_stored_not_500(client, db):

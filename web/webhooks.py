@@ -1,22 +1,27 @@
 """Webhooks: SendGrid's Event Webhook and Inbound Parse (CSRF-exempt; authenticated by signature).
 
 ``POST /webhooks/sendgrid/events``: with ``SENDGRID_WEBHOOK_PUBLIC_KEY`` set, the ECDSA
-signature over the timestamp header followed by the raw body is checked first (a missing,
+signature over the timestamp header followed by the raw body bytes is checked first (a missing,
 malformed or wrong one is a 403, never a 500); without it, posts are accepted unsigned and a
-warning is logged once per process (development only). The batch is then stored durably in
-the request (one bulk insert, deduplicated) and the answer is 2xx; if it could not be stored
-the answer is 503, so SendGrid retries. Effects are applied by a task (``tasks.events``).
+warning is logged once per process (development only). A body that is not a JSON array is a
+400. Items of the array that are not events are skipped (logged, counted in ``rejected`` and the
+``events_rejected`` counter); the events are stored durably in the request (one bulk insert,
+deduplicated) and the answer is 2xx; if they could not be stored the answer is 503, so SendGrid
+retries. Effects are applied by a task (``tasks.events``).
 
 ``POST /webhooks/sendgrid/inbound/<secret>``: 404 unless ``INBOUND_PARSE_SECRET`` is set and
 matches (constant-time); a reply is stored and applied inline (replies are rare), idempotent
 under Inbound Parse's retries. Inbound Parse posts each field in the reply's own encoding and
 names it in the ``charsets`` field (``{"text": "iso-8859-1", ...}``): multipart fields are read
-as bytes and decoded with that charset (else the part's own, else UTF-8; undecodable bytes are
-replaced, never a 500).
+as bytes and decoded with that charset (else the part's own, else UTF-8; a charset that is not
+a text encoding, such as base64, is ignored; undecodable bytes are replaced, never a 500). A
+field may be as large as the body limit (MAX_CONTENT_LENGTH): the raw MIME option posts whole
+messages, attachments included.
 """
 
 from __future__ import annotations
 
+import base64
 import codecs
 import functools
 import hmac
@@ -24,6 +29,8 @@ import json
 import logging
 import threading
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from flask import Blueprint, abort, current_app, jsonify, request
 from sendgrid.helpers.eventwebhook import EventWebhook
 from werkzeug.exceptions import HTTPException
@@ -55,12 +62,19 @@ def _verifier(public_key: str) -> EventWebhook:
 
 
 def signature_ok(public_key: str, body: bytes, signature: str | None, timestamp: str | None) -> bool:
-    """True when ``signature`` is SendGrid's over ``timestamp + body`` for ``public_key``."""
+    """True when ``signature`` is SendGrid's over ``timestamp + body`` for ``public_key``.
+
+    Verified over the raw bytes (SendGrid signs bytes): the library's ``verify_signature`` takes
+    text, and decoding first would refuse a correctly signed body that is not UTF-8 (403 where the
+    answer is 400, once parsing finds it unreadable).
+    """
     if not signature or not timestamp:
         return False
     try:
-        return _verifier(public_key).verify_signature(body.decode("utf-8"), signature, timestamp) is True
-    except Exception:  # noqa: BLE001 - malformed base64 or DER, a body that is not UTF-8, a bad key: refused
+        key = _verifier(public_key).public_key
+        key.verify(base64.b64decode(signature), timestamp.encode("utf-8") + body, ec.ECDSA(hashes.SHA256()))
+        return True
+    except Exception:  # noqa: BLE001 - a wrong signature, malformed base64 or DER, a bad key: refused
         return False
 
 
@@ -80,10 +94,12 @@ def sendgrid_events():
             return error_response(403, "forbidden", "missing or invalid Event Webhook signature")
     else:
         _warn_unsigned()
-    rows = events.parse_batch(body)  # BadRequest -> 400
+    rejected: list[tuple[int, str]] = []
+    rows = events.parse_batch(body, rejected=rejected)  # BadRequest (400) unless a JSON array
     session = get_db()
     try:
-        stored = events.store_batch(session, rows, body)
+        # The body's elements line up with the rows only when none was skipped.
+        stored = events.store_batch(session, rows, None if rejected else body)
         session.commit()
     except Exception:  # noqa: BLE001 - not stored: answer 5xx so SendGrid retries the batch
         session.rollback()
@@ -93,7 +109,19 @@ def sendgrid_events():
         from tasks.events import events_stored
 
         events_stored()
-    return jsonify({"received": len(rows), "stored": stored})
+    if rejected:
+        _count_rejected(len(rejected))
+    return jsonify({"received": len(rows) + len(rejected), "stored": stored, "rejected": len(rejected)})
+
+
+def _count_rejected(n: int) -> None:
+    """Add to the shared ``events_rejected`` counter (the limiter's store, as for rate-limit waits)."""
+    from campaigns.ratelimit import get_limiter
+
+    try:
+        get_limiter().incr("events_rejected", n)
+    except Exception:  # noqa: BLE001 - the events are stored; a counter must not turn that into an error
+        log.exception("could not count %d rejected events", n)
 
 
 def _form_fields() -> dict[str, str]:
@@ -123,11 +151,15 @@ class _BytesFieldParser(MultiPartParser):
 
 
 def _decode(data: bytes, charset: str | None) -> str:
+    """``data`` in the sender-chosen ``charset``, else UTF-8; undecodable bytes are replaced."""
     try:
-        codec = codecs.lookup(charset or "utf-8").name
-    except LookupError:  # a charset Python does not know: read it as UTF-8
-        codec = "utf-8"
-    return data.decode(codec, "replace")
+        info = codecs.lookup(charset or "utf-8")
+        # Only text encodings: a sender may name base64, rot13 or zlib, which are not.
+        if info._is_text_encoding:
+            return data.decode(info.name, "replace")
+    except (LookupError, ValueError):  # unknown; or a codec without "replace" (idna, punycode, undefined)
+        pass
+    return data.decode("utf-8", "replace")
 
 
 def _inbound_fields() -> dict[str, str]:
@@ -147,7 +179,7 @@ def _inbound_fields() -> dict[str, str]:
         raise BadRequest("the body is not a readable form post") from None
     try:
         charsets = json.loads(form.get("charsets") or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested JSON is as unreadable as broken JSON
         charsets = {}
     if not isinstance(charsets, dict):
         charsets = {}
@@ -166,6 +198,10 @@ def sendgrid_inbound(secret: str):
         abort(404)
     if request.mimetype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise BadRequest("Inbound Parse posts multipart/form-data")
+    # A field may be the whole raw MIME message, attachments included, or a large html part:
+    # Flask's per-field default (MAX_FORM_MEMORY_SIZE, 500 kB) would refuse it with a 413 and
+    # Inbound Parse would drop the reply. The body as a whole stays under MAX_CONTENT_LENGTH.
+    request.max_form_memory_size = request.max_content_length
     fields = _inbound_fields()
     session = get_db()
     try:
