@@ -168,6 +168,10 @@ def collect_metrics(s: Session, queue, counters: dict[str, int]):
         elif name.startswith("rate_limit_released:"):
             released.add_metric([name.split(":", 1)[1]], value)
     fams += [waits, released]
+    rejected = CounterMetricFamily("herald_events_rejected",
+                                   "Event Webhook items skipped because they were not events")
+    rejected.add_metric([], counters.get("events_rejected", 0))
+    fams.append(rejected)
     waiting_now = GaugeMetricFamily("herald_rate_limit_waiting", "Due messages held back now, per limit",
                                     labels=["limit"])
     for key, n in snap["waiting"].items():

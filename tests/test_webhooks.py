@@ -232,6 +232,7 @@ def test_one_malformed_item_does_not_lose_the_batch(api, client, db, sink, priva
     assert "item 1: no 'event' string" in warning and "item 2: not an object (int)" in warning
     assert "item 4: no 'event' string" in warning
     assert get_limiter().counters("events_rejected")["events_rejected"] == before + 3
+    assert f"herald_events_rejected_total {float(before + 3)}" in client.get("/metrics").get_data(as_text=True)
     # SendGrid's retry of the same body stores nothing twice.
     again = post(client, batch, key=private_key)
     assert again.status_code == 200 and again.json["stored"] == 0
