@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from .contacts import text_problem
 from .db import utcnow
 from .errors import Conflict, InvalidInput, NotFound
 from .models import ApiKey, Membership, User, Workspace
 
 API_KEY_PREFIX = "hk_"
+# Column sizes (models.py): longer values are refused here, not by the database mid-transaction.
+WORKSPACE_NAME_MAX = Workspace.__table__.c.name.type.length
+EMAIL_MAX = User.__table__.c.email.type.length
+API_KEY_NAME_MAX = ApiKey.__table__.c.name.type.length
+# A login: one '@', no spaces, a dot in the domain. Looser than a contact's address on purpose:
+# the demo login is demo@herald.local, a special-use domain email_validator refuses.
+_LOGIN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
 def hash_api_key(key: str) -> str:
@@ -24,6 +33,10 @@ def create_workspace(session: Session, name: str) -> Workspace:
     name = (name or "").strip()
     if not name:
         raise InvalidInput("a workspace needs a name")
+    if len(name) > WORKSPACE_NAME_MAX:
+        raise InvalidInput(f"a workspace name has at most {WORKSPACE_NAME_MAX} characters, not {len(name)}")
+    if problem := text_problem(name):
+        raise InvalidInput(f"the workspace name {problem}")
     if session.scalar(select(Workspace).where(Workspace.name == name)):
         raise Conflict(f"workspace {name!r} already exists")
     ws = Workspace(name=name)
@@ -51,14 +64,30 @@ def set_concurrency(workspace: Workspace, value: int) -> Workspace:
     return workspace
 
 
-def create_user(session: Session, email: str, password: str, workspace: Workspace, role: str = "owner") -> User:
-    email = (email or "").strip().lower()
-    if "@" not in email:
+def login_email(raw: str) -> str:
+    """The normalised (stripped, lower-cased) login address, or InvalidInput saying what is wrong."""
+    email = (raw or "").strip().lower()
+    if len(email) > EMAIL_MAX:
+        raise InvalidInput(f"an email address has at most {EMAIL_MAX} characters, not {len(email)}")
+    if not _LOGIN.fullmatch(email) or text_problem(email):
         raise InvalidInput(f"{email!r} is not an email address")
-    if len(password or "") < 8:
-        raise InvalidInput("the password must have at least 8 characters")
-    user = session.scalar(select(User).where(User.email == email))
+    return email
+
+
+def find_user(session: Session, email: str) -> User | None:
+    return session.scalar(select(User).where(User.email == (email or "").strip().lower()))
+
+
+def create_user(
+    session: Session, email: str, password: str | None, workspace: Workspace, role: str = "owner"
+) -> User:
+    """Create the user with ``password``, or add an existing user (same email) to ``workspace``:
+    an existing user's password is left as it is, whatever ``password`` says."""
+    email = login_email(email)
+    user = find_user(session, email)
     if user is None:
+        if len(password or "") < 8:
+            raise InvalidInput("the password must have at least 8 characters")
         user = User(email=email, password_hash=generate_password_hash(password))
         session.add(user)
         session.flush()
@@ -70,7 +99,7 @@ def create_user(session: Session, email: str, password: str, workspace: Workspac
 
 
 def authenticate(session: Session, email: str, password: str) -> User | None:
-    user = session.scalar(select(User).where(User.email == (email or "").strip().lower()))
+    user = find_user(session, email)
     if user is None or not check_password_hash(user.password_hash, password or ""):
         return None
     return user
@@ -89,6 +118,10 @@ def user_workspaces(session: Session, user_id: int) -> list[Workspace]:
 
 def create_api_key(session: Session, workspace: Workspace, name: str = "") -> tuple[ApiKey, str]:
     """Make a key; return the row and the key itself, which is never stored (only its hash)."""
+    if len(name or "") > API_KEY_NAME_MAX:
+        raise InvalidInput(f"an API key name has at most {API_KEY_NAME_MAX} characters, not {len(name)}")
+    if problem := text_problem(name or ""):
+        raise InvalidInput(f"the API key name {problem}")
     key = API_KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(workspace_id=workspace.id, name=name, prefix=key[:10], key_hash=hash_api_key(key))
     session.add(row)

@@ -8,9 +8,11 @@ Reading the environment connects to nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,6 +22,11 @@ DEFAULT_SINK_PORT = 3030
 REAL_SENDGRID_HOST = "https://api.sendgrid.com"
 
 _RATE_UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+# Upper bounds for the tunables: anything larger is a typo, and timedelta/sleep overflow on huge values.
+MAX_SECONDS = 86400.0  # a day
+MAX_COUNT = 1000
+# Characters that stay one path segment in a URL unescaped (RFC 3986 "unreserved").
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 class ConfigError(Exception):
@@ -61,7 +68,7 @@ def parse_rate(value: str, name: str = "SENDGRID_RATE_LIMIT") -> Rate:
     return Rate(count=count, period=_RATE_UNITS[unit], burst=b)
 
 
-def _positive(env, name: str, default, whole: bool):
+def _positive(env, name: str, default, whole: bool, maximum: float, unit: str = ""):
     raw = env.get(name)
     if raw in (None, ""):
         return default
@@ -69,25 +76,86 @@ def _positive(env, name: str, default, whole: bool):
         value = int(raw) if whole else float(raw)
     except ValueError:
         raise ConfigError(f"{name}: {raw!r} is not a {'whole ' if whole else ''}number") from None
+    if not math.isfinite(value):  # nan and inf parse as floats but make no duration
+        raise ConfigError(f"{name}: must be a finite number, got {raw!r}")
     if value <= 0:
         raise ConfigError(f"{name}: must be {'at least 1' if whole else 'greater than 0'}, got {raw!r}")
+    if value > maximum:
+        raise ConfigError(f"{name}: must be at most {maximum:g}{unit}, got {raw!r}")
     return value
 
 
-def _positive_number(env, name: str, default: float) -> float:
-    return _positive(env, name, default, whole=False)
+def _seconds(env, name: str, default: float) -> float:
+    return _positive(env, name, default, whole=False, maximum=MAX_SECONDS, unit=" seconds (a day)")
 
 
-def _positive_int(env, name: str, default: int) -> int:
-    return _positive(env, name, default, whole=True)
+def _count(env, name: str, default: int) -> int:
+    return _positive(env, name, default, whole=True, maximum=MAX_COUNT)
+
+
+def _port(env, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    if not re.fullmatch(r"\s*[0-9]{1,5}\s*", raw) or not 1 <= int(raw) <= 65535:
+        raise ConfigError(f"{name}: {raw!r} is not a port (a whole number from 1 to 65535)")
+    return int(raw)
 
 
 def _http_url(env, name: str, default: str) -> str:
     raw = env.get(name) or default
     parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name}: {raw!r} is not an http(s) URL")
+    if any(c.isspace() or not c.isprintable() for c in raw):
+        raise ConfigError(f"{name}: {raw!r} contains whitespace or control characters")
+    try:
+        port = parts.port  # urlsplit checks the port only when asked
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{name}: {raw!r} has a bad port (use a number from 1 to 65535)")
     return raw.rstrip("/")
+
+
+def _redis_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+        raise ConfigError(f"REDIS_URL: {raw!r} is not a redis:// URL")
+    # redis-py reads the database number from the path but silently uses 0 when it is not a number.
+    if parts.scheme != "unix" and not re.fullmatch(r"/?([0-9]+)?", parts.path):
+        raise ConfigError(f"REDIS_URL: {parts.path!r} is not a database number (redis://host:port/N)")
+    from redis.connection import parse_url
+
+    try:
+        port = parts.port
+        parse_url(raw)  # the query arguments (?db=, timeouts); connects to nothing
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL: {raw!r} is not usable ({exc})") from None
+    if port == 0:
+        raise ConfigError(f"REDIS_URL: {raw!r} has a bad port")
+    return raw
+
+
+def _webhook_public_key(raw: str) -> str:
+    """SendGrid's Signed Event Webhook key: base64 of a DER SubjectPublicKeyInfo, ECDSA on P-256.
+
+    Checked here because a key that does not load makes every signed event a silent 403."""
+    import base64
+
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    try:
+        key = load_der_public_key(base64.b64decode(raw, validate=True))
+    except (ValueError, UnsupportedAlgorithm):  # binascii.Error is a ValueError
+        key = None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError(
+            "SENDGRID_WEBHOOK_PUBLIC_KEY: not an ECDSA P-256 public key in base64 (paste the key as SendGrid shows it)"
+        )
+    return raw
 
 
 def normalize_database_url(raw: str) -> str:
@@ -97,11 +165,14 @@ def normalize_database_url(raw: str) -> str:
 
     try:
         url = make_url(raw)
-    except ArgumentError:
+        port = url.port  # a non-numeric port is a ValueError from make_url itself
+    except (ArgumentError, ValueError):
         raise ConfigError(
             f"DATABASE_URL: {raw!r} is not a database URL "
             "(expected postgresql+psycopg://user@host/dbname or sqlite:///path)"
         ) from None
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"DATABASE_URL: port {port} is out of range (1 to 65535)")
     backend = url.get_backend_name()
     if backend == "postgres":
         url = url.set(drivername="postgresql+psycopg")
@@ -138,6 +209,11 @@ class Settings:
     queue_name: str = "herald"
     send_concurrency: int = 16  # provider calls in flight per consumer process
     send_batches: int = 2  # bulk send batches running at once per consumer process
+    retry_base: float = 10.0  # backoff: uniform(0, min(cap, base * 2**(attempt-1))) seconds
+    retry_cap: float = 900.0
+    stale_queued_seconds: float = 90.0  # a queued message no task claimed for this long is scheduled again
+    dispatch_horizon: float = 1.0  # seconds of work the dispatcher queues at a time
+    sink_port: int = DEFAULT_SINK_PORT
     extra: dict = field(default_factory=dict)
 
     @property
@@ -149,6 +225,19 @@ class Settings:
         return self.database_url.startswith("sqlite")
 
 
+def _instance_dir(path: Path) -> Path:
+    """Create the instance folder (the embedded defaults keep their files there), or say why not."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"HERALD_INSTANCE_DIR: {str(path)!r} is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"HERALD_INSTANCE_DIR: cannot create {str(path)!r} ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"HERALD_INSTANCE_DIR: {str(path)!r} is not writable")
+    return path
+
+
 def _secret_key(env, instance_dir: Path, database_set: bool) -> str:
     key = env.get("SECRET_KEY")
     if key:
@@ -158,17 +247,27 @@ def _secret_key(env, instance_dir: Path, database_set: bool) -> str:
     if database_set:
         raise ConfigError("SECRET_KEY: required whenever DATABASE_URL is set")
     path = instance_dir / "secret_key"
-    if path.exists():
-        return path.read_text().strip()
-    instance_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(48)
-    # Exclusive create, so two processes starting together agree on one key.
     try:
-        with open(path, "x") as fh:
-            fh.write(key)
-        os.chmod(path, 0o600)
-    except FileExistsError:
+        if not path.exists():
+            # Write the whole key to a temporary file, then link it into place: the link either
+            # lands complete or fails because another process's key won, so no one reads a partial file.
+            fd, tmp = tempfile.mkstemp(dir=instance_dir, prefix=".secret_key.")  # mode 0600
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_urlsafe(48))
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process linked its key first: use that one
+            finally:
+                os.unlink(tmp)
         key = path.read_text().strip()
+    except OSError as exc:
+        reason = f"cannot keep the secret key in {str(path)!r} ({exc.strerror or exc})"
+        raise ConfigError(f"HERALD_INSTANCE_DIR: {reason}") from None
+    if len(key) < 16:
+        raise ConfigError(
+            f"SECRET_KEY: {str(path)!r} is empty or shorter than 16 characters; delete it to generate a new key"
+        )
     return key
 
 
@@ -177,35 +276,26 @@ def load_settings(env=None) -> Settings:
     instance_dir = Path(env.get("HERALD_INSTANCE_DIR") or PROJECT_ROOT / "instance")
 
     raw_db = env.get("DATABASE_URL")
-    if raw_db:
-        database_url = normalize_database_url(raw_db)
-    else:
-        instance_dir.mkdir(parents=True, exist_ok=True)
-        database_url = f"sqlite:///{instance_dir / 'herald.db'}"
+    database_url = normalize_database_url(raw_db) if raw_db else f"sqlite:///{instance_dir / 'herald.db'}"
+    redis_url = _redis_url(env["REDIS_URL"]) if env.get("REDIS_URL") else None
+    # The instance folder holds the SQLite database, the SQLite queue and the generated secret key.
+    if not (raw_db and redis_url and env.get("SECRET_KEY")):
+        _instance_dir(instance_dir)
 
-    redis_url = env.get("REDIS_URL") or None
-    if redis_url:
-        parts = urlsplit(redis_url)
-        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
-            raise ConfigError(f"REDIS_URL: {redis_url!r} is not a redis:// URL")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ConfigError(f"REDIS_URL: {redis_url!r} has a bad port") from None
-
-    sink_port = int(_positive_number(env, "HERALD_SINK_PORT", DEFAULT_SINK_PORT))
+    sink_port = _port(env, "HERALD_SINK_PORT", DEFAULT_SINK_PORT)
     sink_url = f"http://127.0.0.1:{sink_port}"
     api_key = env.get("SENDGRID_API_KEY") or None
     api_host = _http_url(env, "SENDGRID_API_HOST", REAL_SENDGRID_HOST if api_key else sink_url)
 
     public_key = env.get("SENDGRID_WEBHOOK_PUBLIC_KEY") or None
     if public_key:
-        import base64
+        _webhook_public_key(public_key)
 
-        try:
-            base64.b64decode(public_key, validate=True)
-        except ValueError:
-            raise ConfigError("SENDGRID_WEBHOOK_PUBLIC_KEY: not base64 (paste the key as SendGrid shows it)") from None
+    inbound_secret = env.get("INBOUND_PARSE_SECRET") or None
+    if inbound_secret and (not _PATH_SEGMENT.fullmatch(inbound_secret) or not inbound_secret.strip(".")):
+        raise ConfigError(
+            "INBOUND_PARSE_SECRET: must be one URL path segment: letters, digits, '-', '_', '.' and '~' only"
+        )
 
     inbound_domain = env.get("INBOUND_DOMAIN") or None
     if inbound_domain and not re.fullmatch(r"[A-Za-z0-9.-]+\.[A-Za-z]{2,}", inbound_domain):
@@ -220,16 +310,21 @@ def load_settings(env=None) -> Settings:
         sink_url=sink_url,
         webhook_public_key=public_key,
         rate_limit=parse_rate(env.get("SENDGRID_RATE_LIMIT") or "100/second"),
-        inbound_parse_secret=env.get("INBOUND_PARSE_SECRET") or None,
+        inbound_parse_secret=inbound_secret,
         inbound_domain=inbound_domain,
         public_url=_http_url(env, "PUBLIC_URL", "http://127.0.0.1:5000"),
         secret_key=_secret_key(env, instance_dir, bool(raw_db)),
-        ambiguous_window=_positive_number(env, "HERALD_AMBIGUOUS_WINDOW", 900.0),
-        lease_seconds=_positive_number(env, "HERALD_LEASE_SECONDS", 120.0),
-        send_timeout=_positive_number(env, "HERALD_SEND_TIMEOUT", 10.0),
+        ambiguous_window=_seconds(env, "HERALD_AMBIGUOUS_WINDOW", 900.0),
+        lease_seconds=_seconds(env, "HERALD_LEASE_SECONDS", 120.0),
+        send_timeout=_seconds(env, "HERALD_SEND_TIMEOUT", 10.0),
         queue_name=env.get("HERALD_QUEUE_NAME") or "herald",
-        send_concurrency=_positive_int(env, "HERALD_SEND_CONCURRENCY", 16),
-        send_batches=_positive_int(env, "HERALD_SEND_BATCHES", 2),
+        send_concurrency=_count(env, "HERALD_SEND_CONCURRENCY", 16),
+        send_batches=_count(env, "HERALD_SEND_BATCHES", 2),
+        retry_base=_seconds(env, "HERALD_RETRY_BASE", 10.0),
+        retry_cap=_seconds(env, "HERALD_RETRY_CAP", 900.0),
+        stale_queued_seconds=_seconds(env, "HERALD_STALE_QUEUED_SECONDS", 90.0),
+        dispatch_horizon=_seconds(env, "HERALD_DISPATCH_HORIZON", 1.0),
+        sink_port=sink_port,
     )
 
 

@@ -93,7 +93,7 @@ FETCH_PER_CAMPAIGN = 500  # due messages looked at per campaign per dispatch pas
 FLUSH_EVERY = 80
 FLUSH_SECONDS = 0.25
 # Queued this long without a send task claiming it: the queue store lost the task.
-STALE_QUEUED = timedelta(seconds=float(os.environ.get("HERALD_STALE_QUEUED_SECONDS", "90")))
+STALE_QUEUED = timedelta(seconds=get_settings().stale_queued_seconds)  # HERALD_STALE_QUEUED_SECONDS
 CONSECUTIVE_FAILURES_PAUSE = 20
 DUE_NOW_CAP = 10000
 ACCOUNT_RULE_KEY = "account"
@@ -163,11 +163,11 @@ def _insert(session: Session, table):
 
 
 def retry_base() -> float:
-    return float(os.environ.get("HERALD_RETRY_BASE", "10"))
+    return get_settings().retry_base  # HERALD_RETRY_BASE, validated with the other settings at start
 
 
 def retry_cap() -> float:
-    return float(os.environ.get("HERALD_RETRY_CAP", "900"))
+    return get_settings().retry_cap  # HERALD_RETRY_CAP
 
 
 def backoff_delay(attempt: int, base: float | None = None, cap: float | None = None) -> float:
@@ -489,7 +489,7 @@ def enroll_new_members_of_list(list_id: int, hooks: Hooks | None = None) -> int:
 # spent); the dispatcher comes back when the limit frees (with jitter), or sooner while sends are
 # in flight.
 
-DISPATCH_HORIZON = float(os.environ.get("HERALD_DISPATCH_HORIZON", "1.0"))
+DISPATCH_HORIZON = get_settings().dispatch_horizon  # HERALD_DISPATCH_HORIZON
 BATCH_SECONDS = 0.25  # a send task carries about this much of the account budget; also the pace of passes
 PACE_MAX_WAIT = 2.0  # a send waits at most this long for its turn; a longer wait: back to the ledger
 CONCURRENCY_POLL = 0.1  # a workspace at its concurrency budget: look again this soon

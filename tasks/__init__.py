@@ -4,7 +4,10 @@
 ``instance/`` (WAL, busy timeout), shared by the web app and the consumers. Creating the
 instance connects to nothing; tasks carry ids only, and the database is the source of truth.
 
-Run consumers with ``huey_consumer tasks.huey -k thread -w 8 -g TERM -t 30``.
+Run consumers with ``huey_consumer tasks.huey -k thread -w 8 -g TERM -t 30``. A consumer first
+connects once to the database and the queue store, and stops with one line naming the variable
+when either does not answer (``create_consumer`` is called only by ``huey_consumer``, so importing
+``tasks`` in the web app or the tests stays offline).
 """
 
 from __future__ import annotations
@@ -13,6 +16,14 @@ from huey import PriorityRedisExpireHuey, SqliteHuey
 from huey.storage import SqliteStorage
 
 from campaigns.config import ConfigError, get_settings
+
+
+class CheckedStart:
+    """Huey mixin: a consumer checks its services before it starts (see the module docstring)."""
+
+    def create_consumer(self, **options):
+        check_services()
+        return super().create_consumer(**options)
 
 
 class LazySqliteStorage(SqliteStorage):
@@ -38,8 +49,12 @@ class LazySqliteStorage(SqliteStorage):
         return conn
 
 
-class LazySqliteHuey(SqliteHuey):
+class LazySqliteHuey(CheckedStart, SqliteHuey):
     storage_class = LazySqliteStorage
+
+
+class CheckedRedisHuey(CheckedStart, PriorityRedisExpireHuey):
+    pass
 
 
 def make_huey():
@@ -54,7 +69,7 @@ def make_huey():
         pool = redis.ConnectionPool.from_url(
             settings.redis_url, health_check_interval=30, socket_connect_timeout=5, socket_keepalive=True
         )
-        return PriorityRedisExpireHuey(settings.queue_name, connection_pool=pool, **common)
+        return CheckedRedisHuey(settings.queue_name, connection_pool=pool, **common)
     return LazySqliteHuey(
         settings.queue_name,
         filename=str(settings.instance_dir / "huey.db"),
@@ -69,6 +84,24 @@ huey = make_huey()
 def queue_store_ok() -> None:
     """Raise unless the queue store answers (used by /healthz)."""
     huey.storage.queue_size()
+
+
+def check_services() -> None:
+    """Connect once to the database and the queue store; stop the process with one line if either fails."""
+    from campaigns.db import check_database, dispose_engines
+
+    try:
+        check_database()
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    finally:
+        dispose_engines()  # no connection outlives the check (a process-mode consumer forks after it)
+    try:
+        queue_store_ok()
+    except Exception as exc:  # noqa: BLE001 - any client error means "does not answer"
+        name = "REDIS_URL" if get_settings().redis_url else "HERALD_INSTANCE_DIR"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SystemExit(f"error: {name}: cannot connect to the task queue ({reason})") from None
 
 
 from . import jobs  # noqa: E402,F401  (registers the tasks)

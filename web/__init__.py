@@ -1,4 +1,5 @@
-"""Herald's web app: ``create_app`` builds it; nothing connects until a request needs it."""
+"""Herald's web app: ``create_app`` builds it; nothing connects until a request needs it, except
+the one check of the database that a serving process (``wsgi.py``) asks for."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from campaigns.config import ConfigError, load_settings
 csrf = CSRFProtect()
 
 
-def create_app(test_config: dict | None = None) -> Flask:
+def create_app(test_config: dict | None = None, serving: bool = False) -> Flask:
+    """Build the app. ``serving``: the process is about to serve requests, so connect to the
+    database once first and stop with one line if it does not answer (instead of booting and
+    failing every request)."""
     try:
         settings = load_settings()
+        if serving:
+            _check_database(settings.database_url)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -47,3 +53,12 @@ def create_app(test_config: dict | None = None) -> Flask:
     csrf.exempt(unsubscribe.bp)  # RFC 8058 one-click: no cookies, no CSRF token
     register_commands(app)
     return app
+
+
+def _check_database(url: str) -> None:
+    from campaigns.db import check_database, dispose_engines
+
+    try:
+        check_database(url)
+    finally:
+        dispose_engines()  # gunicorn --preload forks after this: no pooled connection may outlive it

@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import functools
+
 import click
 from flask import Flask
 
 from campaigns import accounts
-from campaigns.config import ConfigError
+from campaigns.config import ConfigError, get_settings
 from campaigns.contacts import valid_id
 from campaigns.db import check_database, session_scope
 from campaigns.errors import HeraldError
 
+# Commands that never touch the database; every other one checks it first (see _admin_command).
+NO_DATABASE = {"sendgrid-sink"}
+
 
 def _fail(exc: Exception) -> None:
     raise click.ClickException(str(getattr(exc, "message", exc)))
+
+
+def _admin_command(callback):
+    """Wrap a command so its failures are one line, not a traceback: the database is checked
+    before it runs (an unreachable one fails like ``migrate``), and a refusal (HeraldError)
+    becomes ``Error: <message>``."""
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        try:
+            check_database()
+        except ConfigError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        try:
+            return callback(*args, **kwargs)
+        except HeraldError as exc:
+            _fail(exc)
+
+    return run
 
 
 def register_commands(app: Flask) -> None:
@@ -22,10 +46,6 @@ def register_commands(app: Flask) -> None:
         """Create or upgrade the schema to the latest migration (safe to run again)."""
         from campaigns.migrate import upgrade
 
-        try:
-            check_database()
-        except ConfigError as exc:
-            raise SystemExit(f"error: {exc}") from None
         upgrade()
         click.echo("database is at the latest migration")
 
@@ -33,12 +53,9 @@ def register_commands(app: Flask) -> None:
     @click.argument("name")
     def create_workspace(name):
         """Create a workspace (an error if it exists)."""
-        try:
-            with session_scope() as s:
-                ws = accounts.create_workspace(s, name)
-                click.echo(f"created workspace {ws.name!r} (id {ws.id})")
-        except HeraldError as exc:
-            _fail(exc)
+        with session_scope() as s:
+            ws = accounts.create_workspace(s, name)
+            click.echo(f"created workspace {ws.name!r} (id {ws.id})")
 
     @app.cli.command("workspace-concurrency")
     @click.argument("name")
@@ -48,46 +65,55 @@ def register_commands(app: Flask) -> None:
         have queued or sending at once (default 16)."""
         from campaigns.engine import workspace_slots
 
-        try:
-            with session_scope() as s:
-                ws = accounts.get_workspace_by_name(s, name)
-                if value is not None:
-                    accounts.set_concurrency(ws, value)
-                click.echo(f"workspace {ws.name!r}: concurrency {ws.concurrency} send tasks "
-                           f"({workspace_slots(ws.concurrency)} messages queued or sending)")
-        except HeraldError as exc:
-            _fail(exc)
+        with session_scope() as s:
+            ws = accounts.get_workspace_by_name(s, name)
+            if value is not None:
+                accounts.set_concurrency(ws, value)
+            click.echo(f"workspace {ws.name!r}: concurrency {ws.concurrency} send tasks "
+                       f"({workspace_slots(ws.concurrency)} messages queued or sending)")
 
     @app.cli.command("create-user")
     @click.argument("email")
     @click.option("--workspace", required=True, help="name of the workspace to join")
-    @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+    @click.option("--password", default=None,
+                  help="the new user's password (prompted for when not given); refused for an existing user")
     def create_user(email, workspace, password):
-        """Create a user in a workspace (prompts for the password when not given)."""
-        try:
-            with session_scope() as s:
-                ws = accounts.get_workspace_by_name(s, workspace)
-                user = accounts.create_user(s, email, password, ws)
+        """Create a user in a workspace, or add an existing user (of another workspace) to it.
+
+        An existing user keeps their password: --password is then an error, so a password is
+        never silently ignored (this command does not change passwords)."""
+        email = accounts.login_email(email)
+        with session_scope() as s:
+            accounts.get_workspace_by_name(s, workspace)
+            exists = accounts.find_user(s, email) is not None
+        if exists and password is not None:
+            raise click.ClickException(f"user {email} already exists and keeps their password; "
+                                       f"run again without --password to add them to {workspace!r}")
+        if not exists and password is None:
+            # Prompted outside any transaction: SQLite would hold its write lock while we wait.
+            password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+        with session_scope() as s:
+            ws = accounts.get_workspace_by_name(s, workspace)
+            user = accounts.create_user(s, email, password, ws)
+            if exists:
+                click.echo(f"added existing user {user.email} to {ws.name!r} (password unchanged)")
+            else:
                 click.echo(f"created user {user.email} in {ws.name!r}")
-        except HeraldError as exc:
-            _fail(exc)
 
     @app.cli.command("create-api-key")
     @click.option("--workspace", required=True, help="name of the workspace the key acts for")
     @click.option("--name", default="", help="a label for the key")
     def create_api_key(workspace, name):
         """Create an API key; it is printed once, alone on the last line (only its hash is kept)."""
-        try:
-            with session_scope() as s:
-                ws = accounts.get_workspace_by_name(s, workspace)
-                _, key = accounts.create_api_key(s, ws, name)
-        except HeraldError as exc:
-            _fail(exc)
+        with session_scope() as s:
+            ws = accounts.get_workspace_by_name(s, workspace)
+            _, key = accounts.create_api_key(s, ws, name)
         click.echo(f"API key for {workspace!r} (shown once; store it now):")
         click.echo(key)
 
     @app.cli.command("sendgrid-sink")
-    @click.option("--port", default=3030, show_default=True, type=int)
+    @click.option("--port", default=lambda: get_settings().sink_port, show_default="HERALD_SINK_PORT, else 3030",
+                  type=click.IntRange(1, 65535), help="the port the app sends to (HERALD_SINK_PORT)")
     @click.option("--host", default="127.0.0.1", show_default=True)
     def sendgrid_sink(port, host):
         """Run the local SendGrid sink (the /v3/mail/send wire format, a local outbox)."""
@@ -161,3 +187,8 @@ def register_commands(app: Flask) -> None:
     from .cli_import import register as register_import
 
     register_import(app)
+
+    # Every command, including those registered above from other modules.
+    for name, command in app.cli.commands.items():
+        if name not in NO_DATABASE:
+            command.callback = _admin_command(command.callback)
