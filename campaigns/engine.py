@@ -1905,12 +1905,20 @@ def replay_message(s: Session, workspace_id: int, message_id: int) -> Message:
         raise NotFound("no such message")
     if msg.status != "failed":
         raise Conflict(f"only failed messages can be replayed; this one is {msg.status}")
+    if not msg.is_test:
+        _replayable(s.get(Campaign, msg.campaign_id))
     _revive(s, [msg])
     return msg
 
 
+def _replayable(c: Campaign) -> None:
+    """A cancelled campaign sends nothing again: a replayed message would wait forever."""
+    if c.status == "cancelled":
+        raise Conflict("the campaign is cancelled: its dead letters cannot be replayed (they can be deleted)")
+
+
 def replay_failed(s: Session, workspace_id: int, campaign_id: int) -> int:
-    get_campaign(s, workspace_id, campaign_id)
+    _replayable(get_campaign(s, workspace_id, campaign_id))
     rows = s.scalars(select(Message).where(Message.campaign_id == campaign_id, Message.status == "failed")).all()
     _revive(s, rows)
     return len(rows)

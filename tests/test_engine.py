@@ -416,6 +416,37 @@ def test_a_dead_letter_replayed_first_is_not_deleted(api, sink, db):
     assert db.get(Message, dead.id).status == "scheduled"
 
 
+def test_a_cancelled_campaigns_dead_letters_are_not_replayed(api, sink, db, app):
+    list_id = make_contacts(api, 3)
+    sink.fail_addresses(["person0@example.com"], status=400)
+    step = [{"type": "email", "subject": "Hi", "html": "<p>x</p>"}, {"type": "wait", "seconds": 3600},
+            {"type": "email", "subject": "Again", "html": "<p>y</p>"}]
+    cid = launched_campaign(api, list_id, steps=step)
+    drain(huey, until=lambda: len(_messages(db, cid, status="failed")) == 1 and len(sink.accepted()) == 2, timeout=60)
+    assert api.post(f"/api/v1/campaigns/{cid}/cancel").json["status"] == "cancelled"
+    (dead,) = _messages(db, cid, status="failed")
+    # replayed, it would have waited forever as scheduled (a cancelled campaign sends nothing)
+    resp = api.post(f"/api/v1/messages/{dead.id}/replay")
+    assert resp.status_code == 409 and "cancelled" in resp.json["error"]["message"]
+    assert api.post(f"/api/v1/campaigns/{cid}/replay-failed").status_code == 409
+    result = app.test_cli_runner().invoke(args=["replay-failed", "--campaign", str(cid)])
+    assert result.exit_code != 0 and "cancelled" in result.output
+    assert [m.id for m in _messages(db, cid, status="failed")] == [dead.id]
+    stats = api.get(f"/api/v1/campaigns/{cid}").json["stats"]
+    assert (stats["dead_letters"], stats["scheduled"]) == (1, 0)
+    assert api.delete(f"/api/v1/messages/{dead.id}").status_code == 204  # what can be done with it
+
+
+def test_the_message_log_filter_takes_any_address(api, sink, db):
+    list_id = make_contacts(api, 1)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=30)
+    assert len(api.get("/api/v1/messages?email=PERSON0@example.com").json["items"]) == 1
+    for odd in ("%00", "a%00b%40example.com", "%ED%A0%80"):  # NUL (PostgreSQL refused it: a 500), a surrogate
+        resp = api.get(f"/api/v1/messages?email={odd}")
+        assert resp.status_code == 200 and resp.json["items"] == [], odd
+
+
 def test_delete_failed_deletes_one_campaigns_dead_letters_by_api_and_command(api, sink, db, app):
     list_id = make_contacts(api, 4)
     sink.fail_addresses(["person0@example.com", "person2@example.com"], status=400)
@@ -729,6 +760,14 @@ def test_stream_reports_progress(api, sink, app):
     assert "id: 1" in body
     resumed = api.get(f"/api/v1/campaigns/{cid}/stream?lifetime=1", headers={"Last-Event-ID": "7"})
     assert "id: 8" in resumed.get_data(as_text=True)
+    # an id that is no number of ours starts again at 1; numbers that are no numbers are refused
+    # (NaN or infinity reached time.sleep inside the open stream, after its 200)
+    for foreign in ("\u00b2", "x", "-3", "9" * 40):
+        resumed = api.get(f"/api/v1/campaigns/{cid}/stream?lifetime=1", headers={"Last-Event-ID": foreign})
+        assert resumed.status_code == 200 and "id: 1\n" in resumed.get_data(as_text=True), foreign
+    for query in ("interval=nan", "interval=inf", "lifetime=nan", "lifetime=-inf", "interval=abc"):
+        resp = api.get(f"/api/v1/campaigns/{cid}/stream?{query}")
+        assert resp.status_code == 400 and resp.json["error"]["message"], query
 
 
 def test_queue_and_metrics_reflect_the_ledger(api, sink, client):

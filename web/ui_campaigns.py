@@ -623,12 +623,18 @@ def campaign_replay_failed(campaign_id: int):
 
     db = get_db()
     c = _campaign(campaign_id)
-    n = engine.replay_failed(db, g.workspace_id, c.id)
-    db.commit()
+    back = safe_next(request.form.get("back"), url_for("ui.campaign_page", campaign_id=c.id))
+    try:
+        n = engine.replay_failed(db, g.workspace_id, c.id)
+        db.commit()
+    except HeraldError as exc:
+        db.rollback()
+        flash(f"Not replayed: {error_text(exc)}", "error")
+        return redirect(back), 303
     if n:
         task_engine.wake_dispatcher(None)
     flash(f"{n} dead letter{'s' if n != 1 else ''} of {c.name} queued again (same message keys).", "success")
-    return redirect(safe_next(request.form.get("back"), url_for("ui.campaign_page", campaign_id=c.id))), 303
+    return redirect(back), 303
 
 
 # --------------------------------------------------------------------------- the campaign page

@@ -5,11 +5,12 @@ consumers do the work."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from flask import Response, g, request, stream_with_context
 from marshmallow import Schema, fields, validate
-from sqlalchemy import select
+from sqlalchemy import false, select
 
 from campaigns import contacts, engine, queue_health
 from campaigns.db import new_session
@@ -155,11 +156,16 @@ def campaign_stream(campaign_id):
     engine.get_campaign(get_db(), g.workspace_id, campaign_id)
     get_db().close()
     try:
-        lifetime = min(float(request.args.get("lifetime", 55)), 55.0)
-        interval = min(max(float(request.args.get("interval", 1)), 0.2), 10.0)
+        lifetime = float(request.args.get("lifetime", 55))
+        interval = float(request.args.get("interval", 1))
     except ValueError:
         raise BadRequest("lifetime and interval must be numbers") from None
-    last_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+    if not (math.isfinite(lifetime) and math.isfinite(interval)):
+        raise BadRequest("lifetime and interval must be finite numbers")
+    lifetime, interval = min(lifetime, 55.0), min(max(interval, 0.2), 10.0)
+    last_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or ""
+    # Our own ids are ASCII digits; anything else (a reconnect from elsewhere, "²") starts at 0.
+    first_seq = int(last_id) if last_id.isascii() and last_id.isdigit() and len(last_id) <= 18 else 0
 
     def snapshot(session):
         c = engine.get_campaign(session, g.workspace_id, campaign_id)
@@ -171,7 +177,7 @@ def campaign_stream(campaign_id):
 
     def events():
         started = time.monotonic()
-        seq = int(last_id) if (last_id or "").isdigit() else 0
+        seq = first_seq
         previous = None
         yield "retry: 2000\n\n"
         while time.monotonic() - started < lifetime:
@@ -209,8 +215,9 @@ def list_messages():
             raise BadRequest(f"status must be one of {', '.join(MESSAGE_STATUSES)}")
         stmt = stmt.where(Message.status == status)
     email = request.args.get("email")
-    if email:
-        stmt = stmt.where(Message.email == email.strip().lower())
+    if email:  # an address no row can hold (NUL, lone surrogates) matches nothing, as for contacts
+        bad = contacts.text_problem(email)
+        stmt = stmt.where(false()) if bad else stmt.where(Message.email == email.strip().lower())
     step_id = int_arg("step_id")
     if step_id is not None:
         stmt = stmt.where(Message.step_id == step_id)
