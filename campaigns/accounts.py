@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -98,9 +99,19 @@ def create_user(
     return user
 
 
+@functools.lru_cache(maxsize=1)
+def _decoy_hash() -> str:
+    """A hash to check an unknown address's password against, so that it costs as much as a
+    known one's: the time of a failed sign-in must not tell which addresses have accounts."""
+    return generate_password_hash(secrets.token_urlsafe(16))
+
+
 def authenticate(session: Session, email: str, password: str) -> User | None:
     user = find_user(session, email)
-    if user is None or not check_password_hash(user.password_hash, password or ""):
+    if user is None:
+        check_password_hash(_decoy_hash(), password or "")
+        return None
+    if not check_password_hash(user.password_hash, password or ""):
         return None
     return user
 

@@ -772,3 +772,48 @@ def test_chart_buckets_sends_per_minute_and_widens_long_campaigns():
     assert long["bucket"] == 5 and len(long["bars"]) <= 90 and long["total"] == 3
     running = chart_data([(t0, 1)], until=t0 + timedelta(minutes=4, seconds=30))
     assert len(running["bars"]) == 5
+
+
+def test_unicode_digits_and_odd_query_keys_are_no_500(ui):
+    # '²'.isdigit() is True and int('²') raises: every such parse answered 500.
+    list_id = make_contacts(ui.api, 2)
+    cid = new_campaign(ui, list_id)
+    for path in ("/contacts?before=\u00b2", "/campaigns?before=\u00b2", "/suppressions?before=\u00b2",
+                 f"/lists/{list_id}?before=\u00b2", "/messages?campaign_id=\u00b2", "/dead-letters?campaign_id=\u00b2",
+                 f"/campaigns/{cid}/edit?preview_contact=\u00b2",
+                 # keys of url_for's own or the view's, carried into the "Newest" link
+                 "/contacts?before=999&_method=POST", "/contacts?before=999&endpoint=x",
+                 f"/lists/{list_id}?before=999&list_id=2", "/contacts?before=999&_external=1&_anchor=x"):
+        resp = ui.get(path)
+        assert resp.status_code == 200, (path, resp.status_code)
+        assert "http://localhost" not in resp.get_data(as_text=True), path  # no absolute link built from Host
+    for path, data in (("/workspace", {"workspace_id": "\u00b2"}),
+                       ("/campaigns/new", {"name": "x", "list_id": "\u00b2"}),
+                       (f"/campaigns/{cid}/edit", {"action": "up-\u00b2"}),
+                       (f"/campaigns/{cid}/edit", {"per_minute": "\u00b2", "action": "save"}),
+                       (f"/campaigns/{cid}/test-send", {"email": "me@example.com", "step": "\u00b2"})):
+        resp = ui.post(path, data)
+        assert resp.status_code in (200, 303, 400, 422), (path, data, resp.status_code)
+
+
+def test_test_send_never_redirects_off_site(ui, sink):
+    list_id = make_contacts(ui.api, 1)
+    cid = new_campaign(ui, list_id)
+    for back in ("https://evil.example/phish", "//evil.example", "javascript:alert(1)"):
+        resp = ui.post(f"/campaigns/{cid}/test-send", {"email": "me@example.com", "back": back})
+        assert resp.status_code == 303 and location(resp) == f"/campaigns/{cid}/edit", back
+
+
+def test_a_failed_sign_in_takes_as_long_for_an_unknown_address(app, monkeypatch):
+    # The password hash was computed only for a known address: the time told which ones exist.
+    from campaigns import accounts
+
+    _, _, _, email = make_workspace(password="correct horse")
+    checked = []
+    real = accounts.check_password_hash
+    monkeypatch.setattr(accounts, "check_password_hash", lambda h, p: checked.append(h) or real(h, p))
+    with session_scope() as s:
+        assert accounts.authenticate(s, email, "wrong") is None
+        assert accounts.authenticate(s, "nobody-" + email, "wrong") is None
+        assert accounts.authenticate(s, email, "correct horse") is not None
+    assert len(checked) == 3 and checked[1].split("$")[0] == checked[0].split("$")[0]  # the same kind of hash

@@ -67,10 +67,15 @@ def safe_next(target: str | None, default: str | None = None) -> str:
     return target
 
 
+def is_digits(raw: str) -> bool:
+    """ASCII digits only: ``str.isdigit()`` also says yes to '²', which ``int()`` refuses (a 500)."""
+    return raw.isascii() and raw.isdigit()
+
+
 def int_arg(name: str) -> int | None:
     """A positive id from the query string; anything else (junk, too large) is None."""
     raw = (request.args.get(name) or "").strip()
-    if not raw.isdigit():
+    if not is_digits(raw):
         return None
     value = int(raw)
     return value if 0 < value <= MAX_ID else None
@@ -89,14 +94,18 @@ def keyset_page(session, stmt, model, limit: int = PAGE_SIZE):
 
 @bp.app_template_global("page_url")
 def page_url(**changes) -> str:
-    """The current page's URL with some query arguments changed (None drops one)."""
-    args = request.args.to_dict()
+    """The current page's URL with some query arguments changed (None drops one). Only plain
+    query arguments are carried over: a key that is also url_for's own (``endpoint``,
+    ``_external``, ``_method``...) or the view's (``list_id``) was a 500 or a foreign link."""
+    view_args = request.view_args or {}
+    args = {k: v for k, v in request.args.to_dict().items()
+            if not k.startswith("_") and k != "endpoint" and k not in view_args}
     for key, value in changes.items():
         if value is None or value == "":
             args.pop(key, None)
         else:
             args[key] = value
-    return url_for(request.endpoint, **(request.view_args or {}), **args)
+    return url_for(request.endpoint, **view_args, **args)
 
 
 def error_text(exc: HeraldError) -> str:
@@ -220,7 +229,7 @@ def logout():
 @login_required
 def switch_workspace():
     raw = request.form.get("workspace_id", "")
-    workspace_id = int(raw) if raw.isdigit() else None
+    workspace_id = int(raw) if is_digits(raw) else None
     if workspace_id not in g.session_workspaces:
         flash("You are not a member of that workspace.", "error")
         return redirect(url_for("ui.home")), 303

@@ -27,7 +27,7 @@ from campaigns.stats import campaign_stats, empty_step_stats
 
 from .auth import login_required
 from .db import get_db
-from .ui import bp, error_text, int_arg, keyset_page, safe_next
+from .ui import bp, error_text, int_arg, is_digits, keyset_page, safe_next
 
 UNITS = (("seconds", 1), ("minutes", 60), ("hours", 3600), ("days", 86400))
 UNIT_SIZE = dict(UNITS)
@@ -57,7 +57,7 @@ NEXT_STEP = {
              "<p><a href=\"{{ unsubscribe_url }}\">Unsubscribe</a></p>\n"),
     "text": "",
 }
-LINE_RE = re.compile(r"^line (\d+): ")
+LINE_RE = re.compile(r"^line (\d+): ", re.ASCII)
 
 
 def _campaign(campaign_id: int, for_update: bool = False) -> Campaign:
@@ -124,7 +124,7 @@ def campaign_new():
     if request.method == "POST":
         payload = {
             "name": form["name"],
-            "list_id": int(form["list_id"]) if form["list_id"].isdigit() else 0,
+            "list_id": int(form["list_id"]) if is_digits(form["list_id"]) else 0,
             "from_email": form["from_email"],
             "from_name": form["from_name"] or None,
             "reply_to": form["reply_to"] or None,
@@ -239,7 +239,7 @@ def apply_action(state: dict, action: str) -> int | None:
         steps.append({"type": "wait", "amount": "1", "unit": "days"})
         return len(steps) - 1
     verb, _, index = action.partition("-")
-    if not index.isdigit() or int(index) >= len(steps):
+    if not is_digits(index) or int(index) >= len(steps):
         return None
     i = int(index)
     if verb == "up" and i > 0:
@@ -257,7 +257,7 @@ def apply_action(state: dict, action: str) -> int | None:
 def _number(raw: str, key: str, errors: dict) -> int | None:
     if not raw:
         return None
-    if not raw.isdigit():
+    if not is_digits(raw):
         errors[key] = ["must be a whole number"]
         return None
     return int(raw)
@@ -305,7 +305,7 @@ def payload_from_state(state: dict, stored_limits: dict | None) -> tuple[dict, d
         limits["sender"] = sender
     payload = {
         "name": state["name"],
-        "list_id": int(state["list_id"]) if state["list_id"].isdigit() else None,
+        "list_id": int(state["list_id"]) if is_digits(state["list_id"]) else None,
         "from_email": state["from_email"],
         "from_name": state["from_name"] or None,
         "reply_to": state["reply_to"] or None,
@@ -429,7 +429,7 @@ def _render_builder(c: Campaign, state: dict, errors: dict, status: int = 200, f
     db = get_db()
     options = _preview_contacts(db, c)
     chosen_id = int_arg("preview_contact") or (int(request.form["preview_contact"])
-                                                if (request.form.get("preview_contact") or "").isdigit() else None)
+                                                if is_digits(request.form.get("preview_contact") or "") else None)
     chosen = next((o for o in options if o.id == chosen_id), None)
     if chosen is None and chosen_id is None and options:
         chosen = options[0]
@@ -489,11 +489,11 @@ def campaign_test_send(campaign_id: int):
 
     db = get_db()
     c = _campaign(campaign_id)
-    back = request.form.get("back") or url_for("ui.campaign_edit", campaign_id=c.id)
+    back = safe_next(request.form.get("back"), url_for("ui.campaign_edit", campaign_id=c.id))
     raw_step = request.form.get("step") or ""
     try:
         msg = engine.test_send(db, g.workspace_id, c.id, request.form.get("email") or "",
-                               int(raw_step) if raw_step.isdigit() else None)
+                               int(raw_step) if is_digits(raw_step) else None)
         db.commit()
     except HeraldError as exc:
         db.rollback()
@@ -752,7 +752,7 @@ _FIELD_LABELS = {
     "tracking": "Tracking", "max_attempts": "Attempts", "steps": "Steps", "_schema": "Campaign", "_": "Campaign",
     "subject": "subject", "html": "HTML", "text": "text", "seconds": "wait",
 }
-_STEP_KEY = re.compile(r"^steps\[(\d+)\]\.(\w+)$")
+_STEP_KEY = re.compile(r"^steps\[(\d+)\]\.(\w+)$", re.ASCII)
 
 
 @bp.app_template_global("builder_field_id")
