@@ -6,15 +6,16 @@ import functools
 import hashlib
 import re
 import secrets
+from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .contacts import text_problem
 from .db import utcnow
 from .errors import Conflict, InvalidInput, NotFound
-from .models import ApiKey, Membership, User, Workspace
+from .models import ApiKey, Membership, User, UserSession, Workspace
 
 API_KEY_PREFIX = "hk_"
 # Column sizes (models.py): longer values are refused here, not by the database mid-transaction.
@@ -114,6 +115,34 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
     if not check_password_hash(user.password_hash, password or ""):
         return None
     return user
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def start_session(session: Session, user_id: int, lifetime: timedelta) -> str:
+    """A new signed-in session for this user; returns its token (the cookie carries it, the
+    database only its hash). The user's expired sessions are cleared on the way."""
+    now = utcnow()
+    session.execute(delete(UserSession).where(UserSession.user_id == user_id, UserSession.expires_at <= now))
+    token = secrets.token_urlsafe(32)
+    session.add(UserSession(user_id=user_id, token_hash=_token_hash(token), created_at=now, expires_at=now + lifetime))
+    return token
+
+
+def session_alive(session: Session, user_id: int, token: str | None) -> bool:
+    """The session this token names exists, is this user's and has not expired."""
+    if not token or not isinstance(token, str) or len(token) > 200:
+        return False
+    found = session.scalar(select(UserSession.expires_at).where(
+        UserSession.token_hash == _token_hash(token), UserSession.user_id == user_id))
+    return found is not None and found > utcnow()
+
+
+def end_session(session: Session, token: str | None) -> None:
+    if token and isinstance(token, str):
+        session.execute(delete(UserSession).where(UserSession.token_hash == _token_hash(token)))
 
 
 def user_workspaces(session: Session, user_id: int) -> list[Workspace]:

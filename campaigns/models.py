@@ -75,6 +75,20 @@ class User(Base):
     memberships: Mapped[list[Membership]] = relationship(back_populates="user", cascade="all, delete-orphan")
 
 
+class UserSession(Base):
+    """A signed-in browser: the UI's cookie carries its token, this row says it is still valid.
+    Signing out deletes it, so a cookie copied before then opens nothing afterwards."""
+
+    __tablename__ = "user_sessions"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = _pk()
+    user_id: Mapped[int] = mapped_column(BigId, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Membership(Base):
     __tablename__ = "memberships"
 

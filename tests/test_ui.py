@@ -12,9 +12,9 @@ import re
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from campaigns.db import session_scope
+from campaigns.db import session_scope, utcnow
 from campaigns.models import Campaign, Contact, Message, MessageAttempt, Suppression
 from tasks import huey
 from tests.conftest import ApiClient, free_port, make_workspace
@@ -817,3 +817,22 @@ def test_a_failed_sign_in_takes_as_long_for_an_unknown_address(app, monkeypatch)
         assert accounts.authenticate(s, "nobody-" + email, "wrong") is None
         assert accounts.authenticate(s, email, "correct horse") is not None
     assert len(checked) == 3 and checked[1].split("$")[0] == checked[0].split("$")[0]  # the same kind of hash
+
+
+def test_signing_out_ends_the_session_on_the_server(app, ui):
+    # The session was only a signed cookie: a copy taken before signing out kept working for 31 days.
+    from campaigns.models import UserSession
+
+    cookie = ui.client.get_cookie("session").value
+    other = UiClient(app, ui.email, "correct horse", ui.workspace_id, "unused", "other browser")
+    ui.post("/logout")
+    thief = app.test_client()
+    thief.set_cookie("session", cookie)
+    resp = thief.get("/settings")
+    assert resp.status_code == 302 and "/login" in location(resp)
+    assert thief.get("/api/v1/queue").status_code == 401  # the API's session path too
+    assert other.get("/settings").status_code == 200  # another browser of the same user stays signed in
+    # an expired session is no session either
+    with session_scope() as s:
+        s.execute(update(UserSession).values(expires_at=utcnow() - timedelta(seconds=1)))
+    assert other.get("/settings").status_code == 302
