@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -10,7 +11,7 @@ from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
 from campaigns import contacts, importer
-from campaigns.errors import HeraldError, NotFound
+from campaigns.errors import BadRequest, HeraldError, NotFound
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, Import, ListMember, Message, Suppression
 
 from .auth import login_required
@@ -36,6 +37,29 @@ def _all_lists(db) -> list[ContactList]:
     return list(db.scalars(contacts.lists_query(g.workspace_id).order_by(func.lower(ContactList.name))))
 
 
+def _form_id(raw: str | None) -> int | None:
+    """A positive id typed in a form: ASCII digits only (``str.isdigit`` takes '²', which
+    ``int`` refuses) and no larger than a BIGINT; anything else is None."""
+    raw = (raw or "").strip()
+    if not (raw.isascii() and raw.isdigit()):
+        return None
+    value = int(raw)
+    return value if contacts.valid_id(value) else None
+
+
+SEARCH_MAX = contacts.EMAIL_MAX  # no stored address is longer, so a longer search matches nothing
+
+
+def _search_text() -> tuple[str, str | None]:
+    """The ``?q=`` search (trimmed, lower-cased, cut to SEARCH_MAX characters for the page)
+    and why it can match nothing, if it cannot: over-long (SQLite refuses LIKE patterns over
+    50,000 bytes) or unstorable text."""
+    q = (request.args.get("q") or "").strip().lower()
+    if len(q) > SEARCH_MAX:
+        return q[:SEARCH_MAX], f"An address has at most {SEARCH_MAX} characters, so a longer search matches nothing."
+    return q, (contacts.text_problem(q) if q else None)
+
+
 def _emails_from_text(raw: str) -> list[str]:
     """Addresses typed one per line, or separated by commas, semicolons or spaces."""
     for sep in (",", ";", "\t", " "):
@@ -50,10 +74,9 @@ def _emails_from_text(raw: str) -> list[str]:
 @login_required
 def contacts_page():
     db = get_db()
-    q = (request.args.get("q") or "").strip().lower()
+    q, problem = _search_text()
     status = request.args.get("status") or ""
     stmt = select(Contact).where(Contact.workspace_id == g.workspace_id)
-    problem = contacts.text_problem(q) if q else None
     if q and not problem:
         stmt = stmt.where(Contact.email.contains(q, autoescape=True))
     if status in CONTACT_STATUSES:
@@ -62,16 +85,55 @@ def contacts_page():
     suppressed = contacts.suppressed_emails(db, g.workspace_id, (c.email for c in rows))
     total = db.scalar(select(func.count()).select_from(Contact).where(Contact.workspace_id == g.workspace_id))
     return render_template("contacts.html", rows=rows, next_before=next_before, q=q, status=status,
-                           statuses=CONTACT_STATUSES, suppressed=suppressed, total=total)
+                           statuses=CONTACT_STATUSES, suppressed=suppressed, total=total, search_note=problem,
+                           search_max=SEARCH_MAX)
+
+
+def _one_line(text: str) -> bool:
+    """True when ``text`` reads back the same from one ``name = value`` line: no line break
+    (``str.splitlines`` also breaks at \\v, \\f, \\x1c-\\x1e, \\x85, \\u2028, \\u2029) and no
+    surrounding whitespace (the parser strips it)."""
+    return text == text.strip() and len(text.splitlines()) <= 1 and "\r" not in text and "\n" not in text
+
+
+def _line_format_fits(fields: dict) -> bool:
+    """Whether every field survives the ``name = value`` line format unchanged: string values
+    only (a number, true/false or null would come back as text), names without ``=`` that do
+    not start with ``{`` (the JSON form), nothing that line breaks or stripping would change."""
+    return all(
+        isinstance(key, str) and key and "=" not in key and not key.startswith("{") and _one_line(key)
+        and isinstance(value, str) and _one_line(value)
+        for key, value in fields.items()
+    )
 
 
 def _fields_text(fields: dict | None) -> str:
-    return "\n".join(f"{k} = {'' if v is None else v}" for k, v in (fields or {}).items())
+    """The custom fields as the form's textarea shows them: ``name = value`` lines when they
+    fit that format, else a JSON object, so saving the form unchanged never changes them."""
+    fields = fields or {}
+    if _line_format_fits(fields):
+        return "\n".join(f"{k} = {v}" for k, v in fields.items())
+    return json.dumps(fields, ensure_ascii=False, indent=2)
+
+
+def _parse_json_fields(raw: str) -> tuple[dict, list[str]]:
+    try:
+        fields = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return {}, [f"the fields are not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"]
+    except (ValueError, RecursionError):
+        return {}, ["the fields are not valid JSON"]
+    if not isinstance(fields, dict):
+        return {}, ["write the fields as a JSON object, e.g. {\"plan\": \"pro\", \"seats\": 3}"]
+    return fields, [f"{k}: {', '.join(v)}" for k, v in contacts.fields_problems(fields).items()]
 
 
 def _parse_fields(raw: str, old: dict | None) -> tuple[dict, list[str]]:
-    """``name = value`` lines -> a dict; a value that reads the same as the stored one keeps
-    its stored type (a number set through the API stays a number)."""
+    """The textarea -> a dict: a JSON object when the text starts with ``{`` (any value the
+    API takes: text, numbers, true/false, null), else ``name = value`` lines, where a value
+    that reads the same as the stored one keeps its stored type."""
+    if raw.lstrip().startswith("{"):
+        return _parse_json_fields(raw)
     old = old or {}
     fields: dict = {}
     problems = []
@@ -81,7 +143,7 @@ def _parse_fields(raw: str, old: dict | None) -> tuple[dict, list[str]]:
         key, sep, value = line.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key:
-            problems.append(f"line {n}: write each field as name = value")
+            problems.append(f"line {n}: write each field as name = value (or write all of them as a JSON object)")
             continue
         previous = old.get(key)
         fields[key] = previous if previous is not None and str(previous) == value else value
@@ -197,7 +259,10 @@ def contact_page(contact_id: int):
 def contact_add_to_list(contact_id: int):
     db = get_db()
     contact = _contact(contact_id)
-    list_id = int(request.form["list_id"]) if (request.form.get("list_id") or "").isdigit() else 0
+    list_id = _form_id(request.form.get("list_id"))
+    if list_id is None:
+        flash("Choose a list from the menu to add the contact to.", "error")
+        return redirect(url_for("ui.contact_page", contact_id=contact.id)), 303
     row = contacts.get_list(db, g.workspace_id, list_id)
     added = contacts.add_list_members(db, g.workspace_id, row.id, [contact.id])
     db.commit()
@@ -239,6 +304,19 @@ def contact_delete(contact_id: int):
 # --------------------------------------------------------------------------- CSV import
 
 
+def _error_counts(job: Import) -> tuple[int, int]:
+    """``(rows with errors, errors not listed)``: at most importer.MAX_ERRORS errors are kept,
+    and every data row is exactly one of created/updated/skipped/error, so the unlisted ones
+    are what the counts leave over (as ``GET /api/v1/imports/<id>`` says)."""
+    listed = len(job.errors or [])
+    truncated = max(0, (job.rows_done or 0) - (job.created or 0) - (job.updated or 0) - (job.skipped or 0) - listed)
+    return listed + truncated, truncated
+
+
+def _error_totals(imports: list[Import]) -> dict[int, int]:
+    return {job.id: _error_counts(job)[0] for job in imports}
+
+
 def _imports(db, limit: int = 10) -> list[Import]:
     return list(db.scalars(select(Import).where(Import.workspace_id == g.workspace_id)
                            .order_by(Import.id.desc()).limit(limit)))
@@ -249,8 +327,9 @@ def _imports(db, limit: int = 10) -> list[Import]:
 def import_page():
     db = get_db()
     if request.method == "GET":
-        return render_template("import.html", lists=_all_lists(db), imports=_imports(db), error=None,
-                               form={"list_id": request.args.get("list_id", "")})
+        imports = _imports(db)
+        return render_template("import.html", lists=_all_lists(db), imports=imports, error=None,
+                               error_totals=_error_totals(imports), form={"list_id": request.args.get("list_id", "")})
     form = {"list_id": request.form.get("list_id", ""), "new_list": (request.form.get("new_list") or "").strip()}
     upload = request.files.get("file")
     try:
@@ -260,13 +339,17 @@ def import_page():
         if form["new_list"]:
             row, _ = contacts.get_or_create_list(db, g.workspace_id, form["new_list"])
             list_id = row.id
-        elif form["list_id"].isdigit():
-            list_id = contacts.get_list(db, g.workspace_id, int(form["list_id"])).id
+        elif form["list_id"].strip():
+            chosen = _form_id(form["list_id"])
+            if chosen is None:
+                raise BadRequest("choose a list from the menu (or no list)", {"list_id": ["not a list id"]})
+            list_id = contacts.get_list(db, g.workspace_id, chosen).id
         job = _queue_import(db, upload, list_id)
     except HeraldError as exc:
         db.rollback()
-        return render_template("import.html", lists=_all_lists(db), imports=_imports(db), error=error_text(exc),
-                               form=form), exc.status
+        imports = _imports(db)
+        return render_template("import.html", lists=_all_lists(db), imports=imports, error=error_text(exc),
+                               error_totals=_error_totals(imports), form=form), exc.status
     return redirect(url_for("ui.import_status", import_id=job.id)), 303
 
 
@@ -299,7 +382,9 @@ def import_status(import_id: int):
     if job is None or job.workspace_id != g.workspace_id:
         raise NotFound(f"There is no import {import_id} in this workspace.")
     target = db.get(ContactList, job.list_id) if job.list_id else None
-    return render_template("import_status.html", job=job, progress=importer.import_progress(job), target=target)
+    errors_total, errors_truncated = _error_counts(job)
+    return render_template("import_status.html", job=job, progress=importer.import_progress(job), target=target,
+                           errors_total=errors_total, errors_truncated=errors_truncated)
 
 
 # --------------------------------------------------------------------------- lists
@@ -331,16 +416,16 @@ def lists_page():
 def list_page(list_id: int):
     db = get_db()
     row = contacts.get_list(db, g.workspace_id, list_id)
-    q = (request.args.get("q") or "").strip().lower()
+    q, problem = _search_text()
     stmt = contacts.members_query(db, g.workspace_id, row.id)
-    if q and not contacts.text_problem(q):
+    if q and not problem:
         stmt = stmt.where(Contact.email.contains(q, autoescape=True))
-    members, next_before = keyset_page(db, stmt, Contact)
+    members, next_before = ([], None) if problem else keyset_page(db, stmt, Contact)
     suppressed = contacts.suppressed_emails(db, g.workspace_id, (c.email for c in members))
     campaigns = list(db.scalars(select(Campaign).where(Campaign.list_id == row.id).order_by(Campaign.id.desc())))
     return render_template("list.html", row=row, members=members, next_before=next_before, q=q,
                            count=contacts.member_counts(db, [row.id])[row.id], suppressed=suppressed,
-                           campaigns=campaigns)
+                           campaigns=campaigns, search_note=problem, search_max=SEARCH_MAX)
 
 
 @bp.post("/lists/<int:list_id>/members")
@@ -434,24 +519,36 @@ def list_delete(list_id: int):
 @bp.get("/suppressions")
 @login_required
 def suppressions_page():
+    return _suppressions_view(request.args.get("emails", ""))
+
+
+def _suppressions_view(emails: str, error: str | None = None, status: int = 200):
     db = get_db()
-    q = (request.args.get("q") or "").strip().lower()
+    q, problem = _search_text()
     stmt = contacts.suppressions_query(g.workspace_id)
-    if q and not contacts.text_problem(q):
+    if q and not problem:
         stmt = stmt.where(Suppression.email.contains(q, autoescape=True))
-    rows, next_before = keyset_page(db, stmt, Suppression)
+    rows, next_before = ([], None) if problem else keyset_page(db, stmt, Suppression)
     total = db.scalar(select(func.count()).select_from(Suppression).where(Suppression.workspace_id == g.workspace_id))
     return render_template("suppressions.html", rows=rows, next_before=next_before, q=q, total=total,
-                           emails=request.args.get("emails", ""))
+                           emails=emails, error=error, search_note=problem, search_max=SEARCH_MAX,
+                           max_bulk=contacts.MAX_BULK), status
 
 
 @bp.post("/suppressions")
 @login_required
 def suppressions_add():
     db = get_db()
-    raw = _emails_from_text(request.form.get("emails") or "")
+    typed = request.form.get("emails") or ""
+    raw = _emails_from_text(typed)
+    if len(raw) > contacts.MAX_BULK:
+        # Refused whole (as the API and the list members form do): cutting the list would
+        # leave the addresses after the limit silently unsuppressed.
+        return _suppressions_view(
+            typed, error=(f"{len(raw):,} addresses: at most {contacts.MAX_BULK:,} can be suppressed at once. "
+                          "Nothing was suppressed; split the list and send it in parts."), status=422)
     valid, invalid = set(), []
-    for email in raw[: contacts.MAX_BULK]:
+    for email in raw:
         problem = contacts.email_problem(email)
         if problem:
             invalid.append((email, problem))
