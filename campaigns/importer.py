@@ -7,11 +7,14 @@ The file
     ``First Name`` is ``first_name``). ``first_name``, ``last_name`` and ``timezone`` (an IANA
     name) are the known columns; every other named column becomes a custom field under its
     header text; a column with an empty header is ignored. Quoted fields may hold commas and
-    newlines.
+    newlines (and a quote written twice, ``""``); a closing quote must end its cell.
 
 Row numbers
-    Rows are numbered like a spreadsheet's lines: the header is row 1, the first data row is
-    row 2. A quoted field that spans several physical lines is still one row.
+    Rows are numbered like a spreadsheet's rows, i.e. the file's CSV records: the header is row
+    1, the first data row is row 2. A quoted field that spans several physical lines is still one
+    row, so a row number can be smaller than the line number a text editor shows; once they
+    differ, a row's error also names its physical line (``(line 7 of the file)``), and an error
+    on a row that spans lines names them all (``(lines 3-5 of the file)``).
 
 What each data row counts as (exactly one of)
     ``created``  - a new contact;
@@ -19,7 +22,17 @@ What each data row counts as (exactly one of)
     ``skipped``  - a blank row (every cell empty);
     an entry in ``errors`` - a broken row: wrong number of columns, bytes that are not UTF-8,
     a NUL byte, a missing or invalid address, a time zone that is not IANA, a name over 200
-    characters. Good rows are stored regardless.
+    characters or holding a line break, malformed quoting (text after a closing quote, a cell
+    over ``csv.field_size_limit()``). Good rows are stored regardless.
+
+Quotes left open
+    A quote that is never closed would make the rest of the file one cell. When a quoted cell
+    has no closing quote before the end of the file, its row is an error saying so, with the
+    physical lines that could therefore not be read (from the row's first line to the end of the
+    file): they are neither imported nor counted in ``rows``, and the import ends there (the rows
+    before it are imported as usual). When a broken row's quoted cell does close further down
+    (a cell over the size limit, or a stray quote), the row is one error naming the lines it
+    spans, and reading goes on after them: rows are never swallowed silently.
 
     An empty cell means "not given": it never clears a stored value. When an address appears on
     several rows, the rows are merged in file order (a later non-empty cell wins): the first row
@@ -36,9 +49,10 @@ Unusable files
     or no ``email`` column raise :class:`CsvUnusable` (HTTP 400) before anything is stored.
 
 Memory
-    The stream is read through ``csv.reader`` and handled in batches of ``batch_size`` rows, one
-    set-based upsert per batch (``INSERT ... ON CONFLICT (workspace_id, email) DO UPDATE``), and
-    committed batch by batch, so memory stays flat whatever the file's size. At most
+    The stream is read through ``csv.reader`` (strict quoting) and handled in batches of
+    ``batch_size`` rows, one set-based upsert per batch (``INSERT ... ON CONFLICT (workspace_id,
+    email) DO UPDATE``), and committed batch by batch, so memory stays flat whatever the file's
+    size (a broken record is read past line by line, holding none of it). At most
     ``max_errors`` errors are listed; ``errors_truncated`` counts the rest.
 """
 
@@ -180,13 +194,120 @@ def _check_head(head: bytes) -> None:
         ) from None
 
 
-def _open(stream: BinaryIO) -> tuple[_Source, csv.reader]:
+def _quote_open_after(line: str, quoted: bool) -> bool:
+    """Whether a quoted cell is still open at the end of a physical ``line``, which starts inside
+    one (``quoted``) or at the start of a record. Follows the csv module's reading of quotes (the
+    excel dialect): a quote opens a cell only as its first character, ``""`` inside one is a
+    quote, and after the closing quote the cell goes on unquoted up to the next comma."""
+    pos, size = 0, len(line)
+    while pos < size:
+        if quoted:
+            end = line.find('"', pos)
+            if end < 0:
+                return True
+            if line.startswith('"', end + 1):
+                pos = end + 2  # a doubled quote: still inside
+                continue
+            quoted = False
+            pos = end + 1
+        elif line.startswith('"', pos):
+            quoted, pos = True, pos + 1
+            continue
+        # an unquoted cell (or the rest of a closed one): it ends at the next comma or at the line's end
+        comma = line.find(",", pos)
+        if comma < 0:
+            return False
+        pos = comma + 1
+    return quoted
+
+
+class _Lines:
+    """The text's physical lines, handed to ``csv.reader`` one at a time: counts them, keeps the
+    lines of the record being read (``held``, cleared by the caller for each record), and notes
+    when the text has ended."""
+
+    def __init__(self, text: io.TextIOBase):
+        self._lines = iter(text)
+        self.count = 0  # physical lines read so far
+        self.held: list[str] = []
+        self.ended = False
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            line = next(self._lines)
+        except StopIteration:
+            self.ended = True
+            raise
+        self.count += 1
+        self.held.append(line)
+        return line
+
+    def skip_open_cell(self) -> bool:
+        """After ``csv.reader`` gave up on a record (it goes on with the next line, as if the record
+        ended on the line it stopped in): when that record has a quoted cell still open there, read
+        past the lines up to where it closes, so that reading goes on after the whole record.
+        Returns True when the cell never closes (the text ended first). Holds no skipped line."""
+        quoted = False
+        for line in self.held:
+            quoted = _quote_open_after(line, quoted)
+        self.held.clear()
+        while quoted:
+            try:
+                line = next(self._lines)
+            except StopIteration:
+                self.ended = True
+                return True
+            self.count += 1
+            quoted = _quote_open_after(line, True)
+        return False
+
+
+def _open(stream: BinaryIO) -> tuple[_Source, _Lines, csv.reader]:
     source = _Source(stream)
     _check_head(source.sniff(SNIFF_BYTES))
     text = io.TextIOWrapper(
         io.BufferedReader(source, buffer_size=64 * 1024), encoding="utf-8-sig", errors="surrogateescape", newline=""
     )
-    return source, csv.reader(text)
+    lines = _Lines(text)
+    # strict: a quote left open at the end of the file, or text after a closing quote, is an error
+    # (csv.Error) instead of a cell that silently takes in the lines after it
+    return source, lines, csv.reader(lines, strict=True)
+
+
+def _lines_text(first: int, last: int) -> str:
+    return f"line {first}" if first == last else f"lines {first}-{last}"
+
+
+def _where(row: int, first: int, last: int) -> str:
+    """Where a row is in the file, when its row number does not say it (see "Row numbers")."""
+    if first == last == row:
+        return ""
+    return f" ({_lines_text(first, last)} of the file)"
+
+
+def _unreadable(exc: csv.Error, first: int, last: int) -> str:
+    """The error of a record the csv module could not read (read past up to ``last``)."""
+    reason = str(exc)
+    if "expected after" in reason:
+        reason = (f"text follows a closing quote ({reason}); a quote inside a quoted cell is written twice, "
+                  'and a cell with a quote in it is quoted as a whole')
+    message = f"the row cannot be read as CSV: {reason}"
+    if last > first:
+        message += f"; it takes in {last - first + 1} lines, none of them imported: is a quote left open on this row?"
+    return message
+
+
+def _never_closed(first: int, last: int) -> str:
+    lines = last - first + 1
+    return (
+        "a quoted cell on this row is never closed (there is no closing quote before the end of the file), "
+        f"so the rest of the file, {_lines_text(first, last)} ({lines} line{'s' * (lines != 1)}), could not be "
+        "read and nothing in it was imported (rows after this one are not counted); close the quote (a quote "
+        "inside a quoted cell is written twice) and import the file again"
+    )
 
 
 @dataclass(frozen=True)
@@ -248,7 +369,7 @@ def parse_header(header: list[str]) -> Columns:
 
 def inspect_csv(stream: BinaryIO) -> Columns:
     """Check that a file can be imported (CsvUnusable if not), reading only its first row."""
-    _, reader = _open(stream)
+    _, _, reader = _open(stream)
     try:
         header = next(reader)
     except StopIteration:
@@ -286,6 +407,8 @@ def _parse_row(record: list[str], cols: Columns) -> tuple[str, list] | str | Non
         return f"invalid email address {_short(raw_email)}: {problem}"
     first, last, tz = _cell(record, cols.first_name), _cell(record, cols.last_name), _cell(record, cols.timezone)
     for what, value in (("first_name", first), ("last_name", last)):
+        if value is not None and ("\n" in value or "\r" in value):
+            return f"{what} holds a line break: is a quote left open on this row?"
         if value is not None and len(value) > NAME_MAX:
             return f"{what} is longer than {NAME_MAX} characters"
     if tz is not None and not is_timezone(tz):
@@ -419,12 +542,14 @@ def import_csv(
 
     ``resume``: the report of an interrupted run of the same file, as its last commit left it;
     its ``rows`` first data rows are read past (they are stored) and its counts carried on.
+    Rows are read the same way on every run (a broken record is read past the same way), so
+    they are numbered the same.
     """
     batch_size = batch_size or BATCH_SIZE
     if list_id is not None:
         get_list(session, workspace_id, list_id)
         session.commit()  # hold no transaction (nor SQLite's write lock) while reading the stream
-    source, reader = _open(stream)
+    source, lines, reader = _open(stream)
     try:
         header = next(reader)
     except StopIteration:
@@ -453,13 +578,21 @@ def import_csv(
             progress(report, source.bytes_read)
         session.commit()
 
-    while True:
+    never_closed = False
+    while not never_closed:
+        first = lines.count + 1  # the physical line the record starts on
+        lines.held.clear()
         try:
             record = next(reader)
         except StopIteration:
             break
-        except csv.Error as exc:  # e.g. a field over csv.field_size_limit(); the reader goes on
-            record, problem = None, f"the row cannot be read as CSV: {exc}"
+        except csv.Error as exc:
+            # A quote still open at the end of the file, text after a closing quote, or a cell over
+            # csv.field_size_limit(). The reader goes on with the next line: read past the rest of
+            # the record first, up to where its open quoted cell closes (if it ever does).
+            never_closed = lines.ended or lines.skip_open_cell()
+            record = None
+            problem = _never_closed(first, lines.count) if never_closed else _unreadable(exc, first, lines.count)
         else:
             problem = None
         row += 1
@@ -471,7 +604,7 @@ def import_csv(
         if parsed is None:
             report.skipped += 1
         elif isinstance(parsed, str):
-            report.error(row, parsed)
+            report.error(row, parsed if never_closed else parsed + _where(row, first, lines.count))
         else:
             email, values = parsed
             if email in batch:

@@ -200,6 +200,114 @@ def test_header_only_and_oversized_fields(api):
     assert set(contacts_by_email(api.workspace_id)) == {"a@example.com", "c@example.com"}
 
 
+# --- quotes left open: never a silent loss of rows ----------------------------------------------
+
+UNCLOSED = b'email,first_name\na@x.com,"Ann\nb@x.com,Bob\nc@x.com,Cat\n'
+
+
+def test_a_quote_never_closed_is_reported_not_swallowing_rows(api):
+    r = post_csv(api, UNCLOSED)
+    assert r.status_code == 200, r.json
+    r = r.json
+    # the broken row is reported where it starts; b and c could not be read, and the error says so
+    assert (r["rows"], r["created"], r["updated"], r["skipped"], r["errors_truncated"]) == (1, 0, 0, 0, 0)
+    assert [e["row"] for e in r["errors"]] == [2]
+    message = r["errors"][0]["error"]
+    assert "never closed" in message and "lines 2-4 (3 lines)" in message and "could not be read" in message
+    assert count(Contact, Contact.workspace_id == api.workspace_id) == 0  # no "Ann\nb@x.com,Bob..." stored
+
+
+def _filler(prefix: str, n: int) -> str:
+    return "".join(f"{prefix}{i}@example.com,F{i}\n" for i in range(n))
+
+
+def test_a_quote_left_open_past_the_field_size_limit(api, other_api):
+    # Never closed: the reader gives up at csv.field_size_limit() on the way; nothing after the
+    # broken row is read (nor counted), the rows before it are imported.
+    filler = _filler("f", 6_000)
+    assert len(filler) > importer.csv.field_size_limit()
+    body = ("email,first_name\nok0@example.com,A\nok1@example.com,B\nbroken@example.com,\"Oops\n" + filler
+            + "not-an-address,X\n")
+    r = post_csv(api, body.encode()).json
+    assert (r["rows"], r["created"], r["errors_truncated"]) == (3, 2, 0)
+    assert [e["row"] for e in r["errors"]] == [4]
+    assert "never closed" in r["errors"][0]["error"] and "lines 4-6005 (6002 lines)" in r["errors"][0]["error"]
+    assert set(contacts_by_email(api.workspace_id)) == {"ok0@example.com", "ok1@example.com"}
+
+    # Closed far below (a stray quote): one error for the whole record, naming its lines, and
+    # reading goes on after it with the rows numbered right.
+    after = "".join(f"after{i}@example.com,A{i}\n" for i in range(5))
+    body = ("email,first_name\nok@example.com,A\nbroken@example.com,\"Oops\n" + filler
+            + "stray@example.com,\"Q\"\n" + after + "bad-address,X\n")
+    r = post_csv(other_api, body.encode()).json
+    assert (r["rows"], r["created"], r["errors_truncated"]) == (8, 6, 0)
+    assert [e["row"] for e in r["errors"]] == [3, 9]
+    broken, bad = (e["error"] for e in r["errors"])
+    assert "cannot be read as CSV" in broken and "field limit" in broken and "(lines 3-6004 of the file)" in broken
+    assert "invalid email address 'bad-address'" in bad and bad.endswith("(line 6010 of the file)")
+    stored = contacts_by_email(other_api.workspace_id)
+    assert len(stored) == 6 and "stray@example.com" not in stored and "after4@example.com" in stored
+
+
+def test_quoted_multiline_cells_are_kept_and_later_rows_name_their_line(api):
+    body = (
+        b"email,first_name,notes\n"  # line 1
+        b'ann@example.com,Ann,"Met at the fair.\nSaid ""call me"" in May,\nthen moved."\n'  # row 2, lines 2-4
+        b'bob@example.com,Bob,"one line"\n'  # row 3, line 5
+        b'cat@example.com,Cat,"two\r\nlines"\r\n'  # row 4, lines 6-7
+        b"not-an-address,X,y\n"  # row 5, line 8
+        b"dan@example.com,Dan,\n"  # row 6, line 9
+    )
+    r = post_csv(api, body).json
+    assert (r["rows"], r["created"]) == (5, 4)
+    assert [e["row"] for e in r["errors"]] == [5]
+    assert r["errors"][0]["error"].endswith("(line 8 of the file)")
+    stored = contacts_by_email(api.workspace_id)
+    assert stored["ann@example.com"].fields == {"notes": 'Met at the fair.\nSaid "call me" in May,\nthen moved.'}
+    assert stored["cat@example.com"].fields == {"notes": "two\r\nlines"}
+    assert stored["bob@example.com"].fields == {"notes": "one line"} and "dan@example.com" in stored
+
+
+@pytest.mark.parametrize("end", [b"\n", b""], ids=["newline", "no-newline"])
+def test_a_quote_left_open_in_the_last_row(api, end):
+    body = b"email,first_name\na@example.com,A\nb@example.com,B\nz@example.com,\"Zed" + end
+    r = post_csv(api, body).json
+    assert (r["rows"], r["created"]) == (3, 2)
+    assert [e["row"] for e in r["errors"]] == [4]
+    assert "never closed" in r["errors"][0]["error"] and "line 4 (1 line)" in r["errors"][0]["error"]
+    assert set(contacts_by_email(api.workspace_id)) == {"a@example.com", "b@example.com"}
+
+
+def test_malformed_quotes_are_row_errors_and_reading_goes_on(api):
+    body = (
+        b"email,first_name\n"
+        b'a@example.com,"Ann\nb@example.com,Bob\nc@example.com,"Cat"\n'  # row 2: closed by the next quote
+        b'd@example.com,"Dan" Jr\n'  # row 3 (line 5): text after the closing quote
+        b'e@example.com,"Eve\nLee"\n'  # row 4 (lines 6-7): a name with a line break
+        b"f@example.com,Fay\n"  # row 5 (line 8)
+    )
+    r = post_csv(api, body).json
+    assert (r["rows"], r["created"]) == (4, 1)
+    assert [e["row"] for e in r["errors"]] == [2, 3, 4]
+    first, second, third = (e["error"] for e in r["errors"])
+    assert "takes in 3 lines" in first and "quote left open" in first and first.endswith("(lines 2-4 of the file)")
+    assert "text follows a closing quote" in second and second.endswith("(line 5 of the file)")
+    assert "first_name holds a line break" in third and third.endswith("(lines 6-7 of the file)")
+    assert set(contacts_by_email(api.workspace_id)) == {"f@example.com"}
+
+
+def test_async_import_reports_a_quote_never_closed_the_same(api, other_api):
+    body = b"email,first_name\nok@example.com,Ok\n" + UNCLOSED.split(b"\n", 1)[1]
+    import_id = post_csv(api, body, **{"async": "1"}).json["import_id"]
+    assert run_queued_imports() == 1
+    done = api.get(f"/api/v1/imports/{import_id}").json
+    sync = post_csv(other_api, body).json
+    assert (done["status"], done["rows_done"], done["created"], done["errors_truncated"]) == ("done", 2, 1, 0)
+    assert done["errors"] == sync["errors"] and [e["row"] for e in done["errors"]] == [3]
+    assert "never closed" in done["errors"][0]["error"] and "lines 3-5 (3 lines)" in done["errors"][0]["error"]
+    assert set(contacts_by_email(api.workspace_id)) == {"ok@example.com"}
+
+
 def test_wrong_content_type_is_415(api):
     resp = api.post("/api/v1/contacts/import", json={"email": "a@example.com"})
     assert resp.status_code == 415 and resp.json["error"]["code"] == "unsupported_media_type"
@@ -340,6 +448,34 @@ def test_interrupted_async_import_resumes_after_its_last_batch(api, monkeypatch)
     assert not os.path.exists(path)
     requeue_interrupted_import("interrupted", run_import.s(import_id))  # not running: nothing to do
     assert run_queued_imports() == 0
+
+
+def test_interrupted_import_with_broken_quotes_resumes_to_the_same_report(api, other_api, monkeypatch):
+    from tasks.imports import requeue_interrupted_import, run_import
+
+    monkeypatch.setattr(importer, "BATCH_SIZE", 10)
+    lines = [f"r{i}@example.com,R{i}" for i in range(25)]
+    lines[3], lines[5] = 'r3@example.com,"Oops', 'r5@example.com,"Q"'  # row 5: one record over lines 5-7
+    body = ("email,first_name\n" + "\n".join(lines) + '\nr25@example.com,"Never\n').encode()  # row 25: line 27
+    import_id = post_csv(api, body, **{"async": "1"}).json["import_id"]
+
+    real = _stop_after_first_batch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_queued_imports()
+    halfway = api.get(f"/api/v1/imports/{import_id}").json
+    assert (halfway["status"], halfway["rows_done"], halfway["created"]) == ("running", 10, 9)
+
+    monkeypatch.setattr(importer, "import_csv", real)
+    requeue_interrupted_import("interrupted", run_import.s(import_id))
+    assert run_queued_imports() == 1
+    done = api.get(f"/api/v1/imports/{import_id}").json
+    sync = post_csv(other_api, body).json
+    assert (done["status"], done["rows_done"], done["created"], done["updated"]) == ("done", 24, 22, 0)
+    assert (sync["rows"], sync["created"]) == (24, 22) and done["errors"] == sync["errors"]
+    assert [e["row"] for e in done["errors"]] == [5, 25]
+    assert done["errors"][0]["error"].endswith("(lines 5-7 of the file)")
+    assert "never closed" in done["errors"][1]["error"] and "line 27 (1 line)" in done["errors"][1]["error"]
+    assert count(Contact, Contact.workspace_id == api.workspace_id) == 22
 
 
 def test_async_import_failures_are_recorded(api):
