@@ -17,12 +17,22 @@ from huey.storage import SqliteStorage
 
 from campaigns.config import ConfigError, get_settings
 
+_consumer_workers: int | None = None
+
+
+def consumer_workers() -> int | None:
+    """This process's worker count when it is a consumer (``-w``), else None."""
+    return _consumer_workers
+
 
 class CheckedStart:
-    """Huey mixin: a consumer checks its services before it starts (see the module docstring)."""
+    """Huey mixin: a consumer checks its services before it starts (see the module docstring),
+    and notes its worker count (a lone worker must not be held by the dispatcher: tasks.engine)."""
 
     def create_consumer(self, **options):
+        global _consumer_workers
         check_services()
+        _consumer_workers = int(options.get("workers") or 1)
         return super().create_consumer(**options)
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -62,6 +63,35 @@ HOOKS = engine.Hooks(
     wake_dispatcher=_wake_dispatcher,
     enqueue_fanout=lambda campaign_id: fanout_campaign(campaign_id),
 )
+YIELD_SECONDS = 0.5  # a lone worker's dispatcher comes back at least this much later
+
+
+def _yielding_wake(at: datetime | None) -> None:
+    """The dispatcher's own next run when the consumer has one worker: always a delayed task.
+
+    An immediate wake is queued at the dispatcher's priority, ahead of every send it queued: the
+    lone worker would run dispatch after dispatch and never a send (nothing was ever sent with
+    ``-w 1``). Delayed, it lets the worker take the sends first (Huey moves it to the queue
+    within a second of its time)."""
+    now = time.time()
+    ts = max(now + YIELD_SECONDS, now if at is None else at.replace(tzinfo=UTC).timestamp())
+    try:
+        cur = huey.storage.peek_data(WAKE_KEY)
+        if cur is not EmptyData and now < float(cur) <= ts:
+            return
+        huey.storage.put_data(WAKE_KEY, repr(ts).encode())
+    except Exception:  # noqa: BLE001 - a lost wake is found again by the reconciler
+        log.exception("could not record the dispatcher wake")
+    dispatch.schedule(eta=datetime.fromtimestamp(ts, UTC))
+
+
+YIELDING_HOOKS = dataclasses.replace(HOOKS, wake_dispatcher=_yielding_wake)
+
+
+def _lone_worker() -> bool:
+    from . import consumer_workers
+
+    return consumer_workers() == 1
 
 
 def wake_dispatcher(at: datetime | None = None) -> None:
@@ -95,7 +125,11 @@ def dispatch() -> None:
             huey.storage.delete_data(WAKE_KEY)
     except Exception:  # noqa: BLE001
         pass
-    engine.run_dispatcher(HOOKS)
+    if _lone_worker():
+        # One pass, not a loop that sleeps short waits in the only worker, and a delayed next run.
+        engine.run_dispatcher(YIELDING_HOOKS, budget_seconds=0)
+    else:
+        engine.run_dispatcher(HOOKS)
 
 
 # Bulk send batches running at once in this process (HERALD_SEND_BATCHES, default 2). Their calls

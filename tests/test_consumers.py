@@ -45,6 +45,18 @@ def test_two_consumers_send_everything_once(api, sink, consumers):
     assert len(keys) == 600 and max(keys.values()) == 1
 
 
+def test_a_consumer_with_one_worker_sends_everything(api, sink, consumers, monkeypatch):
+    # Under a rate limit the dispatcher re-queued itself at its priority, ahead of the sends it
+    # queued: the lone worker ran dispatch after dispatch and sent nothing (0 of 600 after 90 s).
+    monkeypatch.setenv("SENDGRID_RATE_LIMIT", "50/second")  # the consumer's budget: 3 s of sends
+    list_id = make_contacts(api, 150)
+    consumers(1, workers=1)
+    cid = launched_campaign(api, list_id, steps=ONE_STEP)
+    wait_for(lambda: campaign_status(api, cid) == "completed", timeout=40, reconcile_every=None)
+    keys = sink.keys()
+    assert len(keys) == 150 and max(keys.values()) == 1
+
+
 def test_kill_9_mid_campaign_then_restart(api, sink, db, consumers):
     list_id = make_contacts(api, 300)
     sink.behaviour(mode="slow", delay=0.02, seconds=600)
