@@ -1123,6 +1123,46 @@ def _sendable(s: Session, message_ids: list[int]) -> set[int]:
     return ok
 
 
+def _retire_unsendable(s: Session, message_ids: list[int]) -> set[int]:
+    """Cancel the pending ones among these messages that can never be sent (their sequence
+    stopped or ended, their address suppressed, their campaign cancelled); the campaigns touched.
+
+    A paused campaign's messages wait; these would cycle for ever instead (scheduled, queued,
+    refused by the claim, stale, scheduled again...), and their campaign never completed."""
+    if not message_ids:
+        return set()
+    suppressed = exists().where(Suppression.workspace_id == Message.workspace_id, Suppression.email == Message.email)
+    ended = and_(Message.enrollment_id.is_not(None),
+                 ~exists().where(Enrollment.id == Message.enrollment_id, Enrollment.status == "active"))
+    cancelled = exists().where(Campaign.id == Message.campaign_id, Campaign.status == "cancelled")
+    reason = case((suppressed, "address is suppressed"), (cancelled, "campaign cancelled"),
+                  else_="sequence stopped")
+    rows = s.execute(
+        update(Message)
+        .where(Message.id.in_(sorted(message_ids)), Message.status.in_(PENDING), or_(suppressed, ended, cancelled))
+        .values(status="cancelled", last_error=reason, queued_at=None, lease_owner=None, lease_expires_at=None,
+                updated_at=utcnow())
+        .returning(Message.campaign_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return {r.campaign_id for r in rows}
+
+
+def _settle_refused(message_ids: list[int]) -> set[int]:
+    """Messages a send task was handed but its claim refused: the ones that can never go are
+    cancelled; the ones still ``queued`` (a pause committed between the dispatcher's read and its
+    claim) are scheduled again, so a resume sends them at once, not after the stale-queue sweep."""
+    with session_factory()() as s, s.begin():
+        retired = _retire_unsendable(s, message_ids)
+        s.execute(
+            update(Message)
+            .where(Message.id.in_(sorted(message_ids)), Message.status == "queued", Message.is_test.is_(False))
+            .values(status="scheduled", queued_at=None)
+            .execution_options(synchronize_session=False)
+        )
+    return retired
+
+
 class _StopGuard:
     """Which claimed messages may still go.
 
@@ -1301,6 +1341,11 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
             _claim_stmt(pg), {"ids": list(ids), "owner": owner, "lease_until": lease_until, "now": now}
         ).all()
     counts: dict[str, int] = defaultdict(int)
+    refused = set(ids) - {r.id for r in claimed}
+    if refused:
+        for cid in _settle_refused(sorted(refused)):
+            with Session_() as s, s.begin():
+                maybe_complete(s, cid)
     if not claimed:
         return dict(counts)
     claimed.sort(key=lambda r: (-r.priority, r.id))
@@ -1668,6 +1713,10 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
                 )
         if released:  # handed back unspent: the dispatcher queues them again
             s.connection().execute(_release_stmt(is_postgres(s)), {"ids": released, "owner": owner})
+        # Back to scheduled (released, retried, rate-limited, account pause) but stopped, suppressed
+        # or cancelled meanwhile: cancelled now, or they would wait for ever.
+        back = released + [o.message_id for o in outcomes if o.kind in ("retry", "rate_limited", "account")]
+        finished |= _retire_unsendable(s, back)
         sent = [o for o in outcomes if o.kind == "sent"]
         if sent:
             nxt = _record_sent(s, sent, now)
@@ -2017,6 +2066,10 @@ def test_send(s: Session, workspace_id: int, campaign_id: int, email: str, posit
         step = next((st for st in c.steps if st.position == position), None)
         if step is None or step.type != "email":
             raise InvalidInput(f"step {position} is not an email step of this campaign")
+    if s.scalar(select(Suppression.id).where(Suppression.workspace_id == workspace_id, Suppression.email == email)):
+        # Never sent to, test or not: refused here, rather than queued and then refused by every claim.
+        raise Conflict(f"{email} is on the suppression list: nothing is sent to it, test sends included",
+                       details={"email": [email]})
     contact = s.scalar(select(Contact).where(Contact.workspace_id == workspace_id, Contact.email == email))
     now = utcnow()
     msg = Message(workspace_id=workspace_id, campaign_id=c.id, enrollment_id=None, step_id=step.id,
@@ -2067,11 +2120,14 @@ def reconcile(hooks: Hooks, owner: str | None = None) -> ReconcileReport | None:
                 .values(status="ambiguous", ambiguous_at=now, lease_owner=None, lease_expires_at=None,
                         last_error="lease expired mid-send (consumer stopped?)", updated_at=now)
             ).rowcount
-            report.requeued_stale = s.execute(
+            stale = s.scalars(
                 update(Message)
                 .where(Message.status == "queued", Message.queued_at < now - STALE_QUEUED, Message.is_test.is_(False))
                 .values(status="scheduled", queued_at=None)
-            ).rowcount
+                .returning(Message.id)
+            ).all()
+            report.requeued_stale = len(stale)
+            _retire_unsendable(s, list(stale))
             # Test sends have no dispatcher: re-enqueue them directly below.
             stale_tests = s.scalars(
                 select(Message.id).where(Message.status == "queued", Message.queued_at < now - STALE_QUEUED,
@@ -2085,12 +2141,15 @@ def reconcile(hooks: Hooks, owner: str | None = None) -> ReconcileReport | None:
                 .values(status="sent", sent_at=func.coalesce(Message.sent_at, now), ambiguous_at=None,
                         last_error=None)
             ).rowcount
-            report.resent_ambiguous = s.execute(
+            resent = s.scalars(
                 update(Message)
                 .where(Message.status == "ambiguous", Message.ambiguous_at < window_start, ~has_event)
                 .values(status="scheduled", due_at=now, resends=Message.resends + 1, ambiguous_at=None,
                         queued_at=None, last_error="resent: no event arrived within the ambiguity window")
-            ).rowcount
+                .returning(Message.id)
+            ).all()
+            report.resent_ambiguous = len(resent)
+            _retire_unsendable(s, list(resent))  # stopped or suppressed meanwhile (completion: below)
             test_resend = s.scalars(
                 update(Message)
                 .where(Message.status == "scheduled", Message.is_test.is_(True))

@@ -902,6 +902,63 @@ def test_unsubscribe_mid_batch_is_honoured_before_the_next_call(api, sink, db, m
         engine.send_batch(ids, hooks, mailer=SuppressingMailer())
     sent_to = [m["to"][0] for m in sink.accepted()]
     assert order[1] not in sent_to and len(sent_to) == 2
+    # it was claimed when its address was suppressed: cancelled, not back in line (it cycled
+    # scheduled -> queued -> refused -> stale -> scheduled for ever, and the campaign never ended)
+    (skipped,) = [m for m in _messages(db, cid) if m.email == order[1]]
+    assert (skipped.status, skipped.last_error) == ("cancelled", "address is suppressed")
+    assert campaign_status(api, cid) == "completed"
+
+
+def test_a_retry_or_a_cancel_mid_batch_never_leaves_work_that_cannot_go(api, sink, db, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from campaigns.providers import get_mailer
+
+    cid, queued, hooks = _dispatched_by_hand(api, 4)
+    monkeypatch.setattr(engine, "_pool", ThreadPoolExecutor(1))
+    real = get_mailer()
+    order = [m.email for m in _messages(db, cid)]
+    sink.behaviour(mode="5xx", status=503, count=1)  # the first call fails, retryable
+
+    class StoppingMailer:
+        def send(self, email):
+            if email.to_email == order[0]:  # unsubscribed while its (failing) call is in flight
+                assert api.post("/api/v1/suppressions", json={"emails": [order[0]]}).status_code in (200, 201)
+                return real.send(email)
+            result = real.send(email)
+            assert api.post(f"/api/v1/campaigns/{cid}/cancel").json["status"] == "cancelled"
+            return result
+
+    for ids in queued:
+        engine.send_batch(ids, hooks, mailer=StoppingMailer())
+    by_email = {m.email: m for m in _messages(db, cid)}
+    assert (by_email[order[0]].status, by_email[order[0]].last_error) == ("cancelled", "address is suppressed")
+    assert by_email[order[1]].status == "sent"
+    for email in order[2:]:  # released after the cancel: cancelled, not scheduled in a cancelled campaign
+        assert (by_email[email].status, by_email[email].last_error) == ("cancelled", "campaign cancelled")
+    assert api.get(f"/api/v1/campaigns/{cid}").json["stats"]["scheduled"] == 0
+
+
+def test_work_claimed_by_a_dispatcher_racing_a_pause_goes_at_once_after_resume(api, sink, db):
+    cid, queued, hooks = _dispatched_by_hand(api, 3)
+    assert api.post(f"/api/v1/campaigns/{cid}/pause").json["status"] == "paused"
+    with session_scope() as s:  # the dispatcher's claim landed just after the pause committed
+        s.execute(update(Message).where(Message.campaign_id == cid).values(status="queued", queued_at=utcnow()))
+    for ids in queued:
+        engine.send_batch(ids, hooks)  # refused (paused): back to scheduled, not left queued for 90 s
+    assert {m.status for m in _messages(db, cid)} == {"scheduled"} and sink.accepted() == []
+    assert api.post(f"/api/v1/campaigns/{cid}/resume").json["status"] == "running"
+    drain(huey, until=_completed(api, cid), timeout=30)
+    assert len(sink.accepted()) == 3
+
+
+def test_a_test_send_to_a_suppressed_address_is_refused(api, sink, db):
+    list_id = make_contacts(api, 1)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    assert api.post("/api/v1/suppressions", json={"emails": ["gone@example.com"]}).status_code in (200, 201)
+    resp = api.post(f"/api/v1/campaigns/{cid}/test-send", json={"email": "Gone@Example.com"})
+    assert resp.status_code == 409 and "suppression list" in resp.json["error"]["message"]
+    assert not _messages(db, cid, is_test=True)
 
 
 def test_late_event_after_the_window_cancels_the_pending_resend(api, sink, db):
