@@ -37,6 +37,29 @@ def window_zone(window: dict, contact_tz: str | None) -> ZoneInfo:
     return zone(contact_tz, fallback) if tz == "contact" else zone(tz, fallback)
 
 
+def _instant(day, t: time, tz: ZoneInfo, last: bool) -> datetime:
+    """The UTC instant at which the wall clock in ``tz`` reads ``t`` on ``day``.
+
+    Around a DST change a wall time can happen twice (autumn: the earlier for an opening, the
+    later for a closing, so the repeated hour is inside a window on both passes) or never
+    (spring: the instant the clock jumps past it, where plain ``combine`` read it in the old
+    offset and opened a 02:30 window at 03:30)."""
+    naive = datetime.combine(day, t)
+    found = [x for x in (naive.replace(tzinfo=tz, fold=f).astimezone(UTC) for f in (0, 1))
+             if x.astimezone(tz).replace(tzinfo=None) == naive]
+    if found:
+        return max(found) if last else min(found)
+    # In the gap: the first whole second whose wall time is past it (transitions fall on seconds).
+    lo, hi = sorted(int(naive.replace(tzinfo=tz, fold=f).astimezone(UTC).timestamp()) for f in (0, 1))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if datetime.fromtimestamp(mid, tz).replace(tzinfo=None) >= naive:
+            hi = mid
+        else:
+            lo = mid
+    return datetime.fromtimestamp(hi, UTC)
+
+
 def next_opening(window: dict | None, contact_tz: str | None, at: datetime) -> datetime:
     if not window:
         return at
@@ -49,11 +72,8 @@ def next_opening(window: dict | None, contact_tz: str | None, at: datetime) -> d
         day = (local + timedelta(days=offset)).date()
         if day.weekday() not in days:
             continue
-        opens = datetime.combine(day, start, tzinfo=tz)
-        closes = datetime.combine(day + timedelta(days=1) if end <= start else day, end, tzinfo=tz)
-        # Normalise through UTC so DST gaps and folds resolve to real instants.
-        opens_utc = opens.astimezone(UTC)
-        closes_utc = closes.astimezone(UTC)
+        opens_utc = _instant(day, start, tz, last=False)
+        closes_utc = _instant(day + timedelta(days=1) if end <= start else day, end, tz, last=True)
         at_utc = local.astimezone(UTC)
         if opens_utc <= at_utc < closes_utc:
             return at
