@@ -39,7 +39,7 @@ from sqlalchemy.sql import Select
 
 from .db import is_postgres, utcnow
 from .errors import Conflict, InvalidInput, NotFound
-from .models import Campaign, Contact, ContactList, Enrollment, ListMember, Suppression
+from .models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Suppression
 from .sequences import stop_for_emails
 
 # Contact status that a suppression reason implies; other reasons leave the status alone.
@@ -343,6 +343,7 @@ def update_contact(session: Session, workspace_id: int, contact_id: int, **chang
     attrs = _validated(*(changes.get(k, UNSET) for k in ("first_name", "last_name", "timezone", "fields")))
     if email != contact.email and find_contact(session, workspace_id, email) is not None:
         raise Conflict(f"another contact already has the address {email}", {"email": ["already used"]})
+    old_email = contact.email
     try:
         with session.begin_nested():
             contact.email = email
@@ -350,6 +351,16 @@ def update_contact(session: Session, workspace_id: int, contact_id: int, **chang
             contact.updated_at = utcnow()
     except IntegrityError:  # the address was taken concurrently
         raise Conflict(f"another contact already has the address {email}", {"email": ["already used"]}) from None
+    if email != old_email:
+        # A corrected address reaches the emails still to come (not the test sends, not a call
+        # already in flight); the sequence's later steps take the contact's address too.
+        session.execute(
+            update(Message)
+            .where(Message.contact_id == contact.id, Message.status.in_(("scheduled", "queued")),
+                   Message.is_test.is_(False))
+            .values(email=email, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
     return contact
 
 

@@ -1829,6 +1829,9 @@ def _advance_rows(s: Session, rows: list, now: datetime, active_checked: bool) -
         active = set(s.scalars(select(Enrollment.id).where(
             Enrollment.id.in_(sorted({r.enrollment_id for r, p in steps if p[0] is not None})),
             Enrollment.status == "active")))
+    # The next email goes to the contact's address now (corrected since the last one was sent?).
+    moving = sorted({r.contact_id for r, p in steps if p[0] is not None and r.contact_id is not None})
+    emails = dict(s.execute(select(Contact.id, Contact.email).where(Contact.id.in_(moving))).all()) if moving else {}
     new_rows, completed = [], []
     earliest: datetime | None = None
     for r, (nxt_id, wait, max_attempts) in steps:
@@ -1841,7 +1844,8 @@ def _advance_rows(s: Session, rows: list, now: datetime, active_checked: bool) -
         earliest = due if earliest is None else min(earliest, due)
         new_rows.append(dict(
             workspace_id=r.workspace_id, campaign_id=r.campaign_id, enrollment_id=r.enrollment_id, step_id=nxt_id,
-            contact_id=r.contact_id, email=r.email, message_key=new_message_key(), status="scheduled", due_at=due,
+            contact_id=r.contact_id, email=emails.get(r.contact_id, r.email), message_key=new_message_key(),
+            status="scheduled", due_at=due,
             max_attempts=max_attempts, created_at=now, updated_at=now, attempts=0, resends=0,
             priority=0, is_test=False,
         ))

@@ -525,6 +525,22 @@ def test_cancel_cancels_pending_work(api, sink, db):
     assert api.post(f"/api/v1/campaigns/{cid}/launch").status_code == 409
 
 
+def test_a_corrected_address_reaches_the_rest_of_the_sequence(api, sink, db):
+    # The follow-ups kept the address copied at enrollment: a typo fixed after the first email
+    # still got every later one (and a late bounce of the old address left the campaign running).
+    list_id = make_contacts(api, 1)
+    cid = launched_campaign(api, list_id, steps=[
+        {"type": "email", "subject": "One", "html": "<p>1</p>"}, {"type": "wait", "seconds": 2},
+        {"type": "email", "subject": "Two", "html": "<p>2</p>"}])
+    drain(huey, until=lambda: len(sink.accepted()) == 1, timeout=30)
+    contact_id = api.get("/api/v1/contacts?email=person0@example.com").json["items"][0]["id"]
+    resp = api.patch(f"/api/v1/contacts/{contact_id}", json={"email": "fixed@example.com"})
+    assert resp.status_code == 200, resp.json
+    drain(huey, until=_completed(api, cid), timeout=30)
+    assert [m["to"][0] for m in sink.accepted()] == ["person0@example.com", "fixed@example.com"]
+    assert [m.email for m in _messages(db, cid)] == ["person0@example.com", "fixed@example.com"]
+
+
 def test_send_window_moves_work_to_the_next_opening(api, sink, db):
     list_id = make_contacts(api, 3)
     now = utcnow()
