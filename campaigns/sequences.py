@@ -30,15 +30,22 @@ def stop_enrollments(session: Session, enrollment_ids: Iterable[int], reason: st
         update(Enrollment)
         .where(Enrollment.id.in_(ids), Enrollment.status == "active")
         .values(status="stopped", stopped_reason=reason, finished_at=now)
+        .returning(Enrollment.campaign_id)
         .execution_options(synchronize_session=False)
-    ).rowcount
+    ).all()
     session.execute(
         update(Message)
         .where(Message.enrollment_id.in_(ids), Message.status.in_(PENDING))
         .values(status="cancelled", last_error=f"sequence stopped: {reason}", updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    return stopped
+    # The last sequence of a campaign may have ended here: it is completed now, not at the
+    # reconciler's next minute.
+    from .engine import maybe_complete
+
+    for campaign_id in sorted({r.campaign_id for r in stopped}):
+        maybe_complete(session, campaign_id)
+    return len(stopped)
 
 
 def stop_for_emails(session: Session, workspace_id: int, emails: Iterable[str], reason: str) -> int:

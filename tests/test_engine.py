@@ -541,6 +541,21 @@ def test_a_corrected_address_reaches_the_rest_of_the_sequence(api, sink, db):
     assert [m.email for m in _messages(db, cid)] == ["person0@example.com", "fixed@example.com"]
 
 
+def test_a_campaign_whose_last_sequences_are_stopped_completes_at_once(api, sink, db):
+    # It waited for the reconciler's next minute.
+    list_id = make_contacts(api, 2)
+    cid = launched_campaign(api, list_id, steps=[
+        {"type": "email", "subject": "One", "html": "<p>1</p>"}, {"type": "wait", "seconds": 3600},
+        {"type": "email", "subject": "Two", "html": "<p>2</p>"}])
+    drain(huey, until=lambda: len(sink.accepted()) == 2, timeout=30)
+    assert campaign_status(api, cid) == "running"
+    resp = api.post("/api/v1/suppressions", json={"emails": ["person0@example.com"], "reason": "unsubscribe"})
+    assert resp.status_code in (200, 201) and campaign_status(api, cid) == "running"  # one sequence left
+    resp = api.post("/api/v1/suppressions", json={"emails": ["person1@example.com"], "reason": "unsubscribe"})
+    assert resp.status_code in (200, 201) and campaign_status(api, cid) == "completed"
+    assert {m.status for m in _messages(db, cid) if m.step_id != _messages(db, cid)[0].step_id} == {"cancelled"}
+
+
 def test_send_window_moves_work_to_the_next_opening(api, sink, db):
     list_id = make_contacts(api, 3)
     now = utcnow()
