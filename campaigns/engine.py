@@ -92,8 +92,13 @@ SEND_BATCH = 80
 FETCH_PER_CAMPAIGN = 500  # due messages looked at per campaign per dispatch pass
 FLUSH_EVERY = 80
 FLUSH_SECONDS = 0.25
-# Queued this long without a send task claiming it: the queue store lost the task.
-STALE_QUEUED = timedelta(seconds=get_settings().stale_queued_seconds)  # HERALD_STALE_QUEUED_SECONDS
+
+
+def stale_queued() -> timedelta:
+    """Queued this long without a send task claiming it: the queue store lost the task."""
+    return timedelta(seconds=get_settings().stale_queued_seconds)  # HERALD_STALE_QUEUED_SECONDS
+
+
 CONSECUTIVE_FAILURES_PAUSE = 20
 DUE_NOW_CAP = 10000
 ACCOUNT_RULE_KEY = "account"
@@ -480,7 +485,7 @@ def enroll_new_members_of_list(list_id: int, hooks: Hooks | None = None) -> int:
 #   for it, or goes back to the ledger when the wait is long. What reaches the provider never
 #   exceeds a limit, however many consumers and threads send, whatever the queue's jitter.
 # - the dispatcher only *reads* the limits (``peek``): it queues at most what every limit allows
-#   within the next DISPATCH_HORIZON seconds, minus what is queued or sending already, and
+#   within the next dispatch_horizon() seconds, minus what is queued or sending already, and
 #   divides that round-robin across workspaces with work ready, then across their campaigns.
 #   Huey's queue is first in, first out within a priority, so it never holds more than about a
 #   second of bulk work: another tenant's batches are never behind minutes of someone else's.
@@ -489,7 +494,13 @@ def enroll_new_members_of_list(list_id: int, hooks: Hooks | None = None) -> int:
 # spent); the dispatcher comes back when the limit frees (with jitter), or sooner while sends are
 # in flight.
 
-DISPATCH_HORIZON = get_settings().dispatch_horizon  # HERALD_DISPATCH_HORIZON
+
+
+def dispatch_horizon() -> float:
+    """Seconds of work the dispatcher queues at a time (HERALD_DISPATCH_HORIZON)."""
+    return get_settings().dispatch_horizon
+
+
 BATCH_SECONDS = 0.25  # a send task carries about this much of the account budget; also the pace of passes
 PACE_MAX_WAIT = 2.0  # a send waits at most this long for its turn; a longer wait: back to the ledger
 CONCURRENCY_POLL = 0.1  # a workspace at its concurrency budget: look again this soon
@@ -867,7 +878,7 @@ def waiting_on_limits(s: Session, limiter: Limiter | None = None, workspace_id: 
     if not due:
         return {}
     campaigns = s.scalars(select(Campaign).where(Campaign.id.in_(list(due)))).all()
-    plan = _allocate(campaigns, due, _read_limits(s, limiter, campaigns, DISPATCH_HORIZON), max_total=10**9)
+    plan = _allocate(campaigns, due, _read_limits(s, limiter, campaigns, dispatch_horizon()), max_total=10**9)
     ws_of = {c.id: c.workspace_id for c in campaigns}
     out: dict[str, int] = defaultdict(int)
     for cid, by_key in plan.held.items():
@@ -881,7 +892,7 @@ _rr_offset = 0
 
 
 def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, max_total: int = 2000) -> DispatchResult:
-    """One pass: queue the due work every limit lets into the next DISPATCH_HORIZON seconds, fairly.
+    """One pass: queue the due work every limit lets into the next dispatch_horizon() seconds, fairly.
 
     Reads the limits (nothing is taken here: the sends take their units), fetches at most that
     much due work per campaign (oldest first), moves work outside its send window to the next
@@ -897,7 +908,7 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
         campaigns = s.scalars(select(Campaign).where(Campaign.status == "running")).all()
         if not campaigns:
             return result
-        lim = _read_limits(s, limiter, campaigns, DISPATCH_HORIZON)
+        lim = _read_limits(s, limiter, campaigns, dispatch_horizon())
         candidates: dict[int, list] = {}
         limits_of: dict[int, int] = {}
         for c in campaigns:
@@ -2126,7 +2137,7 @@ def reconcile(hooks: Hooks, owner: str | None = None) -> ReconcileReport | None:
             ).rowcount
             stale = s.scalars(
                 update(Message)
-                .where(Message.status == "queued", Message.queued_at < now - STALE_QUEUED, Message.is_test.is_(False))
+                .where(Message.status == "queued", Message.queued_at < now - stale_queued(), Message.is_test.is_(False))
                 .values(status="scheduled", queued_at=None)
                 .returning(Message.id)
             ).all()
@@ -2134,7 +2145,7 @@ def reconcile(hooks: Hooks, owner: str | None = None) -> ReconcileReport | None:
             _retire_unsendable(s, list(stale))
             # Test sends have no dispatcher: re-enqueue them directly below.
             stale_tests = s.scalars(
-                select(Message.id).where(Message.status == "queued", Message.queued_at < now - STALE_QUEUED,
+                select(Message.id).where(Message.status == "queued", Message.queued_at < now - stale_queued(),
                                          Message.is_test.is_(True))
             ).all()
             window_start = now - timedelta(seconds=settings.ambiguous_window)

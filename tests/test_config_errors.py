@@ -110,7 +110,7 @@ def test_engine_reads_its_tunables_from_the_settings(monkeypatch):
     from campaigns import engine
 
     # conftest sets these in the environment before the engine is imported
-    assert engine.STALE_QUEUED == timedelta(seconds=float(os.environ["HERALD_STALE_QUEUED_SECONDS"]))
+    assert engine.stale_queued() == timedelta(seconds=float(os.environ["HERALD_STALE_QUEUED_SECONDS"]))
     assert engine.retry_base() == float(os.environ["HERALD_RETRY_BASE"])
     monkeypatch.setenv("HERALD_RETRY_CAP", "7")
     config.reset_settings()
