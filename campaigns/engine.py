@@ -1159,10 +1159,11 @@ def _retire_unsendable(s: Session, message_ids: list[int]) -> set[int]:
     return {r.campaign_id for r in rows}
 
 
-def _settle_refused(message_ids: list[int]) -> set[int]:
+def _settle_refused(message_ids: list[int]) -> None:
     """Messages a send task was handed but its claim refused: the ones that can never go are
-    cancelled; the ones still ``queued`` (a pause committed between the dispatcher's read and its
-    claim) are scheduled again, so a resume sends them at once, not after the stale-queue sweep."""
+    cancelled (and their campaigns checked for completion); the ones still ``queued`` (a pause
+    committed between the dispatcher's read and its claim) are scheduled again, so a resume
+    sends them at once, not after the stale-queue sweep."""
     with session_factory()() as s, s.begin():
         retired = _retire_unsendable(s, message_ids)
         s.execute(
@@ -1171,7 +1172,8 @@ def _settle_refused(message_ids: list[int]) -> set[int]:
             .values(status="scheduled", queued_at=None)
             .execution_options(synchronize_session=False)
         )
-    return retired
+        for cid in sorted(retired):
+            maybe_complete(s, cid)
 
 
 class _StopGuard:
@@ -1354,9 +1356,7 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
     counts: dict[str, int] = defaultdict(int)
     refused = set(ids) - {r.id for r in claimed}
     if refused:
-        for cid in _settle_refused(sorted(refused)):
-            with Session_() as s, s.begin():
-                maybe_complete(s, cid)
+        _settle_refused(sorted(refused))
     if not claimed:
         return dict(counts)
     claimed.sort(key=lambda r: (-r.priority, r.id))
@@ -2001,14 +2001,9 @@ def delete_dead_letter(s: Session, workspace_id: int, message_id: int) -> dict:
     if msg.status != "failed":
         raise Conflict(f"only dead letters (failed messages) can be deleted; this one is {msg.status}")
     gone = {"id": msg.id, "email": msg.email, "campaign_id": msg.campaign_id}
-    deleted = s.execute(
-        delete(Message).where(Message.id == msg.id, Message.status == "failed")
-        .returning(Message.step_id, Message.is_test).execution_options(synchronize_session=False)
-    ).all()
     s.expunge(msg)
-    if not deleted:
+    if not _delete_dead_letters(s, Message.id == gone["id"]):
         raise Conflict("the message is no longer a dead letter (it was replayed meanwhile)")
-    _count_deleted(s, deleted)
     log.info("dead letter %s (campaign %s) deleted", gone["id"], gone["campaign_id"])
     return gone
 
@@ -2017,24 +2012,26 @@ def delete_failed(s: Session, workspace_id: int, campaign_id: int) -> int:
     """Delete every dead letter of a campaign (test sends included), with their attempt history;
     how many. One set-based DELETE: a message replayed meanwhile is no longer ``failed`` and stays."""
     get_campaign(s, workspace_id, campaign_id)
+    n = _delete_dead_letters(s, Message.campaign_id == campaign_id)
+    if n:
+        log.info("%s dead letters of campaign %s deleted", n, campaign_id)
+    return n
+
+
+def _delete_dead_letters(s: Session, which) -> int:
+    """Delete the messages ``which`` names that are still ``failed``; how many. They stay in their
+    steps' ``failed`` statistic (``Step.failed_deleted``; test sends are in no statistic)."""
     deleted = s.execute(
-        delete(Message).where(Message.campaign_id == campaign_id, Message.status == "failed")
+        delete(Message).where(which, Message.status == "failed")
         .returning(Message.step_id, Message.is_test).execution_options(synchronize_session=False)
     ).all()
-    if deleted:
-        _count_deleted(s, deleted)
-        log.info("%s dead letters of campaign %s deleted", len(deleted), campaign_id)
-    return len(deleted)
-
-
-def _count_deleted(s: Session, deleted: list) -> None:
-    """Deleted dead letters stay in their steps' ``failed`` statistic (test sends are in none)."""
     per_step: dict[int, int] = defaultdict(int)
     for step_id, is_test in deleted:
         if not is_test:
             per_step[step_id] += 1
     for step_id, n in sorted(per_step.items()):
         s.execute(update(Step).where(Step.id == step_id).values(failed_deleted=Step.failed_deleted + n))
+    return len(deleted)
 
 
 def _revive(s: Session, rows: list[Message]) -> None:
