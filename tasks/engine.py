@@ -33,18 +33,26 @@ PRIORITY_DISPATCH = 50
 PRIORITY_TEST = 100
 
 
-def _wake_dispatcher(at: datetime | None) -> None:
-    """Make sure a dispatcher runs at ``at`` (now when None), without piling up duplicate wakes."""
-    now = time.time()
-    ts = now if at is None else at.replace(tzinfo=UTC).timestamp()
+def _covered(ts: float, now: float) -> bool:
+    """Whether an earlier (or equal) wake is already on its way; else ``ts`` is recorded as the
+    next one, so later wakes do not pile up duplicate dispatcher tasks."""
     try:
         cur = huey.storage.peek_data(WAKE_KEY)
         if cur is not EmptyData and now < float(cur) <= ts:
             log.debug("wake at %.3f covered by the wake at %s", ts, cur)
-            return  # an earlier (or equal) wake is already on its way
+            return True
         huey.storage.put_data(WAKE_KEY, repr(ts).encode())
     except Exception:  # noqa: BLE001 - a lost wake is found again by the reconciler
         log.exception("could not record the dispatcher wake")
+    return False
+
+
+def _wake_dispatcher(at: datetime | None) -> None:
+    """Make sure a dispatcher runs at ``at`` (now when None), without piling up duplicate wakes."""
+    now = time.time()
+    ts = now if at is None else at.replace(tzinfo=UTC).timestamp()
+    if _covered(ts, now):
+        return
     log.debug("wake the dispatcher at %.3f (in %.3f s)", ts, ts - now)
     # Huey's consumer moves delayed tasks to the queue once a second, so a task scheduled for
     # ``ts`` starts up to a second late. Start the dispatcher up to EARLY seconds ahead instead:
@@ -75,14 +83,8 @@ def _yielding_wake(at: datetime | None) -> None:
     within a second of its time)."""
     now = time.time()
     ts = max(now + YIELD_SECONDS, now if at is None else at.replace(tzinfo=UTC).timestamp())
-    try:
-        cur = huey.storage.peek_data(WAKE_KEY)
-        if cur is not EmptyData and now < float(cur) <= ts:
-            return
-        huey.storage.put_data(WAKE_KEY, repr(ts).encode())
-    except Exception:  # noqa: BLE001 - a lost wake is found again by the reconciler
-        log.exception("could not record the dispatcher wake")
-    dispatch.schedule(eta=datetime.fromtimestamp(ts, UTC))
+    if not _covered(ts, now):
+        dispatch.schedule(eta=datetime.fromtimestamp(ts, UTC))
 
 
 YIELDING_HOOKS = dataclasses.replace(HOOKS, wake_dispatcher=_yielding_wake)
