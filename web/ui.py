@@ -72,13 +72,18 @@ def is_digits(raw: str) -> bool:
     return raw.isascii() and raw.isdigit()
 
 
-def int_arg(name: str) -> int | None:
-    """A positive id from the query string; anything else (junk, too large) is None."""
-    raw = (request.args.get(name) or "").strip()
+def parse_id(raw: str | None) -> int | None:
+    """A positive id typed in a form or a query string; anything else (junk, too large) is None."""
+    raw = (raw or "").strip()
     if not is_digits(raw):
         return None
     value = int(raw)
     return value if 0 < value <= MAX_ID else None
+
+
+def int_arg(name: str) -> int | None:
+    """A positive id from the query string; anything else (junk, too large) is None."""
+    return parse_id(request.args.get(name))
 
 
 def keyset_page(session, stmt, model, limit: int = PAGE_SIZE):

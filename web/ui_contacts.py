@@ -16,7 +16,7 @@ from campaigns.models import Campaign, Contact, ContactList, Enrollment, Import,
 
 from .auth import login_required
 from .db import get_db
-from .ui import bp, error_text, field_errors, keyset_page, safe_next, settings
+from .ui import bp, error_text, field_errors, keyset_page, parse_id, safe_next, settings
 
 log = logging.getLogger(__name__)
 CONTACT_STATUSES = ("active", "unsubscribed", "bounced", "complained")
@@ -35,16 +35,6 @@ def _notify_list_changed(list_id: int) -> None:
 
 def _all_lists(db) -> list[ContactList]:
     return list(db.scalars(contacts.lists_query(g.workspace_id).order_by(func.lower(ContactList.name))))
-
-
-def _form_id(raw: str | None) -> int | None:
-    """A positive id typed in a form: ASCII digits only (``str.isdigit`` takes '²', which
-    ``int`` refuses) and no larger than a BIGINT; anything else is None."""
-    raw = (raw or "").strip()
-    if not (raw.isascii() and raw.isdigit()):
-        return None
-    value = int(raw)
-    return value if contacts.valid_id(value) else None
 
 
 SEARCH_MAX = contacts.EMAIL_MAX  # no stored address is longer, so a longer search matches nothing
@@ -259,7 +249,7 @@ def contact_page(contact_id: int):
 def contact_add_to_list(contact_id: int):
     db = get_db()
     contact = _contact(contact_id)
-    list_id = _form_id(request.form.get("list_id"))
+    list_id = parse_id(request.form.get("list_id"))
     if list_id is None:
         flash("Choose a list from the menu to add the contact to.", "error")
         return redirect(url_for("ui.contact_page", contact_id=contact.id)), 303
@@ -340,7 +330,7 @@ def import_page():
             row, _ = contacts.get_or_create_list(db, g.workspace_id, form["new_list"])
             list_id = row.id
         elif form["list_id"].strip():
-            chosen = _form_id(form["list_id"])
+            chosen = parse_id(form["list_id"])
             if chosen is None:
                 raise BadRequest("choose a list from the menu (or no list)", {"list_id": ["not a list id"]})
             list_id = contacts.get_list(db, g.workspace_id, chosen).id
