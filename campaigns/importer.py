@@ -2,12 +2,26 @@
 ways in - the synchronous API call, the background task (:func:`run_import`) and the CLI.
 
 The file
-    UTF-8, with or without a BOM. The first line is the header row and must have an ``email``
-    column (header names match case-insensitively; spaces and dashes count as underscores, so
-    ``First Name`` is ``first_name``). ``first_name``, ``last_name`` and ``timezone`` (an IANA
-    name) are the known columns; every other named column becomes a custom field under its
-    header text; a column with an empty header is ignored. Quoted fields may hold commas and
-    newlines (and a quote written twice, ``""``); a closing quote must end its cell.
+    UTF-8, with or without a BOM, lines ending in LF, CRLF or CR. The first line is the header
+    row and must have an email column. Quoted fields may hold delimiters and newlines (and a
+    quote written twice, ``""``); a closing quote must end its cell.
+
+Delimiter
+    A comma, a semicolon (Excel in many European locales) or a tab (TSV), told from the header
+    row alone (the start of the file: the rest is streamed): the delimiter that splits it into
+    several columns. When more than one does (a header name holding another delimiter, unquoted),
+    the one whose split has an email column wins; if several do, the file is refused as
+    ambiguous, and if none does, the error names the delimiter assumed (the one giving the most
+    columns) and the header line as read. A header with none of them is one column.
+
+Header names
+    Matched ignoring case, surrounding spaces and any spaces, dashes and underscores
+    (:data:`FIELD_ALIASES`): ``email`` (``E-mail``, ``Email Address``, ``email_address``),
+    ``first_name`` (``First Name``, ``firstname``, ``given name``, ``forename``), ``last_name``
+    (``Last Name``, ``surname``, ``family name``) and ``timezone`` (``Time Zone``, ``tz``; an
+    IANA name). Two columns naming the same field (``Email`` and ``E-mail Address``) are an
+    error naming both. Every other named column becomes a custom field under its header text
+    (``mail``, ``Full Name`` or ``E-mail 2`` included); a column with an empty header is ignored.
 
 Row numbers
     Rows are numbered like a spreadsheet's rows, i.e. the file's CSV records: the header is row
@@ -46,7 +60,8 @@ Suppressions
 
 Unusable files
     An empty body, binary content (NUL bytes, or a first line that is not UTF-8), no header row,
-    or no ``email`` column raise :class:`CsvUnusable` (HTTP 400) before anything is stored.
+    no email column, two columns for one field or an ambiguous delimiter raise
+    :class:`CsvUnusable` (HTTP 400) before anything is stored.
 
 Memory
     The stream is read through ``csv.reader`` (strict quoting) and handled in batches of
@@ -97,6 +112,17 @@ BATCH_SIZE = 1_000
 MAX_ERRORS = 1_000
 SNIFF_BYTES = 8_192
 KNOWN_COLUMNS = ("email", "first_name", "last_name", "timezone")
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}  # in order of preference on a tie
+# The header names of the known columns, as :func:`_column_key` writes them (lower case, without
+# spaces, dashes and underscores). Deliberately narrow: a name that could mean something else
+# (``mail``, ``name``, ``first``) stays a custom field, as it always was.
+FIELD_ALIASES = {
+    "email": ("email", "emailaddress"),
+    "first_name": ("firstname", "givenname", "forename"),
+    "last_name": ("lastname", "surname", "familyname"),
+    "timezone": ("timezone", "tz"),
+}
+_FIELD_OF = {alias: name for name, aliases in FIELD_ALIASES.items() for alias in aliases}
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of bad bytes
 
 
@@ -194,11 +220,11 @@ def _check_head(head: bytes) -> None:
         ) from None
 
 
-def _quote_open_after(line: str, quoted: bool) -> bool:
+def _quote_open_after(line: str, quoted: bool, delimiter: str = ",") -> bool:
     """Whether a quoted cell is still open at the end of a physical ``line``, which starts inside
     one (``quoted``) or at the start of a record. Follows the csv module's reading of quotes (the
     excel dialect): a quote opens a cell only as its first character, ``""`` inside one is a
-    quote, and after the closing quote the cell goes on unquoted up to the next comma."""
+    quote, and after the closing quote the cell goes on unquoted up to the next ``delimiter``."""
     pos, size = 0, len(line)
     while pos < size:
         if quoted:
@@ -213,11 +239,11 @@ def _quote_open_after(line: str, quoted: bool) -> bool:
         elif line.startswith('"', pos):
             quoted, pos = True, pos + 1
             continue
-        # an unquoted cell (or the rest of a closed one): it ends at the next comma or at the line's end
-        comma = line.find(",", pos)
-        if comma < 0:
+        # an unquoted cell (or the rest of a closed one): it ends at the next delimiter or at the line's end
+        end = line.find(delimiter, pos)
+        if end < 0:
             return False
-        pos = comma + 1
+        pos = end + 1
     return quoted
 
 
@@ -226,8 +252,9 @@ class _Lines:
     lines of the record being read (``held``, cleared by the caller for each record), and notes
     when the text has ended."""
 
-    def __init__(self, text: io.TextIOBase):
+    def __init__(self, text: io.TextIOBase, delimiter: str = ","):
         self._lines = iter(text)
+        self.delimiter = delimiter
         self.count = 0  # physical lines read so far
         self.held: list[str] = []
         self.ended = False
@@ -252,7 +279,7 @@ class _Lines:
         Returns True when the cell never closes (the text ended first). Holds no skipped line."""
         quoted = False
         for line in self.held:
-            quoted = _quote_open_after(line, quoted)
+            quoted = _quote_open_after(line, quoted, self.delimiter)
         self.held.clear()
         while quoted:
             try:
@@ -261,20 +288,83 @@ class _Lines:
                 self.ended = True
                 return True
             self.count += 1
-            quoted = _quote_open_after(line, True)
+            quoted = _quote_open_after(line, True, self.delimiter)
         return False
 
 
-def _open(stream: BinaryIO) -> tuple[_Source, _Lines, csv.reader]:
+@dataclass(frozen=True)
+class CsvFormat:
+    """How the file is read: its delimiter, and what it was told from (for error messages)."""
+
+    delimiter: str = ","
+    header_line: str = ""  # the file's first line, as read
+    note: str = ""  # why this delimiter, when the header alone did not make it plain
+
+    def describe(self) -> str:
+        """E.g. "read as semicolon-separated, from the first line 'email;name'"."""
+        how = f"read as {DELIMITERS[self.delimiter]}-separated"
+        if self.note:
+            how += f" ({self.note})"
+        return f"{how}, from the first line {_short(self.header_line, 200)}"
+
+
+def _header_fields(cells: list[str]) -> set[str]:
+    return {_FIELD_OF[key] for key in map(_column_key, cells) if key in _FIELD_OF}
+
+
+def _names(delimiters) -> str:
+    return " and ".join(DELIMITERS[d] + "s" for d in delimiters)
+
+
+def detect_format(head: bytes) -> CsvFormat:
+    """The delimiter of a file, from its first bytes (``head``): the one of comma, semicolon and
+    tab that splits the header row into several columns (see "Delimiter" above). Each is tried
+    with the csv module itself, so a delimiter inside a quoted header name does not count.
+    Raises CsvUnusable when two of them each give a header with an email column."""
+    # The head may end in the middle of a character or of a line: only its first record is read.
+    text = head.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    first_line = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0]
+    splits: dict[str, list[str]] = {}
+    for delimiter in DELIMITERS:
+        try:
+            cells = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True), [])
+        except csv.Error:
+            continue  # e.g. a header longer than the head, cut in a quoted name: the reader will say
+        if len(cells) > 1:
+            splits[delimiter] = cells
+    if not splits:
+        return CsvFormat(",", first_line, "no comma, semicolon or tab in it: one column")
+    if len(splits) == 1:
+        return CsvFormat(next(iter(splits)), first_line)
+    with_email = [d for d, cells in splits.items() if "email" in _header_fields(cells)]
+    if len(with_email) == 1:
+        return CsvFormat(with_email[0], first_line)
+    if with_email:
+        readings = "; ".join(
+            f"split on {DELIMITERS[d]}s: {', '.join(_short(c, 40) for c in splits[d][:6])}" for d in with_email
+        )
+        raise CsvUnusable(
+            f"cannot tell the file's delimiter: the first line {_short(first_line, 200)} holds "
+            f"{_names(splits)}, and split on either it has an email column ({readings}); "
+            "save it with one delimiter (comma, semicolon or tab), quoting a header name that holds another one"
+        )
+    # None has an email column: the error will say so; assume the one that gives the most columns.
+    assumed = max(splits, key=lambda d: len(splits[d]))  # a tie: the first in DELIMITERS
+    return CsvFormat(assumed, first_line, f"the most columns; the line holds {_names(splits)}")
+
+
+def _open(stream: BinaryIO) -> tuple[_Source, _Lines, csv.reader, CsvFormat]:
     source = _Source(stream)
-    _check_head(source.sniff(SNIFF_BYTES))
+    head = source.sniff(SNIFF_BYTES)
+    _check_head(head)
+    fmt = detect_format(head)
     text = io.TextIOWrapper(
         io.BufferedReader(source, buffer_size=64 * 1024), encoding="utf-8-sig", errors="surrogateescape", newline=""
     )
-    lines = _Lines(text)
+    lines = _Lines(text, fmt.delimiter)
     # strict: a quote left open at the end of the file, or text after a closing quote, is an error
     # (csv.Error) instead of a cell that silently takes in the lines after it
-    return source, lines, csv.reader(lines, strict=True)
+    return source, lines, csv.reader(lines, delimiter=fmt.delimiter, strict=True), fmt
 
 
 def _lines_text(first: int, last: int) -> str:
@@ -323,11 +413,13 @@ class Columns:
 
 
 def _column_key(cell: str) -> str:
-    return re.sub(r"[\s\-]+", "_", cell.strip().lower())
+    """A header name as :data:`FIELD_ALIASES` writes it: ``E-mail Address`` -> ``emailaddress``."""
+    return re.sub(r"[\s_\-]+", "", cell.strip().lower())
 
 
-def parse_header(header: list[str]) -> Columns:
-    """The header row -> :class:`Columns`, or CsvUnusable saying what is wrong with it."""
+def parse_header(header: list[str], fmt: CsvFormat | None = None) -> Columns:
+    """The header row -> :class:`Columns`, or CsvUnusable saying what is wrong with it (``fmt``:
+    how the file was read, named in the error when there is no email column)."""
     if not header or all(not c.strip() for c in header):
         raise CsvUnusable("the file has no header row: its first line must name the columns (e.g. email,first_name)")
     if any(_UNDECODABLE.search(c) or "\x00" in c for c in header):
@@ -339,10 +431,21 @@ def parse_header(header: list[str]) -> Columns:
         if not name:
             continue  # a column without a name is ignored
         key = _column_key(name)
-        if key in KNOWN_COLUMNS:
-            if key in known:
-                raise CsvUnusable(f"the column {key!r} appears twice in the header row")
-            known[key] = i
+        if key in _FIELD_OF:
+            known_as = _FIELD_OF[key]
+            if known_as in known:
+                j = known[known_as]
+                first = header[j].strip()
+                if first.casefold() == name.casefold():
+                    raise CsvUnusable(
+                        f"the column {first!r} appears twice in the header row (columns {j + 1} and {i + 1}"
+                        + (f", as {first!r} and {name!r}" if first != name else "") + "); remove or rename one"
+                    )
+                raise CsvUnusable(
+                    f"the columns {first!r} (column {j + 1}) and {name!r} (column {i + 1}) are both read as the "
+                    f"{known_as} column; remove one of them, or rename it to keep it as a custom field"
+                )
+            known[known_as] = i
         else:
             if name in custom:
                 raise CsvUnusable(f"the column {name!r} appears twice in the header row")
@@ -355,8 +458,13 @@ def parse_header(header: list[str]) -> Columns:
                 "the file has no header row: its first line holds an email address; "
                 "add a first line naming the columns (e.g. email,first_name)"
             )
-        found = ", ".join(repr(c) for c in header[:10])
-        raise CsvUnusable(f"the header row has no 'email' column (found: {found})")
+        found = ", ".join(_short(c, 40) for c in header[:10]) + (", ..." if len(header) > 10 else "")
+        how = f"; {fmt.describe()}" if fmt is not None else ""
+        raise CsvUnusable(
+            f"the header row has no 'email' column (found: {found}{how}). The email column may be named "
+            "email, e-mail, email address or email_address (case, spaces, dashes and underscores do not "
+            "matter), and the columns may be separated by commas, semicolons or tabs"
+        )
     return Columns(
         count=len(header),
         email=known["email"],
@@ -369,14 +477,14 @@ def parse_header(header: list[str]) -> Columns:
 
 def inspect_csv(stream: BinaryIO) -> Columns:
     """Check that a file can be imported (CsvUnusable if not), reading only its first row."""
-    _, _, reader = _open(stream)
+    _, _, reader, fmt = _open(stream)
     try:
         header = next(reader)
     except StopIteration:
         header = []
     except csv.Error as exc:
-        raise CsvUnusable(f"the header row cannot be read as CSV: {exc}") from None
-    return parse_header(header)
+        raise CsvUnusable(f"the header row cannot be read as CSV ({fmt.describe()}): {exc}") from None
+    return parse_header(header, fmt)
 
 
 def _short(value: str, size: int = 60) -> str:
@@ -549,14 +657,14 @@ def import_csv(
     if list_id is not None:
         get_list(session, workspace_id, list_id)
         session.commit()  # hold no transaction (nor SQLite's write lock) while reading the stream
-    source, lines, reader = _open(stream)
+    source, lines, reader, fmt = _open(stream)
     try:
         header = next(reader)
     except StopIteration:
         header = []
     except csv.Error as exc:
-        raise CsvUnusable(f"the header row cannot be read as CSV: {exc}") from None
-    cols = parse_header(header)
+        raise CsvUnusable(f"the header row cannot be read as CSV ({fmt.describe()}): {exc}") from None
+    cols = parse_header(header, fmt)
 
     report = resume or ImportReport(max_errors=max_errors, list_id=list_id)
     report.list_id = list_id

@@ -160,6 +160,30 @@ UNUSABLE = [
     pytest.param(b"ann@example.com,Ann\nbob@example.com,Bob\n", "no header row", id="no-header"),
     pytest.param(b"name,phone\nAnn,123\n", "no 'email' column", id="no-email-column"),
     pytest.param(b"email,Email\na@example.com,b@example.com\n", "appears twice", id="duplicate-column"),
+    # two names of one field: an error naming both, never a silent pick
+    pytest.param(b"Email,Name,E-mail Address\na@example.com,A,b@example.com\n",
+                 "'Email' (column 1) and 'E-mail Address' (column 3) are both read as the email column",
+                 id="duplicate-email-aliases"),
+    pytest.param(b"email;Surname;Last Name\na@example.com;B;C\n",
+                 "'Surname' (column 2) and 'Last Name' (column 3) are both read as the last_name column",
+                 id="duplicate-last-name-aliases"),
+    pytest.param(b"email\tfirst_name\tFirst Name\na@example.com\tA\tB\n", "'first_name' (column 2) and 'First Name'",
+                 id="duplicate-first-name-tsv"),
+    # no email column: the error names the delimiter it assumed and the header line it saw
+    pytest.param(b"name;phone\nAnn;123\n", "read as semicolon-separated, from the first line 'name;phone'",
+                 id="no-email-semicolon"),
+    pytest.param(b"Name|Mail\nAnn|a@example.com\n",
+                 "read as comma-separated (no comma, semicolon or tab in it: one column), "
+                 "from the first line 'Name|Mail'",
+                 id="no-email-other-delimiter"),
+    # ambiguous: both a comma and a semicolon split the header, neither gives an email column
+    pytest.param(b"name;phone,fax\nAnn;1,2\n",
+                 "read as comma-separated (the most columns; the line holds commas and semicolons), "
+                 "from the first line 'name;phone,fax'", id="ambiguous-without-email"),
+    # ambiguous: read either way the header has an email column
+    pytest.param(b"email;x,email\na@example.com;1,b@example.com\n",
+                 "cannot tell the file's delimiter: the first line 'email;x,email' holds commas and semicolons",
+                 id="ambiguous-with-email"),
 ]
 
 
@@ -174,6 +198,128 @@ def test_unusable_files_are_400_and_store_nothing(api, body, message):
     assert count(Contact) == 0 and count(ListMember) == 0 and count(Import) == 0
     folder = get_settings().instance_dir / "imports"
     assert not folder.exists() or not list(folder.iterdir())
+
+
+# --- delimiters and header names: what spreadsheets and other tools export ---------------------
+
+
+def test_semicolon_file_with_bom_and_crlf(api, other_api):
+    # Excel in a European locale: semicolons, a BOM, CRLF; commas are plain text in the cells.
+    # Only the header decides the delimiter: the rows past the sniffed head are read the same way.
+    filler = "".join(f"f{i}@example.com;F{i};;Note, with comma {i}\r\n" for i in range(400))
+    assert len(filler) > importer.SNIFF_BYTES
+    body = (
+        "\ufeffE-mail;Vorname;First Name;Notes\r\n"  # row 1
+        "ann@example.com;Anna;Ann;\"Met in Köln; said \"\"hi\"\",\r\nthen left\"\r\n"  # row 2, lines 2-3
+        "bob@example.com,Bob,,\r\n"  # row 3: commas are not the delimiter here
+        "cat@example.com;;Cat;a,b,c\r\n"  # row 4
+        + filler  # rows 5-404
+        + "not-an-address;X;Y;Z\r\n"  # row 405, line 406
+    ).encode()
+    resp = post_csv(api, body)
+    assert resp.status_code == 200, resp.json
+    r = resp.json
+    assert (r["rows"], r["created"], r["skipped"]) == (404, 402, 0)
+    assert [e["row"] for e in r["errors"]] == [3, 405]
+    assert "expected 4 columns, found 1" in r["errors"][0]["error"]
+    assert "invalid email address 'not-an-address'" in r["errors"][1]["error"]
+    assert r["errors"][1]["error"].endswith("(line 406 of the file)")
+    stored = contacts_by_email(api.workspace_id)
+    ann, cat = stored["ann@example.com"], stored["cat@example.com"]
+    assert ann.first_name == "Ann"
+    assert ann.fields == {"Vorname": "Anna", "Notes": 'Met in Köln; said "hi",\r\nthen left'}
+    assert cat.first_name == "Cat" and cat.fields == {"Notes": "a,b,c"}
+    assert stored["f399@example.com"].fields == {"Vorname": "F399", "Notes": "Note, with comma 399"}
+
+    # the background import reads it the same way
+    import_id = post_csv(other_api, body, **{"async": "1"}).json["import_id"]
+    assert run_queued_imports() == 1
+    done = other_api.get(f"/api/v1/imports/{import_id}").json
+    assert (done["status"], done["created"], done["errors"]) == ("done", 402, r["errors"])
+
+
+def test_tab_separated_file(api, app, tmp_path):
+    body = (
+        b"Email Address\tGiven Name\tFamily Name\tTime Zone\tCompany, Inc.\n"
+        b"ann@example.com\tAnn\tLee\tEurope/Paris\tAcme, Ltd; EU\n"
+        b'bob@example.com\t"Bob\tthe builder"\t\t\t\n'  # a quoted tab is text
+        b"cat@example.com,Cat,,UTC,X\n"  # a comma row in a tab file: one column, not five
+        b"dan@example.com\tDan\t\tMars/Base\t\n"
+    )
+    r = post_csv(api, body).json
+    assert (r["created"], [e["row"] for e in r["errors"]]) == (2, [4, 5])
+    assert "expected 5 columns, found 1" in r["errors"][0]["error"] and "Mars/Base" in r["errors"][1]["error"]
+    stored = contacts_by_email(api.workspace_id)
+    ann = stored["ann@example.com"]
+    assert (ann.first_name, ann.last_name, ann.timezone) == ("Ann", "Lee", "Europe/Paris")
+    assert ann.fields == {"Company, Inc.": "Acme, Ltd; EU"}
+    assert stored["bob@example.com"].first_name == "Bob\tthe builder"
+
+    # the CLI reads it the same way
+    path = tmp_path / "people.tsv"
+    path.write_bytes(body.replace(b"@example.com", b"@example.org"))
+    result = app.test_cli_runner().invoke(args=["import-contacts", str(path), "--workspace", api.workspace_name])
+    assert result.exit_code == 0, result.output
+    assert "4 rows: 2 created, 0 updated, 0 skipped, 2 with errors" in result.output
+
+
+def test_a_quote_left_open_in_a_semicolon_file_is_read_past_on_semicolons(api):
+    # The reader gives up at csv.field_size_limit(); what it reads past (up to where the quote
+    # closes) must follow the file's delimiter, or the rows after it would be misnumbered.
+    filler = "".join(f"f{i}@example.com;F{i}\n" for i in range(6_000))
+    assert len(filler) > importer.csv.field_size_limit()
+    after = "".join(f"after{i}@example.com;A{i}\n" for i in range(5))
+    body = ("email;first_name\nok@example.com;A\nbroken@example.com;\"Oops\n" + filler
+            + "stray@example.com;\"Q\"\n" + after + "bad-address;X\n")
+    r = post_csv(api, body.encode()).json
+    assert (r["rows"], r["created"], r["errors_truncated"]) == (8, 6, 0)
+    assert [e["row"] for e in r["errors"]] == [3, 9]
+    broken, bad = (e["error"] for e in r["errors"])
+    assert "field limit" in broken and broken.endswith("(lines 3-6004 of the file)")
+    assert "invalid email address 'bad-address'" in bad and bad.endswith("(line 6010 of the file)")
+    assert "after4@example.com" in contacts_by_email(api.workspace_id)
+
+
+@pytest.mark.parametrize("header", [
+    "Email Address,First Name,Last Name,Time Zone",
+    "E-mail,firstname,surname,tz",
+    "EMAIL_ADDRESS,Given Name,Family Name,timezone",
+    " e-mail address , first-name ,LAST_NAME,time_zone",
+    "email,Forename,lastname,TZ",
+], ids=["mailchimp", "short", "underscores", "spaces-dashes", "plain"])
+def test_header_aliases_of_the_known_columns(api, header):
+    body = f"{header},mail,Full Name,E-mail 2\nANN@example.com,Ann,Lee,Asia/Tokyo,m,Ann Lee,ann2@example.com\n"
+    r = post_csv(api, body.encode()).json
+    assert (r["created"], r["errors"]) == (1, [])
+    ann = contacts_by_email(api.workspace_id)["ann@example.com"]
+    assert (ann.first_name, ann.last_name, ann.timezone) == ("Ann", "Lee", "Asia/Tokyo")
+    # names that could mean something else stay custom fields, under their header text
+    assert ann.fields == {"mail": "m", "Full Name": "Ann Lee", "E-mail 2": "ann2@example.com"}
+
+
+@pytest.mark.parametrize("body,delimiter,fields", [
+    # a header name holding another delimiter, unquoted: the split with an email column wins
+    (b"Email;Notes, misc\na@example.com;x, y\n", ";", {"Notes, misc": "x, y"}),
+    (b"Email,Company; Inc\na@example.com,x; y\n", ",", {"Company; Inc": "x; y"}),
+    (b"Email\tNotes, misc; more\na@example.com\tx\n", "\t", {"Notes, misc; more": "x"}),
+    # quoted, another delimiter in a header name is not counted at all
+    (b'email;"Notes, misc"\na@example.com;x\n', ";", {"Notes, misc": "x"}),
+], ids=["semicolon", "comma", "tab", "quoted"])
+def test_a_header_holding_two_delimiters_is_read_with_the_one_that_finds_the_email_column(api, body, delimiter,
+                                                                                          fields):
+    assert importer.detect_format(body).delimiter == delimiter
+    r = post_csv(api, body).json
+    assert (r["created"], r["errors"]) == (1, [])
+    assert contacts_by_email(api.workspace_id)["a@example.com"].fields == fields
+
+
+def test_ambiguous_header_error_shows_both_readings(api):
+    resp = post_csv(api, b"email;x,email\na@example.com;1,b@example.com\n")
+    assert resp.status_code == 400
+    message = resp.json["error"]["message"]
+    assert "split on commas: 'email;x', 'email'" in message and "split on semicolons: 'email', 'x,email'" in message
+    assert "save it with one delimiter" in message
+    assert count(Contact) == 0
 
 
 def test_undecodable_bytes_and_nul_in_a_later_row_are_row_errors(api):

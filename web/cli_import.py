@@ -26,10 +26,14 @@ def register(app: Flask) -> None:
     def import_contacts(file, workspace, list_name):
         """Import contacts from a CSV FILE (UTF-8; a header row with an email column).
 
-        first_name, last_name and timezone are known columns; every other column becomes a
-        custom field. Rows are numbered like a spreadsheet (the header is row 1). Bad rows are
-        reported at the end and the good ones stored; an unusable file (empty, binary, no
-        header or no email column) stores nothing and exits with status 1.
+        Columns are separated by commas, semicolons or tabs (told from the header row). Header
+        names match ignoring case, spaces, dashes and underscores: email (e-mail, Email Address),
+        first_name (First Name, Given Name), last_name (Last Name, Surname, Family Name) and
+        timezone (Time Zone, tz) are known columns; every other column becomes a custom field.
+        Rows are numbered like a spreadsheet (the header is row 1). Bad rows are reported at the
+        end and the good ones stored; an unusable file (empty, binary, no header, no email
+        column, two columns for one field, an ambiguous delimiter) stores nothing and exits
+        with status 1.
         """
         total = os.path.getsize(file)
         session = new_session()
