@@ -709,7 +709,8 @@ def unsuppress(session: Session, workspace_id: int, email: str) -> None:
     """Remove an address from the suppression list (NotFound when it is not on it).
 
     An explicit decision to mail the address again, so its contact (if any) goes back to
-    ``active``. Sequences stopped by the suppression stay stopped.
+    ``active``. Sequences stopped by the suppression stay stopped; campaigns that skipped it
+    enroll it through ``engine.enroll_contact``, which the callers run in the same transaction.
     """
     email = (email or "").strip().lower()
     if text_problem(email):

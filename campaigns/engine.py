@@ -475,6 +475,28 @@ def enroll_new_members_of_list(list_id: int, hooks: Hooks | None = None) -> int:
     return total
 
 
+def enroll_contact(session: Session, workspace_id: int, email: str) -> int:
+    """An address came off the suppression list: enroll its contact in every running or paused
+    campaign of the workspace whose list holds it, as a member added now would be (it was
+    skipped while suppressed). Sequences the suppression stopped stay stopped: a contact already
+    enrolled in a campaign is not enrolled again. In the caller's transaction (a few rows: one
+    contact); the caller wakes the dispatcher after the commit. Returns how many campaigns
+    enrolled the contact."""
+    contact_id = session.scalar(
+        select(Contact.id).where(Contact.workspace_id == workspace_id, Contact.email == (email or "").strip().lower())
+    )
+    if contact_id is None:
+        return 0
+    ids = session.scalars(
+        select(Campaign.id)
+        .join(ListMember, ListMember.list_id == Campaign.list_id)
+        .where(Campaign.workspace_id == workspace_id, Campaign.status.in_(("running", "paused")),
+               ListMember.contact_id == contact_id)
+        .order_by(Campaign.id)
+    ).all()
+    return sum(1 for cid in ids if fanout(session, cid, contacts=(contact_id - 1, contact_id)))
+
+
 # --------------------------------------------------------------------------- dispatch
 #
 # Limits are enforced where the sends happen, and planned where work is queued; both use the

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 from . import engine, events, imports  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 
 def notify_list_changed(list_id: int) -> None:
     """Members were added to a list: running campaigns of that list enroll them."""
     engine.enroll_list_members(list_id)
+
+
+def notify_enrolled() -> None:
+    """Contacts were enrolled in a committed transaction (an address taken off the suppression
+    list): wake the dispatcher for their first sends. A queue failure is logged, not raised: the
+    enrollments are stored, and the reconciler finds their due messages within a minute."""
+    try:
+        engine.wake_dispatcher(None)
+    except Exception:  # noqa: BLE001
+        log.exception("could not wake the dispatcher after an enrollment")

@@ -780,6 +780,50 @@ def test_contacts_added_to_a_running_campaign_are_enrolled(api, sink, db):
     assert db.scalar(select(func.count()).select_from(Enrollment).where(Enrollment.campaign_id == cid)) == 3
 
 
+def test_an_address_taken_off_the_suppression_list_is_enrolled_in_running_campaigns(app, sink, db):
+    """Skipped at launch while suppressed, then un-suppressed (a mistaken bounce): its running
+    campaigns enroll it, as they would a member added now. A sequence the suppression stopped
+    stays stopped, and a campaign of another list is not touched."""
+    from tests.conftest import make_workspace
+    from tests.test_ui import UiClient
+
+    ws_id, name, key, email = make_workspace(password="correct horse")
+    ui = UiClient(app, email, "correct horse", ws_id, key, name)
+    api = ui.api
+    list_id = make_contacts(api, 4)  # person3 is never suppressed: its wait keeps the campaign running
+    api.post("/api/v1/suppressions", json={"emails": ["person0@example.com", "person2@example.com"],
+                                           "reason": "bounce"})
+    two_steps = [{"type": "email", "subject": "One", "html": "<p>1</p>"}, {"type": "wait", "seconds": 3600},
+                 {"type": "email", "subject": "Two", "html": "<p>2</p>"}]
+    cid = launched_campaign(api, list_id, steps=two_steps)
+    other_list = make_contacts(api, 1, list_name="Other", prefix="other")
+    other = launched_campaign(api, other_list, steps=two_steps)
+    drain(huey, until=lambda: len(sink.accepted()) == 3, timeout=30)  # person1, person3 and other0
+    # person1 is suppressed mid-sequence: its sequence stops, and un-suppressing does not restart it
+    api.post("/api/v1/suppressions", json={"emails": ["person1@example.com"], "reason": "unsubscribe"})
+    assert api.delete("/api/v1/suppressions/person1@example.com").status_code == 204
+    assert api.delete("/api/v1/suppressions/PERSON0@example.com").status_code == 204  # the API
+    resp = ui.post("/suppressions/remove", {"email": "person2@example.com"}, follow_redirects=True)  # the UI
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 200 and "Enrolled in 1 running campaign of its lists" in html
+    drain(huey, until=lambda: len(sink.accepted()) == 5, timeout=30)
+    assert sorted(m["to"][0] for m in sink.accepted()[3:]) == ["person0@example.com", "person2@example.com"]
+    db.expire_all()
+    enrolled = db.scalars(select(Enrollment.status).where(Enrollment.campaign_id == cid)).all()
+    assert sorted(enrolled) == ["active", "active", "active", "stopped"]
+    assert db.scalar(select(func.count()).select_from(Enrollment).where(Enrollment.campaign_id == other)) == 1
+    assert db.scalar(select(func.count()).select_from(Message).where(Message.campaign_id == cid,
+                                                                      Message.status == "sent")) == 4
+    # a completed campaign is not reopened: its list's members are no longer enrolled
+    api.post("/api/v1/suppressions", json={"emails": ["other9@example.com"], "reason": "manual"})
+    with session_scope() as s:
+        s.execute(update(Campaign).where(Campaign.id == other).values(status="completed"))
+    assert api.post(f"/api/v1/lists/{other_list}/members", json={"emails": ["other9@example.com"]}).status_code \
+        in (200, 201)
+    assert api.delete("/api/v1/suppressions/other9@example.com").status_code == 204
+    assert db.scalar(select(func.count()).select_from(Enrollment).where(Enrollment.campaign_id == other)) == 1
+
+
 def test_stream_reports_progress(api, sink, app):
     list_id = make_contacts(api, 3)
     cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])

@@ -10,7 +10,7 @@ import uuid
 from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
-from campaigns import contacts, importer
+from campaigns import contacts, engine, importer
 from campaigns.errors import BadRequest, HeraldError, NotFound
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, Import, ListMember, Message, Suppression
 
@@ -588,6 +588,12 @@ def suppression_remove():
     row = _suppression(request.form.get("email", ""))
     email = row.email
     contacts.unsuppress(db, g.workspace_id, email)
+    enrolled = engine.enroll_contact(db, g.workspace_id, email)  # skipped while suppressed: enrolled now
     db.commit()
-    flash(f"{email} removed from the suppression list.", "success")
+    if enrolled:
+        from tasks import jobs
+
+        jobs.notify_enrolled()
+    joined = f" Enrolled in {enrolled} running campaign{'s' if enrolled != 1 else ''} of its lists." if enrolled else ""
+    flash(f"{email} removed from the suppression list.{joined}", "success")
     return redirect(url_for("ui.suppressions_page")), 303

@@ -19,7 +19,7 @@ from marshmallow import fields as mf
 from marshmallow.validate import Length, OneOf, Range
 from sqlalchemy import select
 
-from campaigns import contacts, importer
+from campaigns import contacts, engine, importer
 from campaigns.config import get_settings
 from campaigns.errors import BadRequest, HeraldError, NotFound
 from campaigns.models import Contact, ContactList, Import, Suppression
@@ -483,7 +483,12 @@ def add_suppressions():
 def delete_suppression(email: str):
     s = get_db()
     contacts.unsuppress(s, g.workspace_id, email)
+    enrolled = engine.enroll_contact(s, g.workspace_id, email)  # skipped while suppressed: enrolled now
     s.commit()
+    if enrolled:
+        from tasks import jobs
+
+        jobs.notify_enrolled()
     return _no_content()
 
 
