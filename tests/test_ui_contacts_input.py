@@ -165,6 +165,23 @@ def test_more_addresses_than_the_bulk_limit_are_refused_and_nothing_is_suppresse
     assert "10000 addresses suppressed" in resp.get_data(as_text=True)
 
 
+def test_too_many_members_or_none_are_refused_with_the_typed_text_kept(ui):
+    list_id = ui.api.post("/api/v1/lists", json={"name": "Big"}).json["id"]
+    typed = "\n".join(f"person{i}@example.com" for i in range(contacts.MAX_BULK + 5))
+    resp = ui.post(f"/lists/{list_id}/members", {"emails": typed})
+    assert resp.status_code == 422
+    page = resp.get_data(as_text=True)
+    assert "10,005 addresses: at most 10,000 can be added" in page and 'aria-invalid="true"' in page
+    assert "person10004@example.com" in page and "person0@example.com" in page  # the textarea keeps them
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(ListMember)) == 0
+        assert s.scalar(select(func.count()).select_from(Contact)) == 0
+    resp = ui.post(f"/lists/{list_id}/members", {"emails": " , \n"})
+    assert resp.status_code == 422 and "Type at least one address." in resp.get_data(as_text=True)
+    resp = ui.post(f"/lists/{list_id}/members", {"emails": "a@example.com, b@example.com"}, follow_redirects=True)
+    assert "2 added" in resp.get_data(as_text=True)
+
+
 # --------------------------------------------------------------------------- long searches
 
 

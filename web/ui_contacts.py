@@ -404,6 +404,12 @@ def lists_page():
 @bp.get("/lists/<int:list_id>")
 @login_required
 def list_page(list_id: int):
+    return _list_view(list_id)
+
+
+def _list_view(list_id: int, emails: str = "", error: str | None = None, status: int = 200):
+    """The list's page; ``emails`` and ``error``: the members form shown again with what was
+    typed and why it was refused."""
     db = get_db()
     row = contacts.get_list(db, g.workspace_id, list_id)
     q, problem = _search_text()
@@ -415,7 +421,8 @@ def list_page(list_id: int):
     campaigns = list(db.scalars(select(Campaign).where(Campaign.list_id == row.id).order_by(Campaign.id.desc())))
     return render_template("list.html", row=row, members=members, next_before=next_before, q=q,
                            count=contacts.member_counts(db, [row.id])[row.id], suppressed=suppressed,
-                           campaigns=campaigns, search_note=problem, search_max=SEARCH_MAX)
+                           campaigns=campaigns, search_note=problem, search_max=SEARCH_MAX, emails=emails,
+                           error=error, max_bulk=contacts.MAX_BULK), status
 
 
 @bp.post("/lists/<int:list_id>/members")
@@ -423,13 +430,14 @@ def list_page(list_id: int):
 def list_add_members(list_id: int):
     db = get_db()
     row = contacts.get_list(db, g.workspace_id, list_id)
-    emails = _emails_from_text(request.form.get("emails") or "")
+    typed = request.form.get("emails") or ""
+    emails = _emails_from_text(typed)
     if not emails:
-        flash("Type at least one address.", "error")
-        return redirect(url_for("ui.list_page", list_id=row.id)), 303
+        return _list_view(row.id, typed, "Type at least one address.", 422)
     if len(emails) > contacts.MAX_BULK:
-        flash(f"At most {contacts.MAX_BULK:,} addresses at once; import a CSV file for more.", "error")
-        return redirect(url_for("ui.list_page", list_id=row.id)), 303
+        # Refused whole, and shown again as typed: nothing is lost, nothing half-added.
+        return _list_view(row.id, typed, f"{len(emails):,} addresses: at most {contacts.MAX_BULK:,} can be added at "
+                          "once. Nothing was added; split the list, or import a CSV file into the list.", 422)
     result = contacts.add_members(db, g.workspace_id, row.id, emails=emails)
     db.commit()
     if result["added"]:
