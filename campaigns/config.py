@@ -214,6 +214,13 @@ class Settings:
     stale_queued_seconds: float = 90.0  # a queued message no task claimed for this long is scheduled again
     dispatch_horizon: float = 1.0  # seconds of work the dispatcher queues at a time
     sink_port: int = DEFAULT_SINK_PORT
+    # Sign-in throttle (web.auth): failed sign-ins allowed per account and per client address
+    # within the window; then a lockout of login_lockout seconds, doubling up to login_lockout_max.
+    login_failures: int = 5
+    login_ip_failures: int = 20
+    login_window: float = 900.0
+    login_lockout: float = 300.0
+    login_lockout_max: float = 3600.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -301,6 +308,14 @@ def load_settings(env=None) -> Settings:
     if inbound_domain and not re.fullmatch(r"[A-Za-z0-9.-]+\.[A-Za-z]{2,}", inbound_domain):
         raise ConfigError(f"INBOUND_DOMAIN: {inbound_domain!r} is not a domain name")
 
+    login_lockout = _seconds(env, "HERALD_LOGIN_LOCKOUT", 300.0)
+    login_lockout_max = _seconds(env, "HERALD_LOGIN_LOCKOUT_MAX", max(3600.0, login_lockout))
+    if login_lockout_max < login_lockout:
+        raise ConfigError(
+            f"HERALD_LOGIN_LOCKOUT_MAX: must be at least HERALD_LOGIN_LOCKOUT ({login_lockout:g} seconds), "
+            f"got {env.get('HERALD_LOGIN_LOCKOUT_MAX')!r}"
+        )
+
     return Settings(
         instance_dir=instance_dir,
         database_url=database_url,
@@ -325,6 +340,11 @@ def load_settings(env=None) -> Settings:
         stale_queued_seconds=_seconds(env, "HERALD_STALE_QUEUED_SECONDS", 90.0),
         dispatch_horizon=_seconds(env, "HERALD_DISPATCH_HORIZON", 1.0),
         sink_port=sink_port,
+        login_failures=_count(env, "HERALD_LOGIN_FAILURES", 5),
+        login_ip_failures=_count(env, "HERALD_LOGIN_IP_FAILURES", 20),
+        login_window=_seconds(env, "HERALD_LOGIN_WINDOW", 900.0),
+        login_lockout=login_lockout,
+        login_lockout_max=login_lockout_max,
     )
 
 

@@ -89,6 +89,26 @@ class UserSession(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class LoginThrottle(Base):
+    """Sign-in attempts counted against one account or one client address (``web.auth``).
+
+    ``key`` is ``account:<sha256 of the normalised address>`` (known or not: no submitted text is
+    kept) or ``ip:<address>``. ``failures`` counts the attempts in the window that began at
+    ``window_start`` (an attempt counts from before its password is checked; a success takes
+    its own back); ``strikes`` the lockouts in a row, each twice as long as the one before.
+    ``expires_at`` is when the row stops mattering: rows past it are deleted on the next write.
+    """
+
+    __tablename__ = "login_throttle"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[datetime] = mapped_column(DateTime)
+    strikes: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
 class Membership(Base):
     __tablename__ = "memberships"
 

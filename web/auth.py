@@ -1,14 +1,26 @@
-"""Who is calling: a signed-in UI session or an API key. Guards for the UI and the API."""
+"""Who is calling: a signed-in UI session or an API key. Guards for the UI and the API, and the
+sign-in throttle of ``POST /login``."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 
-from flask import current_app, g, redirect, request, session, url_for
+from flask import current_app, g, make_response, redirect, render_template, request, session, url_for
+from sqlalchemy import delete, select, update
 
 from campaigns.accounts import end_session, session_alive, start_session, user_workspaces, workspace_for_api_key
+from campaigns.contacts import dialect_insert
+from campaigns.db import utcnow
+from campaigns.models import LoginThrottle
 
 from .db import get_db
+
+log = logging.getLogger("herald.auth")
 
 
 def login_user(user_id: int, workspace_id: int) -> None:
@@ -73,3 +85,140 @@ def login_required(view):
         return view(*args, **kwargs)
 
     return wrapped
+
+
+# --------------------------------------------------------------------------- sign-in throttle
+#
+# Every sign-in attempt is counted against the submitted address (whether an account has it or
+# not, so the answers cannot tell) and against the client address, in the database: it is shared
+# by every web process, on SQLite and PostgreSQL alike, and needs no Redis. An attempt is counted
+# before its password is checked, in one transaction that holds the rows (PostgreSQL: row locks;
+# SQLite: the write lock), so concurrent attempts neither under-count nor all slip through before
+# the first failure is written; a success takes its own attempt back (and clears the account).
+# Past the limit, the next attempt starts a lockout, refused like every attempt during it: 429,
+# Retry-After, the password not even checked. Each lockout in a row lasts twice as long as the
+# one before (up to the cap); one quiet window after a lockout ends the streak. The client
+# address is the connection's (``request.remote_addr``): the app trusts no proxy header.
+
+clock = utcnow  # the throttle's time (naive UTC); tests replace it
+
+
+@dataclass(frozen=True)
+class _Policy:
+    what: str  # for the log: "account" or "client address"
+    limit: int
+    window: timedelta
+    lockout: float  # seconds
+    lockout_max: float
+
+    def lockout_for(self, strikes: int) -> timedelta:
+        return timedelta(seconds=min(self.lockout_max, self.lockout * 2.0 ** min(strikes - 1, 64)))
+
+
+@dataclass
+class _State:
+    failures: int = 0
+    window_start: datetime | None = None
+    strikes: int = 0
+    locked_until: datetime | None = None
+
+
+def _policies() -> tuple[_Policy, _Policy]:
+    s = current_app.config["HERALD_SETTINGS"]
+    window = timedelta(seconds=s.login_window)
+    return (_Policy("account", s.login_failures, window, s.login_lockout, s.login_lockout_max),
+            _Policy("client address", s.login_ip_failures, window, s.login_lockout, s.login_lockout_max))
+
+
+def _keys(email: str) -> tuple[str, str]:
+    """The account's key (a hash: no submitted text is stored) and the client address's."""
+    account = hashlib.sha256((email or "").strip().lower().encode("utf-8", "replace")).hexdigest()
+    return "account:" + account, "ip:" + (request.remote_addr or "unknown")[:64]
+
+
+def _attempt(state: _State, policy: _Policy, now: datetime) -> tuple[datetime | None, _State | None]:
+    """One more attempt against one key: (locked until, or None when allowed; the state to write)."""
+    if state.locked_until is not None and now < state.locked_until:
+        return state.locked_until, None  # refused; a refused attempt changes nothing
+    if state.locked_until is not None and now >= state.locked_until + policy.window:
+        state = _State()  # a quiet window since the last lockout ended: the streak is over
+    if state.strikes == 0 and (not state.failures or now >= state.window_start + policy.window):
+        state = _State(window_start=now)  # a new window
+    if state.failures >= policy.limit:
+        # One attempt past the limit: a lockout, longer for each one in a row. Once it ends, one
+        # attempt is let through; when that one fails too, the next lockout begins.
+        strikes = state.strikes + 1
+        until = now + policy.lockout_for(strikes)
+        return until, _State(failures=policy.limit - 1, window_start=now, strikes=strikes, locked_until=until)
+    return None, _State(state.failures + 1, state.window_start, state.strikes, state.locked_until)
+
+
+def _expires_at(state: _State, policy: _Policy) -> datetime:
+    """When the row stops mattering (its window, and a window after its lockout, are over)."""
+    ends = [state.window_start + policy.window]
+    if state.locked_until is not None:
+        ends.append(state.locked_until + policy.window)
+    return max(ends)
+
+
+def _upsert(db, rows: list[dict]) -> None:
+    stmt = dialect_insert(db)(LoginThrottle)
+    columns = ("failures", "window_start", "strikes", "locked_until", "expires_at")
+    db.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={c: stmt.excluded[c] for c in columns}), rows)
+
+
+def throttle_sign_in(email: str):
+    """Count this sign-in attempt before its password is checked: None lets it go on; else the
+    answer refusing it (429, the login page saying when to try again, ``Retry-After``)."""
+    db = get_db()
+    now = clock()
+    policies = dict(zip(_keys(email), _policies(), strict=True))
+    keys = sorted(policies)  # one order for every process: no deadlock between two attempts
+    try:
+        # A row for each key first, so that the lock below covers a first attempt too.
+        fresh = [{"key": k, "failures": 0, "window_start": now, "strikes": 0, "locked_until": None,
+                  "expires_at": now} for k in keys]
+        db.execute(dialect_insert(db)(LoginThrottle).on_conflict_do_nothing(index_elements=["key"]), fresh)
+        found = {row.key: row for row in db.scalars(
+            select(LoginThrottle).where(LoginThrottle.key.in_(keys)).order_by(LoginThrottle.key)
+            .with_for_update().execution_options(populate_existing=True))}
+        outcomes = {}
+        for key in keys:
+            row = found.get(key)  # gone only if another attempt pruned it as stale: a fresh start
+            state = _State(row.failures, row.window_start, row.strikes, row.locked_until) if row else _State()
+            outcomes[key] = _attempt(state, policies[key], now)
+        refused = {key: until for key, (until, _) in outcomes.items() if until is not None}
+        # Refused: only the lockouts this attempt starts are written; allowed: every key's count.
+        writes = [{"key": key, **asdict(state), "expires_at": _expires_at(state, policies[key])}
+                  for key, (until, state) in outcomes.items() if state is not None and (until or not refused)]
+        if writes:
+            _upsert(db, writes)
+        db.execute(delete(LoginThrottle).where(LoginThrottle.expires_at < now, LoginThrottle.key.not_in(keys)))
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+    if not refused:
+        return None
+    seconds = max(1, math.ceil((max(refused.values()) - now).total_seconds()))
+    minutes = math.ceil(seconds / 60)
+    for key, until in refused.items():
+        started = outcomes[key][1] is not None
+        log.warning("sign-in refused for %r from %s: too many failed sign-ins for this %s; %s until %s",
+                    (email or "").strip().lower()[:320], request.remote_addr or "unknown", policies[key].what,
+                    "locked" if started else "still locked", until.isoformat(timespec="seconds"))
+    message = f"Too many failed sign-ins; try again in {minutes} minute{'' if minutes == 1 else 's'}."
+    resp = make_response(render_template("login.html", error=message), 429)
+    resp.headers["Retry-After"] = str(seconds)
+    return resp
+
+
+def sign_in_succeeded(email: str) -> None:
+    """The password was right: the account starts afresh, and the client address gets this
+    attempt back (its other failures still count)."""
+    db = get_db()
+    account, client = _keys(email)
+    db.execute(delete(LoginThrottle).where(LoginThrottle.key == account))
+    db.execute(update(LoginThrottle).where(LoginThrottle.key == client, LoginThrottle.failures > 0)
+               .values(failures=LoginThrottle.failures - 1))
+    db.commit()

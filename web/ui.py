@@ -40,7 +40,7 @@ from campaigns.accounts import authenticate, user_workspaces
 from campaigns.errors import HeraldError, NotFound
 from campaigns.models import ApiKey, User, Workspace
 
-from .auth import login_required, login_user, logout_user
+from .auth import login_required, login_user, logout_user, sign_in_succeeded, throttle_sign_in
 from .db import get_db
 
 bp = Blueprint("ui", __name__)
@@ -210,8 +210,14 @@ def _csrf_error(exc: CSRFError):
 def login():
     error = None
     if request.method == "POST":
+        email = request.form.get("email", "")
+        refused = throttle_sign_in(email)  # counts the attempt, or refuses it unchecked (429)
+        if refused is not None:
+            return refused
         db = get_db()
-        user = authenticate(db, request.form.get("email", ""), request.form.get("password", ""))
+        user = authenticate(db, email, request.form.get("password", ""))
+        if user is not None:
+            sign_in_succeeded(email)
         workspaces = user_workspaces(db, user.id) if user else []
         if user is None:
             error = "Wrong email or password."
