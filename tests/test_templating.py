@@ -1,7 +1,9 @@
-"""Step templates: checks on save, the sandbox, escaping, custom fields, HTML to text, the cache."""
+"""Step templates: checks on save, the sandbox and its limits, escaping, custom fields, HTML to text, the cache."""
 
+import contextlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -321,3 +323,184 @@ def test_pathological_nesting_is_refused_not_a_crash(source):
     assert preview({"subject": "s", "html": source})["errors"]["html"]
     with pytest.raises(RenderError):
         render(source)
+
+
+# --------------------------------------------------------------------------- limits (no unbounded memory or time)
+
+
+@contextlib.contextmanager
+def little_memory(headroom: int = 64 * 2**20):
+    """At most ``headroom`` more address space while inside: a render that tries to build 100 MB
+    (a limit that regressed) gets a MemoryError, not the machine's memory."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as statm:
+            in_use = int(statm.read().split()[0]) * resource.getpagesize()
+    except (ImportError, OSError):  # not Linux: no guard, the limits under test still apply
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = in_use + headroom
+    for bound in (soft, hard):
+        if bound != resource.RLIM_INFINITY:
+            limit = min(limit, bound)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+BIG = 100_000_000  # a width or count that would build ~100 MB (or ~1 GB of list) if let through
+
+# (template, the start of the message): each would allocate without bound, or run for ever,
+# without its limit; each is refused on save at its line, and at render.
+UNBOUNDED = [
+    (f"{{{{ ''|center({BIG}) }}}}", f"center(): width {BIG} is too large (at most 10,000)"),
+    (f"{{{{ 'x'|indent(width={BIG}) }}}}", f"indent(): width {BIG} is too large"),
+    ("{{ ('a\\nb' * 300000)|indent(width='xxxxxxxxxx', first=true, blank=true) }}",
+     "the result of indent() would be too large (more than 1,000,000 characters"),
+    (f"{{{{ '%{BIG}s'|format('x') }}}}", f"a % format's width {BIG} is too large"),
+    (f"{{{{ '%-*s'|format({BIG}, 'x') }}}}", f"a % format's width {BIG} is too large"),
+    (f"{{{{ '%(a){BIG}s'|format(a='x') }}}}", f"a % format's width {BIG} is too large"),
+    (f"{{{{ '%.{BIG}f' % 1.5 }}}}", f"a % format's precision {BIG} is too large"),
+    (f"{{{{ '%{BIG}d' % 7 }}}}", f"a % format's width {BIG} is too large"),
+    ("{{ '%(a)s%(a)s%(a)s' % {'a': 'x' * 400000} }}", "the result of this % format would be too large"),
+    (f"{{{{ '{{:>{BIG}}}'.format('x') }}}}", f"a format's width or precision {BIG} is too large"),
+    (f"{{{{ '{{:>{{}}}}'.format('x', {BIG}) }}}}", f"a format's width or precision {BIG} is too large"),
+    ("{{ '{0}{0}{0}{0}{0}{0}{0}{0}{0}{0}'.format('x' * 999999) }}", "the result of format() would be too large"),
+    ("{{ 'a b c'|wordwrap(1, wrapstring='y' * 999999) }}", "the result of wordwrap() would be too large"),
+    ("{{ ('x' * 300000)|wordwrap(1) }}", "wordwrap(): a word of 300,000 characters is too long to wrap at width 1"),
+    (f"{{{{ [1]|batch({BIG}, 0)|list }}}}", f"batch(): size {BIG} is too large"),
+    (f"{{{{ [1]|slice({BIG})|list }}}}", f"slice(): count {BIG} is too large"),
+    ("{{ [1]|batch(9999, 'y' * 999999)|list|string }}", "the padding of batch() would be too large"),
+    ("{{ ([''] * 300000)|join('x' * 999999) }}", "the result of join() would be too large"),
+    ("{{ ('x' * 999999).join([''] * 300000) }}", "the result of join() would be too large"),
+    ("{{ ('a' * 999999)|replace('a', 'bbbbbbbbbb') }}", "the result of replace() would be too large"),
+    ("{{ ('a' * 999999).replace('', 'xx') }}", "the result of replace() would be too large"),
+    (f"{{{{ 'x'.zfill({BIG}) }}}}", f"zfill(): width {BIG} is too large"),
+    (f"{{{{ 'x'.center({BIG}) }}}}", f"center(): width {BIG} is too large"),
+    (f"{{{{ 'x'.ljust({BIG}, '-') }}}}", f"ljust(): width {BIG} is too large"),
+    (f"{{{{ 'x'.rjust({BIG}) }}}}", f"rjust(): width {BIG} is too large"),
+    (f"{{{{ 'a\\tb'.expandtabs({BIG}) }}}}", f"expandtabs(): tab size {BIG} is too large"),
+    ("{{ ('\\t' * 999999).expandtabs(1000) }}", "the result of expandtabs() would be too large"),
+    ("{{ ('x' * 999999).translate({120: 'y' * 999}) }}", "the result of translate() would be too large"),
+    ("{{ 5|round(-20000) }}", "round(): precision -20000 is too large"),
+    (f"{{{{ (1).to_bytes({BIG}, 'big') }}}}", "to_bytes() is not available in templates"),
+    ("{{ (['x' * 99] * 9000)|tojson(indent=10000) }}", "the result of tojson() would be too large"),
+    # doubling a value: each step is small, the tenth is 1 GB
+    ("{% set s = 'x' * 999999 %}" + "{% set s = s ~ s %}" * 10 + "{{ s|length }}",
+     "the result of ~ would be too large"),
+    ("{% set s = 'x' * 999999 %}" + "{% set s = s + s %}" * 10 + "{{ s|length }}",
+     "the result of this addition would be too large"),
+    ("{% set s = ['x' * 999] %}" + "{% set s = [s, s] %}" * 40 + "{{ s }}", "this literal would be too large"),
+    ("{% set n = 2 ** 49999 %}" + "{% set n = n * n %}" * 2 + "{{ n > 0 }}",
+     "the result of this multiplication would be too large"),
+    ("{% set n = ('f' * 999999)|int(base=16) %}{{ n > 0 }}", "this number is too large"),
+    # loops and recursion that build nothing (MAX_STEPS is 10,000 here: 1,000,000 in production,
+    # where the loops could be 999999 * 999999 and the macro f(60)), or build where the output cap
+    # cannot see it
+    ("{% for i in 'x' * 999 %}{% for j in 'x' * 999 %}{% endfor %}{% endfor %}",
+     "the template does too much work (more than 10,000 loop iterations and calls)"),
+    ("{% for i in 'x' * 999 %}{% for j in 'x' * 999 if false %}{% endfor %}{% endfor %}",
+     "the template does too much work"),
+    ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(16) }}",
+     "the template does too much work"),
+    ("{% macro f() %}{% for i in 'x' * 9999 %}{{ 'y' * 999999 }}{% endfor %}{% endmacro %}{{ f()|length }}",
+     "the template builds too much text (more than 10,000,000 characters in all)"),
+    ("{% set x %}{% for i in 'x' * 9999 %}{{ 'y' * 999999 }}{% endfor %}{% endset %}{{ x|length }}",
+     "the template builds too much text"),
+    ("{% for i in 'x' * 9999 %}{{ 'y' * 999999 }}{% endfor %}",
+     "the rendered template is too large (more than 2,000,000 characters)"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("source,message", UNBOUNDED)
+def test_unbounded_templates_are_refused_on_save_with_their_line(source, message, monkeypatch):
+    monkeypatch.setattr(templating, "MAX_STEPS", 10_000)  # the same limit, reached sooner
+    with little_memory(), pytest.raises(InvalidInput) as err:
+        validate_step_templates("s", "<p>ok</p>\n" + source, None, "steps[0]")
+    (problem,) = problems(err)["steps[0].html"]
+    assert problem.startswith(f"line 2: {message}"), problem
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("source,message", UNBOUNDED)
+def test_unbounded_templates_fail_the_render_with_their_line(source, message, monkeypatch):
+    monkeypatch.setattr(templating, "MAX_STEPS", 10_000)
+    message = message.replace("the rendered template", "the rendered html")
+    with little_memory(), pytest.raises(RenderError) as err:
+        render("<p>ok</p>\n" + source)
+    assert err.value.field == "html"
+    assert str(err.value).startswith(f"html: line 2: refused by the sandbox: {message}"), str(err.value)
+
+
+@pytest.mark.timeout(60)
+def test_limits_that_depend_on_a_contacts_data_fail_that_render():
+    # The sample contact passes the check on save; this contact's width fails its render (a
+    # dead letter for that message, the error naming the field and the line).
+    source = "<p>{{ contact.first_name }}</p>\n{{ 'x'|center(contact.fields.width|int) }}"
+    validate_step_templates("s", source, None)
+    assert render(source, contact=dict(CONTACT, fields={"width": "20"})).html == "<p>Ada</p>\n" + "x".center(20)
+    with little_memory(), pytest.raises(RenderError) as err:
+        render(source, contact=dict(CONTACT, fields={"width": str(BIG)}))
+    assert str(err.value) == (f"html: line 2: refused by the sandbox: center(): width {BIG} is too large "
+                              "(at most 10,000)")
+    with pytest.raises(RenderError) as err:
+        render("<p>ok</p>", subject="{{ contact.fields.note * 3 }}",
+               contact=dict(CONTACT, fields={"note": "x" * 400000}))
+    assert str(err.value).startswith("subject: line 1: refused by the sandbox: the result of this multiplication")
+
+
+def test_a_render_that_takes_too_long_is_stopped(monkeypatch):
+    monkeypatch.setattr(templating, "MAX_RENDER_SECONDS", -1)  # already late at the first step
+    with pytest.raises(RenderError, match=r"html: line 2: refused by the sandbox: the template takes too long"):
+        render("<p>ok</p>\n{% for i in 'abc' %}{{ i }}{% endfor %}")
+    # so is deriving the text part from the HTML (the parser is quadratic on some broken HTML)
+    with pytest.raises(RenderError, match=r"^text: the text part cannot be derived from the HTML \(the HTML takes"):
+        render("<p>ok</p>")
+
+
+def test_html_the_parser_gives_up_on_fails_the_text_part_not_the_worker():
+    with pytest.raises(RenderError, match=r"^text: the text part cannot be derived from the HTML"):
+        render("<p>x</p><![<![")
+    assert render("<p>x</p><![<![", text="plain").text == "plain"
+
+
+@pytest.mark.timeout(60)
+def test_ordinary_templates_still_render():
+    source = (
+        "{{ 'x'|center(20) }}|{{ '%5s|%-4d|%.2f'|format('ab', 3, 2.5) }}|{{ '%s-%s' % ('a', 1) }}|"
+        "{{ '{:>8}|{:.2f}|{:05d}'.format('ab', 3.14159, 42) }}|{{ '{0}{0}'.format('ha') }}|"
+        "{{ '7'.zfill(3) }}|{{ 'ab'.ljust(4, '.') }}|{{ 'ab'.rjust(4) }}|{{ 'a\tb'.expandtabs(4) }}|"
+        "{{ [1, 2, 3, 4, 5]|batch(2, 0)|list }}|{{ [1, 2, 3]|slice(2)|list }}|{{ ['a', 'b']|join(', ') }}|"
+        "{{ 'a-b'|replace('-', '+') }}|{{ 'hello world foo'|wordwrap(5) }}|{{ 'a\nb'|indent(2) }}|"
+        "{{ 'abcdefghij'|truncate(7, true, '~', 0) }}|{{ [1, [2]]|tojson }}|{{ 3.14159|round(2) }}|"
+        "{{ [[1, 2], [3]]|sum(start=[]) }}|{{ [1, 2, 3]|sum }}|{{ 'abcdef'[1:4] }}|{{ [1, 2, 3][::-1] }}|"
+        "{{ 7 // 2 }} {{ 7 % 3 }} {{ -3 }} {{ 2 ** 10 }} {{ 1.5 * 2 }} {{ 'a' ~ 1 }} {{ 'ab' * 2 }}|"
+        "{% for i in 'abc' %}{{ loop.index }}{{ i }}{% endfor %}|"
+        "{% for x in [[1, [2]], 3] recursive %}{% if x is iterable %}{{ loop(x) }}{% else %}{{ x }}{% endif %}"
+        "{% endfor %}|{% macro m(n) %}<{{ n }}{{ caller() }}>{% endmacro %}{% call m(1) %}c{% endcall %}|"
+        "{% set a, b = 1, 2 %}{{ a + b }}|{% set inner %}in{% endset %}{{ inner }}|"
+        "{% filter upper %}up{% endfilter %}|{{ 'x' in 'xyz' }}"
+    )
+    validate_step_templates("s", source, None)
+    assert render(source, text="-").html == (
+        "         x          |   ab|3   |2.50|a-1|      ab|3.14|00042|haha|"
+        "007|ab..|  ab|a   b|"
+        "[[1, 2], [3, 4], [5, 0]]|[[1, 2], [3]]|a, b|"
+        "a+b|hello\nworld\nfoo|a\n  b|"
+        "abcdef~|[1, [2]]|3.14|"
+        "[1, 2, 3]|6|bcd|[3, 2, 1]|"
+        "3 1 -3 1024 3.0 a1 abab|"
+        "1a2b3c|"
+        "123|<1c>|"
+        "3|in|"
+        "UP|True"
+    )
+    many = "{{ ([[1]] * 60000)|sum(start=[])|length }}"  # linear: adding up lists one at a time is quadratic
+    started = time.monotonic()
+    assert render(many).html == "60000"
+    assert time.monotonic() - started < 1
