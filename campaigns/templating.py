@@ -456,20 +456,18 @@ def _check_replace_filter(args, kwargs, offset):
     _check_replaced("replace()", text, old, new, _param(args, kwargs, offset, 3, "count", None))
 
 
-def _check_batch_filter(args, kwargs, offset):
-    size = _param(args, kwargs, offset, 1, "linecount")
-    _check_width("batch(): size", size)
-    fill = _param(args, kwargs, offset, 2, "fill_with", None)
-    if fill is not None and isinstance(size, int):  # the last batch is padded with it
-        _check_size("the padding of batch()", _weight(fill) * size)
+def _check_padded_filter(name: str, count_name: str, what: str):
+    """``batch`` and ``slice``: a count (at most MAX_WIDTH), and ``fill_with`` repeated up to that
+    many times (the last batch, or each slice, is padded with it)."""
 
+    def check(args, kwargs, offset):
+        count = _param(args, kwargs, offset, 1, count_name)
+        _check_width(f"{name}(): {what}", count)
+        fill = _param(args, kwargs, offset, 2, "fill_with", None)
+        if fill is not None and isinstance(count, int):
+            _check_size(f"the padding of {name}()", _weight(fill) * count)
 
-def _check_slice_filter(args, kwargs, offset):
-    count = _param(args, kwargs, offset, 1, "slices")
-    _check_width("slice(): count", count)
-    fill = _param(args, kwargs, offset, 2, "fill_with", None)
-    if fill is not None and isinstance(count, int):  # each slice may be padded with it
-        _check_size("the padding of slice()", _weight(fill) * count)
+    return check
 
 
 def _check_round_filter(args, kwargs, offset):
@@ -507,8 +505,8 @@ _FILTER_CHECKS = {
     "format": _check_format_filter,
     "join": _check_join_filter,
     "replace": _check_replace_filter,
-    "batch": _check_batch_filter,
-    "slice": _check_slice_filter,
+    "batch": _check_padded_filter("batch", "linecount", "size"),
+    "slice": _check_padded_filter("slice", "slices", "count"),
     "round": _check_round_filter,
     "urlize": _check_urlize_filter,
     "tojson": _check_tojson_filter,
