@@ -52,6 +52,7 @@ from sqlalchemy.orm import Session
 
 from . import leases, stopgen
 from .config import get_settings
+from .contacts import unsuppress as remove_suppression
 from .contacts import valid_id
 from .db import is_postgres, session_factory, utcnow
 from .errors import Conflict, InvalidInput, NotFound
@@ -198,10 +199,15 @@ def _email_steps(campaign: Campaign) -> list[Step]:
 
 
 def launch(session: Session, workspace_id: int, campaign_id: int) -> Campaign:
-    """Draft -> running (fan-out follows in a task). Launching a running campaign changes nothing."""
+    """Draft -> running (fan-out follows in a task). Launching a running campaign changes nothing
+    (launch twice = launched once); a paused one is refused, naming why it is paused: launch does
+    not resume it (resume does), and answering as if it were sending would mislead."""
     c = get_campaign(session, workspace_id, campaign_id)
-    if c.status in ("running", "paused"):
+    if c.status == "running":
         return c
+    if c.status == "paused":
+        why = f" ({c.status_reason})" if c.status_reason else ""
+        raise Conflict(f"the campaign was launched and is paused{why}: resume it to send again")
     if c.status != "draft":
         raise Conflict(f"a {c.status} campaign cannot be launched")
     if c.list_id is None:
@@ -473,6 +479,15 @@ def enroll_new_members_of_list(list_id: int, hooks: Hooks | None = None) -> int:
     if total and hooks:
         hooks.wake_dispatcher(None)
     return total
+
+
+def unsuppress(session: Session, workspace_id: int, email: str) -> int:
+    """Take an address off the workspace's suppression list (NotFound when it is not on it) and
+    enroll its contact where the suppression made a campaign skip it (``enroll_contact``), in the
+    caller's transaction. Returns how many campaigns enrolled the contact; after the commit the
+    caller wakes the dispatcher (``tasks.jobs.notify_enrolled``)."""
+    remove_suppression(session, workspace_id, email)
+    return enroll_contact(session, workspace_id, email)
 
 
 def enroll_contact(session: Session, workspace_id: int, email: str) -> int:

@@ -14,10 +14,13 @@ def notify_list_changed(list_id: int) -> None:
     engine.enroll_list_members(list_id)
 
 
-def notify_enrolled() -> None:
-    """Contacts were enrolled in a committed transaction (an address taken off the suppression
-    list): wake the dispatcher for their first sends. A queue failure is logged, not raised: the
-    enrollments are stored, and the reconciler finds their due messages within a minute."""
+def notify_enrolled(enrolled: int) -> None:
+    """``enrolled`` enrollments were committed (an address taken off the suppression list): wake
+    the dispatcher for their first sends (nothing to do for 0). A queue failure is logged, not
+    raised: the enrollments are stored, and the reconciler finds their due messages within a
+    minute."""
+    if not enrolled:
+        return
     try:
         engine.wake_dispatcher(None)
     except Exception:  # noqa: BLE001

@@ -595,13 +595,11 @@ def suppression_remove():
     db = get_db()
     row = _suppression(request.form.get("email", ""))
     email = row.email
-    contacts.unsuppress(db, g.workspace_id, email)
-    enrolled = engine.enroll_contact(db, g.workspace_id, email)  # skipped while suppressed: enrolled now
+    enrolled = engine.unsuppress(db, g.workspace_id, email)  # and enrolled where it was skipped
     db.commit()
-    if enrolled:
-        from tasks import jobs
+    from tasks import jobs
 
-        jobs.notify_enrolled()
+    jobs.notify_enrolled(enrolled)
     joined = f" Enrolled in {enrolled} running campaign{'s' if enrolled != 1 else ''} of its lists." if enrolled else ""
     flash(f"{email} removed from the suppression list.{joined}", "success")
     return redirect(url_for("ui.suppressions_page")), 303

@@ -482,13 +482,11 @@ def add_suppressions():
 @doc("Remove an address from the suppression list (404 when it is not on it)", status=204, tags=["suppressions"])
 def delete_suppression(email: str):
     s = get_db()
-    contacts.unsuppress(s, g.workspace_id, email)
-    enrolled = engine.enroll_contact(s, g.workspace_id, email)  # skipped while suppressed: enrolled now
+    enrolled = engine.unsuppress(s, g.workspace_id, email)  # and enrolled where it was skipped
     s.commit()
-    if enrolled:
-        from tasks import jobs
+    from tasks import jobs
 
-        jobs.notify_enrolled()
+    jobs.notify_enrolled(enrolled)
     return _no_content()
 
 
