@@ -525,6 +525,27 @@ def test_cancel_cancels_pending_work(api, sink, db):
     assert api.post(f"/api/v1/campaigns/{cid}/launch").status_code == 409
 
 
+def test_launching_a_paused_campaign_is_refused_with_the_reason(api, sink, db):
+    """Launch does not resume: a paused campaign answers 409 saying why it is paused, and stays
+    paused with its work kept (resume sends it)."""
+    list_id = make_contacts(api, 3)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    api.post(f"/api/v1/campaigns/{cid}/pause")
+    r = api.post(f"/api/v1/campaigns/{cid}/launch")
+    assert r.status_code == 409
+    assert r.json["error"]["code"] == "conflict"
+    assert "paused (paused by a user)" in r.json["error"]["message"]
+    assert "resume" in r.json["error"]["message"]
+    assert api.get(f"/api/v1/campaigns/{cid}").json["status"] == "paused"
+    drain(huey, timeout=30)
+    assert sink.accepted() == []
+    assert api.post(f"/api/v1/campaigns/{cid}/resume").json["status"] == "running"
+    drain(huey, until=_completed(api, cid), timeout=60)
+    assert len(sink.accepted()) == 3
+
+
 def test_a_corrected_address_reaches_the_rest_of_the_sequence(api, sink, db):
     # The follow-ups kept the address copied at enrollment: a typo fixed after the first email
     # still got every later one (and a late bounce of the old address left the campaign running).

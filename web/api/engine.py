@@ -98,7 +98,8 @@ def _tasks():
 
 
 @bp.post("/campaigns/<int:campaign_id>/launch")
-@doc("Launch a draft campaign (fan-out runs in the background)", response=CampaignStatusOut, status=202)
+@doc("Launch a draft campaign (fan-out runs in the background); again: no change; paused: 409, resume it",
+     response=CampaignStatusOut, status=202)
 def launch_campaign(campaign_id):
     db = get_db()
     c = engine.launch(db, g.workspace_id, campaign_id)
