@@ -93,6 +93,15 @@ def _count(env, name: str, default: int) -> int:
     return _positive(env, name, default, whole=True, maximum=MAX_COUNT)
 
 
+def _proxies(env, name: str) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return 0
+    if not re.fullmatch(r"\s*[0-9]{1,2}\s*", raw) or int(raw) > 10:
+        raise ConfigError(f"{name}: {raw!r} is not a number of proxies (a whole number from 0 to 10)")
+    return int(raw)
+
+
 def _port(env, name: str, default: int) -> int:
     raw = env.get(name)
     if raw in (None, ""):
@@ -221,6 +230,9 @@ class Settings:
     login_window: float = 900.0
     login_lockout: float = 300.0
     login_lockout_max: float = 3600.0
+    # Reverse proxies in front of the web app that append to X-Forwarded-For (0: none; the
+    # client address is the connection's).
+    trusted_proxies: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -345,6 +357,7 @@ def load_settings(env=None) -> Settings:
         login_window=_seconds(env, "HERALD_LOGIN_WINDOW", 900.0),
         login_lockout=login_lockout,
         login_lockout_max=login_lockout_max,
+        trusted_proxies=_proxies(env, "HERALD_TRUSTED_PROXIES"),
     )
 
 

@@ -244,3 +244,80 @@ def test_the_lockout_cap_cannot_be_below_the_first_lockout(tmp_path):
         load_settings({**env, "HERALD_LOGIN_LOCKOUT": "600", "HERALD_LOGIN_LOCKOUT_MAX": "60"})
     s = load_settings({**env, "HERALD_LOGIN_FAILURES": "3", "HERALD_LOGIN_LOCKOUT": "7200"})
     assert (s.login_failures, s.login_ip_failures, s.login_lockout, s.login_lockout_max) == (3, 20, 7200, 7200)
+
+
+def test_bad_trusted_proxies_setting_is_one_line(tmp_path):
+    env = {"HERALD_INSTANCE_DIR": str(tmp_path), "SECRET_KEY": "x" * 20}
+    for value in ("-1", "two", "11"):
+        with pytest.raises(ConfigError, match=r"^HERALD_TRUSTED_PROXIES: .* from 0 to 10\)$"):
+            load_settings({**env, "HERALD_TRUSTED_PROXIES": value})
+    assert load_settings(env).trusted_proxies == 0
+    assert load_settings({**env, "HERALD_TRUSTED_PROXIES": "2"}).trusted_proxies == 2
+
+
+class ProxiedBrowser(Browser):
+    """A client behind a reverse proxy at 10.9.9.9 that appends the client's address to
+    X-Forwarded-For; ``sent`` is what the client itself put there (forged or not)."""
+
+    def __init__(self, app, ip: str, sent: str = ""):
+        super().__init__(app, ip="10.9.9.9")
+        self.forwarded = f"{sent}, {ip}" if sent else ip
+
+    def sign_in(self, email: str, password: str):
+        token = CSRF_META.search(self.client.get("/login").get_data(as_text=True)).group(1)
+        return self.client.post("/login", data={"email": email, "password": password, "csrf_token": token},
+                                environ_base={"REMOTE_ADDR": self.ip},
+                                headers={"X-Forwarded-For": self.forwarded})
+
+
+def _guess_twenty(browser):
+    for i in range(20):
+        fail(browser, f"guess-{uuid.uuid4().hex[:8]}-{i}@example.com", 1)
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_limit(monkeypatch, database, clock, user):
+    from web import create_app
+
+    monkeypatch.setenv("HERALD_TRUSTED_PROXIES", "1")
+    app = create_app({"TESTING": True})
+    attacker = ProxiedBrowser(app, "198.51.100.1")
+    _guess_twenty(attacker)
+    assert refused_for(attacker.sign_in("guess-more@example.com", "x")) == 300
+    # Another client behind the same proxy is not refused: the proxy's address is not the key.
+    assert ProxiedBrowser(app, "198.51.100.2").sign_in(user, PASSWORD).status_code == 302
+    # Forging X-Forwarded-For does not help: only the entry the trusted proxy added counts.
+    assert refused_for(ProxiedBrowser(app, "198.51.100.1", sent="203.0.113.5").sign_in("g@example.com", "x")) == 300
+
+
+def test_without_trusted_proxies_the_forwarded_header_is_ignored(app, clock, user):
+    _guess_twenty(ProxiedBrowser(app, "198.51.100.1"))
+    # Every client behind the proxy shares its address (and its count) when no proxy is trusted.
+    assert refused_for(ProxiedBrowser(app, "198.51.100.2").sign_in(user, PASSWORD)) == 300
+
+
+def test_unlock_sign_in_lifts_an_account_a_client_or_everything(app, clock, user, db):
+    runner = app.test_cli_runner()
+    browser = Browser(app, ip="10.3.3.3")
+    fail(browser, user, 5)
+    assert refused_for(browser.sign_in(user, PASSWORD)) == 300
+    result = runner.invoke(args=["unlock-sign-in", user.upper()])  # as typed, any case
+    assert result.exit_code == 0, result.output
+    assert f"forgot the failed sign-ins of {user.upper()} (1 count removed)" in result.output
+    assert browser.sign_in(user, PASSWORD).status_code == 302
+
+    attacker = Browser(app, ip="192.0.2.99")
+    _guess_twenty(attacker)
+    assert refused_for(attacker.sign_in(user, PASSWORD)) == 300
+    result = runner.invoke(args=["unlock-sign-in", "--client", "192.0.2.99"])
+    assert result.exit_code == 0 and "client 192.0.2.99 (1 count removed)" in result.output
+    assert attacker.sign_in(user, PASSWORD).status_code == 302
+
+    fail(Browser(app, ip="10.4.4.4"), "someone@example.com", 2)
+    result = runner.invoke(args=["unlock-sign-in", "--all"])
+    assert result.exit_code == 0 and "every address" in result.output
+    assert db.scalar(select(func.count()).select_from(LoginThrottle)) == 0
+
+    for args, message in ((["unlock-sign-in"], "name at least one address"),
+                          (["unlock-sign-in", "--all", user], "--all forgets everything")):
+        result = runner.invoke(args=args)
+        assert result.exit_code == 2 and message in result.output

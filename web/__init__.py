@@ -52,6 +52,14 @@ def create_app(test_config: dict | None = None, serving: bool = False) -> Flask:
     csrf.exempt(api.bp)
     csrf.exempt(unsubscribe.bp)  # RFC 8058 one-click: no cookies, no CSRF token
     register_commands(app)
+    if settings.trusted_proxies:
+        # Behind N reverse proxies: the client address (sign-in throttle, logs) and scheme are
+        # taken from the last N entries of X-Forwarded-For / X-Forwarded-Proto, the ones those
+        # proxies added; anything a client sent before them is ignored.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies,
+                                x_host=0, x_port=0, x_prefix=0)
     return app
 
 

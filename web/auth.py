@@ -98,7 +98,8 @@ def login_required(view):
 # Past the limit, the next attempt starts a lockout, refused like every attempt during it: 429,
 # Retry-After, the password not even checked. Each lockout in a row lasts twice as long as the
 # one before (up to the cap); one quiet window after a lockout ends the streak. The client
-# address is the connection's (``request.remote_addr``): the app trusts no proxy header.
+# address is ``request.remote_addr``: the connection's, or with HERALD_TRUSTED_PROXIES set, the
+# one the trusted proxies put in X-Forwarded-For (ProxyFix, in the app factory).
 
 clock = utcnow  # the throttle's time (naive UTC); tests replace it
 
@@ -130,10 +131,28 @@ def _policies() -> tuple[_Policy, _Policy]:
             _Policy("client address", s.login_ip_failures, window, s.login_lockout, s.login_lockout_max))
 
 
+def account_key(email: str) -> str:
+    """An address's throttle key: a hash, so no submitted text is stored."""
+    return "account:" + hashlib.sha256((email or "").strip().lower().encode("utf-8", "replace")).hexdigest()
+
+
+def client_key(address: str) -> str:
+    return "ip:" + (address or "unknown")[:64]
+
+
 def _keys(email: str) -> tuple[str, str]:
-    """The account's key (a hash: no submitted text is stored) and the client address's."""
-    account = hashlib.sha256((email or "").strip().lower().encode("utf-8", "replace")).hexdigest()
-    return "account:" + account, "ip:" + (request.remote_addr or "unknown")[:64]
+    """The account's key and the client address's."""
+    return account_key(email), client_key(request.remote_addr)
+
+
+def lift_lockouts(db, emails: list[str] = (), clients: list[str] = (), everything: bool = False) -> int:
+    """Forget the failed sign-ins (and lockouts) of these addresses typed and client addresses,
+    or of everyone; in the caller's transaction. Returns how many counts were removed."""
+    stmt = delete(LoginThrottle)
+    if not everything:
+        keys = [account_key(e) for e in emails] + [client_key(c.strip()) for c in clients]
+        stmt = stmt.where(LoginThrottle.key.in_(keys))
+    return db.execute(stmt).rowcount
 
 
 def _attempt(state: _State, policy: _Policy, now: datetime) -> tuple[datetime | None, _State | None]:

@@ -164,6 +164,25 @@ def register_commands(app: Flask) -> None:
             n = engine.delete_failed(s, workspace_id, campaign_id)
         click.echo(f"deleted {n} dead letter(s) of campaign {campaign_id}")
 
+    @app.cli.command("unlock-sign-in")
+    @click.argument("emails", nargs=-1)
+    @click.option("--client", "clients", multiple=True, metavar="ADDRESS",
+                  help="a client (IP) address whose failed sign-ins to forget; may be repeated")
+    @click.option("--all", "everything", is_flag=True, help="forget every failed sign-in and lockout")
+    def unlock_sign_in(emails, clients, everything):
+        """Lift sign-in lockouts: forget the failed sign-ins of EMAILS (as typed at sign-in, any
+        case), of --client addresses, or --all."""
+        from web.auth import lift_lockouts
+
+        if not (emails or clients or everything):
+            raise click.UsageError("name at least one address, a --client address, or --all")
+        if everything and (emails or clients):
+            raise click.UsageError("--all forgets everything: name no address with it")
+        with session_scope() as s:
+            n = lift_lockouts(s, list(emails), list(clients), everything)
+        what = "every address" if everything else ", ".join([*emails, *(f"client {c}" for c in clients)])
+        click.echo(f"forgot the failed sign-ins of {what} ({n} count{'' if n == 1 else 's'} removed)")
+
     @app.cli.command("demo")
     @click.option("--email", default="demo@herald.local", show_default=True)
     @click.option("--password", default="herald-demo", show_default=True)
