@@ -556,6 +556,20 @@ def test_launch_summary_counts_who_is_enrolled_and_who_is_skipped(ui):
         assert s.get(Campaign, cid).status == "draft"  # looking launches nothing
 
 
+def test_launch_summary_says_a_wait_after_the_last_email_does_nothing(ui):
+    list_id = make_contacts(ui.api, 2)
+    steps = [{"type": "wait", "seconds": 60}, {"type": "email", "subject": "Hi", "html": "<p>x</p>"},
+             {"type": "wait", "seconds": 3600}, {"type": "email", "subject": "Again", "html": "<p>y</p>"},
+             {"type": "wait", "seconds": 7200}]
+    cid = new_campaign(ui, list_id, steps=steps)
+    html = ui.text(f"/campaigns/{cid}/launch")
+    # the waits before an email count; the one after the last email is called out, not counted
+    assert "up to <strong>2</strong> emails over 1 h 1 min of waits: at most 4 emails" in html, html
+    assert re.search(r"<p class=\"warn\" data-trailing-wait>The wait after the last email \(2 h\) does nothing", html)
+    plain = new_campaign(ui, list_id)
+    assert "data-trailing-wait" not in ui.text(f"/campaigns/{plain}/launch")
+
+
 def test_launch_run_and_watch_a_campaign(ui, sink):
     list_id = make_contacts(ui.api, 3)
     cid = new_campaign(ui, list_id)

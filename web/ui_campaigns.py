@@ -329,9 +329,13 @@ def payload_from_state(state: dict, stored_limits: dict | None) -> tuple[dict, d
 def launch_summary(db, c: Campaign) -> dict:
     """What launching would do: who is enrolled, who is skipped and why, what is sent."""
     email_steps = [s for s in c.steps if s.type == "email"]
-    total_wait = sum(s.wait_seconds or 0 for s in c.steps if s.type == "wait")
+    # Waits after the last email delay nothing: the sequence completes when its last email is sent.
+    last_email = max((s.position for s in email_steps), default=-1)
+    total_wait = sum(s.wait_seconds or 0 for s in c.steps if s.type == "wait" and s.position < last_email)
+    trailing_wait = sum(s.wait_seconds or 0 for s in c.steps if s.type == "wait" and s.position > last_email)
     out = {"list": None, "members": 0, "eligible": 0, "suppressed": 0, "inactive": 0, "inactive_by_status": {},
-           "email_steps": len(email_steps), "total_wait": total_wait, "enrolled": None}
+           "email_steps": len(email_steps), "total_wait": total_wait, "trailing_wait": trailing_wait,
+           "enrolled": None}
     if c.list_id is None:
         return out
     out["list"] = db.get(ContactList, c.list_id)
