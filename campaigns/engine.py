@@ -2198,6 +2198,10 @@ def reconcile(hooks: Hooks, owner: str | None = None) -> ReconcileReport | None:
                 .returning(Message.id)
             ).all()
             report.resent_ambiguous = len(resent)
+            if resent:
+                from .queue_health import add_totals
+
+                add_totals(s, {"ambiguous_resends": len(resent)})  # /metrics' counter, in this transaction
             _retire_unsendable(s, list(resent))  # stopped or suppressed meanwhile (completion: below)
             test_resend = s.scalars(
                 update(Message)

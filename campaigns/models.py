@@ -330,7 +330,11 @@ class Message(Base):
 
 
 class MessageAttempt(Base):
-    """One try at handing a message to the provider: the retry history and the duration figures."""
+    """One try at handing a message to the provider: the retry history and the duration figures.
+
+    Rows are written once and never changed or deleted: deleting a dead letter or a campaign
+    leaves its attempts (message and campaign set to NULL), so the 5-minute failure rate and
+    /metrics' counters never go backwards (``queue_health``)."""
 
     __tablename__ = "message_attempts"
     __table_args__ = (
@@ -342,8 +346,8 @@ class MessageAttempt(Base):
 
     id: Mapped[int] = _pk()
     workspace_id: Mapped[int] = _ws()
-    campaign_id: Mapped[int] = mapped_column(BigId, ForeignKey("campaigns.id", ondelete="CASCADE"))
-    message_id: Mapped[int] = mapped_column(BigId, ForeignKey("messages.id", ondelete="CASCADE"))
+    campaign_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("campaigns.id", ondelete="SET NULL"))
+    message_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"))
     number: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime] = mapped_column(DateTime)
@@ -455,7 +459,8 @@ class JobLock(Base):
 
 
 class Counter(Base):
-    """Shared counters the consumers bump and /metrics reads (e.g. rate-limit waits)."""
+    """Shared counters the consumers bump and /metrics reads (e.g. rate-limit waits), and the
+    send attempts' rolled-up totals (names ``metrics:…``, ``queue_health.roll_up``)."""
 
     __tablename__ = "counters"
 

@@ -1,20 +1,128 @@
 """The queue's health and Prometheus metrics, computed at read time from the ledger and the
-shared stores, so they cover what every consumer did (not what this process saw)."""
+shared stores, so they cover what every consumer did (not what this process saw).
+
+The send attempts' counters (by outcome, retries, the duration histogram) are totals kept in
+``counters`` (names ``metrics:…``) up to a watermark attempt id, plus the attempts after it,
+counted at each scrape. Attempt rows are never changed or deleted, so the figures only grow.
+Scrapes move the watermark (``roll_up``): an attempt id is rolled into the totals once it has
+been the newest for ``ROLLUP_AGE`` seconds, so a transaction that took a lower id has long
+committed; a scrape counts the last few minutes of attempts, not the whole history.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from .contacts import dialect_insert
 from .db import utcnow
-from .models import Campaign, Message, MessageAttempt
+from .models import Campaign, Counter, Message, MessageAttempt
 
+# Fixed: the totals hold one count per bucket (migration 0009 has the same list; changing it
+# needs a migration that rolls the totals up again).
 DURATION_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 FAILED_OUTCOMES = ("retry", "failed", "ambiguous", "account")
+METRICS = "metrics:"
+UPTO, PENDING, PENDING_AT = (METRICS + n for n in ("attempts_upto", "attempts_pending_id", "attempts_pending_at"))
+ROLLUP_AGE = 300.0  # seconds an attempt id waits before it is rolled up (tests set 0)
+ROLLUP_CHUNK = 200_000  # attempts rolled up by one scrape at most
 log = logging.getLogger("herald.queue")
+
+
+def attempt_sums(s: Session, *where) -> dict[str, int]:
+    """Counts of the attempts ``where`` selects: ``attempts:<outcome>``, ``retries``,
+    ``duration_count``, ``duration_sum_us`` and ``duration_le:<ms>`` (cumulative buckets)."""
+    a = MessageAttempt
+    rows = s.execute(
+        select(a.outcome, func.count(), func.coalesce(func.sum(a.duration_ms), 0.0),
+               func.coalesce(func.sum(case((a.number > 1, 1), else_=0)), 0),
+               *(func.coalesce(func.sum(case((a.duration_ms <= b, 1), else_=0)), 0) for b in DURATION_BUCKETS_MS))
+        .where(*where).group_by(a.outcome)
+    ).all()
+    out = {"duration_count": 0, "duration_sum_us": 0, "retries": 0}
+    out.update({f"duration_le:{b}": 0 for b in DURATION_BUCKETS_MS})
+    for outcome, n, total_ms, retries, *buckets in rows:
+        out[f"attempts:{outcome}"] = int(n)
+        out["duration_count"] += int(n)
+        out["duration_sum_us"] += round(float(total_ms) * 1000)
+        out["retries"] += int(retries)
+        for b, v in zip(DURATION_BUCKETS_MS, buckets, strict=True):
+            out[f"duration_le:{b}"] += int(v)
+    return out
+
+
+def add_totals(s: Session, values: dict[str, int]) -> None:
+    """Add to the ``metrics:`` totals, in the caller's transaction."""
+    rows = [{"name": METRICS + k, "value": int(v)} for k, v in sorted(values.items()) if v]
+    if rows:
+        stmt = dialect_insert(s)(Counter)
+        s.execute(stmt.on_conflict_do_update(index_elements=["name"],
+                                             set_={"value": Counter.__table__.c.value + stmt.excluded.value}), rows)
+
+
+def _set(s: Session, values: dict[str, int]) -> None:
+    stmt = dialect_insert(s)(Counter)
+    s.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"value": stmt.excluded.value}),
+              [{"name": k, "value": int(v)} for k, v in values.items()])
+
+
+def roll_up(now: float | None = None) -> int:
+    """Move the attempts' watermark forward, in its own transaction; how many attempts it
+    added to the totals. The newest attempt id is noted first; once it is ``ROLLUP_AGE`` old, the attempts
+    up to it go into the totals (``ROLLUP_CHUNK`` at most per call). Several web processes may
+    call this at once: the watermark moves only from the value read (a conditional update), so
+    one of them adds the attempts and the others change nothing."""
+    from .db import session_factory
+
+    now = time.time() if now is None else now
+    try:
+        with session_factory()() as s:
+            got = dict(s.execute(select(Counter.name, Counter.value)
+                                 .where(Counter.name.in_((UPTO, PENDING, PENDING_AT)))).all())
+            upto, pending = got.get(UPTO), got.get(PENDING)
+            if upto is None:  # a schema not made by the migrations: totals start from nothing
+                s.execute(dialect_insert(s)(Counter).on_conflict_do_nothing(index_elements=["name"]),
+                          [{"name": UPTO, "value": 0}])
+                s.commit()
+                return 0
+            if pending is None or pending <= upto:
+                newest = s.scalar(select(func.max(MessageAttempt.id))) or 0
+                if newest > upto:
+                    _set(s, {PENDING: newest, PENDING_AT: int(now)})
+                    s.commit()
+                return 0
+            if now - got.get(PENDING_AT, 0) < ROLLUP_AGE:
+                return 0
+            first = s.scalar(select(func.min(MessageAttempt.id)).where(MessageAttempt.id > upto)) or upto + 1
+            new = min(pending, first + ROLLUP_CHUNK - 1)
+            moved = s.execute(update(Counter).where(Counter.name == UPTO, Counter.value == upto)
+                              .values(value=new)).rowcount
+            if moved != 1:
+                s.rollback()  # another process rolled this range up
+                return 0
+            sums = attempt_sums(s, MessageAttempt.id > upto, MessageAttempt.id <= new)
+            add_totals(s, sums)
+            s.commit()
+            return sums["duration_count"]
+    except DBAPIError as exc:  # e.g. SQLite busy: the next scrape tries again; the figures stay exact
+        log.info("attempt totals not rolled up this time: %s", exc.orig)
+        return 0
+
+
+def attempt_figures(s: Session) -> dict[str, int]:
+    """Every attempt ever recorded, counted (``attempt_sums``' names) and ``ambiguous_resends``:
+    the totals, then the attempts after the watermark read with them (a roll-up committing in
+    between moves attempts the totals read do not have, and this count has)."""
+    totals = {name[len(METRICS):]: int(v) for name, v in
+              s.execute(select(Counter.name, Counter.value).where(Counter.name.startswith(METRICS))).all()}
+    for key, v in attempt_sums(s, MessageAttempt.id > totals.get("attempts_upto", 0)).items():
+        totals[key] = totals.get(key, 0) + v
+    return totals
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -95,8 +203,12 @@ def waiting_on_limits(s: Session, workspace_id: int | None = None) -> dict[str, 
 
 
 def collect_metrics(s: Session, queue, counters: dict[str, int]):
-    """Prometheus metric families from the ledger (``prometheus_client`` core types)."""
+    """Prometheus metric families from the ledger (``prometheus_client`` core types). Call it
+    before ``s`` has begun a transaction: the roll-up writes in its own, and on SQLite the
+    request's session holds the write lock once it has begun."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    roll_up()
 
     now = utcnow()
     fams = []
@@ -133,28 +245,23 @@ def collect_metrics(s: Session, queue, counters: dict[str, int]):
     g.add_metric([], snap["failure_rate_5m"])
     fams.append(g)
 
+    figures = attempt_figures(s)
     outcomes = CounterMetricFamily("herald_send_attempts", "Send attempts by outcome", labels=["outcome"])
-    for outcome, n in s.execute(select(MessageAttempt.outcome, func.count()).group_by(MessageAttempt.outcome)).all():
-        outcomes.add_metric([outcome], int(n))
+    for key, n in sorted(figures.items()):
+        if key.startswith("attempts:"):
+            outcomes.add_metric([key.split(":", 1)[1]], n)
     fams.append(outcomes)
     retries = CounterMetricFamily("herald_send_retries", "Send attempts after the first")
-    retries.add_metric([], int(s.scalar(select(func.count()).where(MessageAttempt.number > 1)) or 0))
+    retries.add_metric([], figures.get("retries", 0))
     fams.append(retries)
     resends = CounterMetricFamily("herald_ambiguous_resends", "Ambiguous messages resent after the window")
-    resends.add_metric([], int(s.scalar(select(func.coalesce(func.sum(Message.resends), 0))) or 0))
+    resends.add_metric([], figures.get("ambiguous_resends", 0))
     fams.append(resends)
 
-    cols = [
-        func.coalesce(func.sum(case((MessageAttempt.duration_ms <= b, 1), else_=0)), 0) for b in DURATION_BUCKETS_MS
-    ]
-    row = s.execute(
-        select(func.count(), func.coalesce(func.sum(MessageAttempt.duration_ms), 0.0), *cols)
-    ).one()
-    count, total_ms = int(row[0]), float(row[1])
-    buckets = [(str(b / 1000.0), int(v)) for b, v in zip(DURATION_BUCKETS_MS, row[2:], strict=True)]
-    buckets.append(("+Inf", count))
+    buckets = [(str(b / 1000.0), figures.get(f"duration_le:{b}", 0)) for b in DURATION_BUCKETS_MS]
+    buckets.append(("+Inf", figures.get("duration_count", 0)))
     hist = HistogramMetricFamily("herald_send_duration_seconds", "Provider call duration per attempt")
-    hist.add_metric([], buckets, sum_value=total_ms / 1000.0)
+    hist.add_metric([], buckets, sum_value=figures.get("duration_sum_us", 0) / 1e6)
     fams.append(hist)
 
     waits = CounterMetricFamily("herald_rate_limit_waits", "Sends that waited for their turn under a limit, by kind",
