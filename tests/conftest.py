@@ -125,11 +125,12 @@ def _flush_queue():
 def clean_state(database):
     """Every test starts on empty tables and an empty queue (and no per-process caches keyed by
     ids, which RESTART IDENTITY hands out again)."""
-    from campaigns import engine
+    from campaigns import engine, stats
 
     _clean_tables()
     _flush_queue()
     engine.clear_caches()
+    stats.clear_shared()
     yield
 
 

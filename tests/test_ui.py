@@ -788,6 +788,26 @@ def test_chart_buckets_sends_per_minute_and_widens_long_campaigns():
     assert len(running["bars"]) == 5
 
 
+def test_the_live_chart_is_counted_once_for_every_viewer_while_the_campaign_sends(ui, monkeypatch):
+    from web import ui_campaigns
+
+    calls = []
+    real = ui_campaigns.sends_per_minute
+    monkeypatch.setattr(ui_campaigns, "sends_per_minute", lambda db, cid: calls.append(cid) or real(db, cid))
+    list_id = make_contacts(ui.api, 2)
+    cid = new_campaign(ui, list_id)
+    with session_scope() as s:
+        s.execute(Campaign.__table__.update().where(Campaign.id == cid).values(status="running"))
+    for _ in range(3):  # three viewers' refreshes within the chart's 2 s: one count
+        assert ui.get(f"/campaigns/{cid}/chart").status_code == 200
+    assert calls == [cid]
+    with session_scope() as s:
+        s.execute(Campaign.__table__.update().where(Campaign.id == cid).values(status="completed"))
+    ui.get(f"/campaigns/{cid}/chart")
+    ui.get(f"/campaigns/{cid}/chart")
+    assert calls == [cid] * 3  # finished: its last figures are counted afresh each time
+
+
 def test_unicode_digits_and_odd_query_keys_are_no_500(ui):
     # '²'.isdigit() is True and int('²') raises: every such parse answered 500.
     list_id = make_contacts(ui.api, 2)

@@ -23,7 +23,7 @@ from campaigns import engine, templating
 from campaigns.db import is_postgres, utcnow
 from campaigns.errors import HeraldError, InvalidInput
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Suppression
-from campaigns.stats import campaign_stats, empty_step_stats
+from campaigns.stats import campaign_stats, empty_step_stats, shared
 
 from .auth import login_required
 from .db import get_db
@@ -705,9 +705,16 @@ def chart_data(points: list[tuple[datetime, int]], until: datetime | None = None
             "peak": max(counts), "start": start, "end": start + timedelta(minutes=n * size)}
 
 
-def _chart(db, c: Campaign) -> dict | None:
+def _chart(db, c: Campaign, live: bool = False) -> dict | None:
+    """``live``: for the page's refreshes while the campaign sends, a count shared by every viewer
+    (campaigns.stats.shared: a big campaign is not counted again for each of them)."""
     until = utcnow() if c.status == "running" else None
-    return chart_data(sends_per_minute(db, c.id), until)
+    if live:
+        points = shared(("chart", c.id), lambda: sends_per_minute(db, c.id), max_age=2.0,
+                        fresh=c.status not in ("running", "paused"))
+    else:
+        points = sends_per_minute(db, c.id)
+    return chart_data(points, until)
 
 
 @bp.get("/campaigns/<int:campaign_id>")
@@ -734,7 +741,7 @@ def campaign_chart(campaign_id: int):
     """The chart alone (an HTML fragment), for the campaign page to refresh in place."""
     db = get_db()
     c = _campaign(campaign_id)
-    return render_template("_chart.html", chart=_chart(db, c), campaign=c)
+    return render_template("_chart.html", chart=_chart(db, c, live=True), campaign=c)
 
 
 # --------------------------------------------------------------------------- builder error labels

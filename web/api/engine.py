@@ -152,7 +152,7 @@ def test_send(campaign_id):
 @bp.get("/campaigns/<int:campaign_id>/stream")
 @doc("Server-sent events: the campaign's counts as they change; closes within 60 s (reconnect with Last-Event-ID)")
 def campaign_stream(campaign_id):
-    from campaigns.stats import campaign_stats
+    from campaigns.stats import shared_campaign_stats
 
     engine.get_campaign(get_db(), g.workspace_id, campaign_id)
     get_db().close()
@@ -170,7 +170,9 @@ def campaign_stream(campaign_id):
 
     def snapshot(session):
         c = engine.get_campaign(session, g.workspace_id, campaign_id)
-        totals, per_step = campaign_stats(session, campaign_id)
+        # shared by every viewer of the campaign in this process; counted afresh once it has ended
+        totals, per_step = shared_campaign_stats(session, campaign_id, max_age=interval,
+                                                 fresh=c.status in ("completed", "cancelled"))
         return {
             "id": c.id, "status": c.status, "status_reason": c.status_reason, "stats": totals,
             "steps": {str(k): v for k, v in per_step.items()},
