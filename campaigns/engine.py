@@ -1411,6 +1411,10 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
         guard = _StopGuard(check, [r.id for r in claimed], generation)
         emails: dict[int, OutgoingEmail] = {}
         for r in claimed:
+            if r.step_id is None:  # a test send whose step was edited away while it waited
+                guard.allows(r.id)
+                run.add(_outcome(r, "failed", error="its step was removed from the draft before it was sent"))
+                continue
             try:
                 emails[r.id] = build_email(r, steps[r.step_id], campaigns[r.campaign_id], contacts.get(r.contact_id))
             except Exception as exc:  # noqa: BLE001 - a template that cannot render fails the message
@@ -1920,7 +1924,7 @@ def clear_caches() -> None:
 def _steps_of(s: Session, claimed: list, campaigns: dict[int, Campaign]) -> dict[int, Step]:
     """The claimed messages' steps. A launched campaign's steps never change (only a draft can be
     edited), so they are kept per process, detached; a draft's (test sends) are read each time."""
-    wanted = {r.step_id for r in claimed}
+    wanted = {r.step_id for r in claimed if r.step_id is not None}
     found = {i: _steps[i] for i in wanted if i in _steps}
     missing = sorted(wanted - found.keys())
     if missing:
@@ -2006,6 +2010,8 @@ def replay_message(s: Session, workspace_id: int, message_id: int) -> Message:
         raise NotFound("no such message")
     if msg.status != "failed":
         raise Conflict(f"only failed messages can be replayed; this one is {msg.status}")
+    if msg.step_id is None:
+        raise Conflict("this test's step was since removed from the draft: send a new test")
     if not msg.is_test:
         _replayable(s.get(Campaign, msg.campaign_id))
     _revive(s, [msg])
@@ -2020,7 +2026,9 @@ def _replayable(c: Campaign) -> None:
 
 def replay_failed(s: Session, workspace_id: int, campaign_id: int) -> int:
     _replayable(get_campaign(s, workspace_id, campaign_id))
-    rows = s.scalars(select(Message).where(Message.campaign_id == campaign_id, Message.status == "failed")).all()
+    # (a test of a step since removed from the draft has nothing to send again: left as it is)
+    rows = s.scalars(select(Message).where(Message.campaign_id == campaign_id, Message.status == "failed",
+                                           Message.step_id.is_not(None))).all()
     _revive(s, rows)
     return len(rows)
 

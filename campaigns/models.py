@@ -296,7 +296,9 @@ class Message(Base):
     workspace_id: Mapped[int] = _ws()
     campaign_id: Mapped[int] = mapped_column(BigId, ForeignKey("campaigns.id", ondelete="CASCADE"))
     enrollment_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("enrollments.id", ondelete="CASCADE"))
-    step_id: Mapped[int] = mapped_column(BigId, ForeignKey("steps.id", ondelete="CASCADE"))
+    # NULL: a draft's test send whose step has since been edited away (saving a draft's steps
+    # replaces their rows; the test stays in the log and the outbox, and cannot be replayed).
+    step_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("steps.id", ondelete="SET NULL"))
     contact_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("contacts.id", ondelete="SET NULL"))
     email: Mapped[str] = mapped_column(String(320))
     message_key: Mapped[str] = mapped_column(String(64), unique=True)

@@ -671,6 +671,32 @@ def test_a_draft_s_test_sends_render_its_latest_edit_while_launched_steps_are_ke
     assert {st.campaign_id for st in engine._steps.values()} == {launched}
 
 
+def test_a_draft_s_test_sends_outlive_the_edits_of_its_steps(api, sink, db):
+    """Saving a draft's steps replaces their rows; its test sends used to go with them (ON DELETE
+    CASCADE), out of the message log and the outbox. They stay, of no step now."""
+    list_id = make_contacts(api, 1)
+    cid = api.post("/api/v1/campaigns", json={
+        "name": "x", "list_id": list_id, "from_email": "a@example.com",
+        "steps": [{"type": "email", "subject": "First", "html": "<p>1</p>"}]}).json["id"]
+    sent = api.post(f"/api/v1/campaigns/{cid}/test-send", json={"email": "me@example.com"}).json
+    drain(huey, until=lambda: len(sink.accepted()) == 1, timeout=30)
+    waiting = api.post(f"/api/v1/campaigns/{cid}/test-send", json={"email": "later@example.com"}).json
+    edit = {"steps": [{"type": "email", "subject": "Second", "html": "<p>2</p>"}]}
+    assert api.patch(f"/api/v1/campaigns/{cid}", json=edit).status_code == 200
+    drain(huey, timeout=30)  # the waiting test finds its step gone
+    items = {m["id"]: m for m in api.get(f"/api/v1/messages?campaign_id={cid}").json["items"]}
+    assert set(items) == {sent["id"], waiting["id"]}
+    first = items[sent["id"]]
+    assert (first["status"], first["step_id"], first["is_test"]) == ("sent", None, True)
+    assert items[waiting["id"]]["status"] == "failed"
+    assert items[waiting["id"]]["last_error"] == "its step was removed from the draft before it was sent"
+    assert len(sink.accepted()) == 1  # nothing was sent for it
+    resp = api.post(f"/api/v1/messages/{waiting['id']}/replay")
+    assert resp.status_code == 409 and "send a new test" in resp.json["error"]["message"]
+    assert api.post(f"/api/v1/campaigns/{cid}/replay-failed").json["replayed"] == 0
+    assert api.get(f"/api/v1/messages/{sent['id']}").json["step_id"] is None
+
+
 def test_test_send_validates_input(api, sink):
     list_id = make_contacts(api, 1)
     cid = api.post("/api/v1/campaigns", json={

@@ -721,6 +721,19 @@ def test_queue_health_page(ui, sink):
     assert ui.get("/api/v1/queue").json["depth"] >= 1
 
 
+def test_a_test_send_stays_in_the_outbox_and_the_log_after_its_draft_is_edited(ui, sink):
+    list_id = make_contacts(ui.api, 1)
+    cid = new_campaign(ui, list_id)
+    msg = ui.api.post(f"/api/v1/campaigns/{cid}/test-send", json={"email": "me@example.com"}).json
+    drain(huey, until=lambda: len(sink.accepted()) == 1, timeout=30)
+    edit = {"steps": [{"type": "email", "subject": "Rewritten", "html": "<p>new</p>"}]}
+    assert ui.api.patch(f"/api/v1/campaigns/{cid}", json=edit).status_code == 200
+    html = ui.text("/outbox")
+    assert "me@example.com" in html and "other call" not in html
+    page = ui.text(f"/messages/{msg['id']}")
+    assert "removed from the draft since this test" in page and "me@example.com" in page
+
+
 def test_outbox_lists_what_the_sink_received_for_this_workspace(ui, sink, app, monkeypatch):
     list_id = make_contacts(ui.api, 2)
     cid = new_campaign(ui, list_id, steps=[{"type": "email", "subject": "Hi {{ contact.first_name }}",

@@ -102,7 +102,7 @@ def message_page(message_id: int):
                                .order_by(MessageAttempt.id)))
     events = list(db.scalars(select(Event).where(Event.message_id == m.id).order_by(Event.id)))
     campaign = db.get(Campaign, m.campaign_id)
-    step = db.get(Step, m.step_id)
+    step = db.get(Step, m.step_id) if m.step_id is not None else None
     contact = db.get(Contact, m.contact_id) if m.contact_id else None
     return render_template("message.html", m=m, attempts=attempts, events=events, campaign=campaign, step=step,
                            contact=contact, last_response=_pretty(m.last_response))

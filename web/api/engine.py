@@ -14,7 +14,7 @@ from sqlalchemy import false, select
 
 from campaigns import contacts, engine, queue_health
 from campaigns.db import new_session
-from campaigns.errors import BadRequest
+from campaigns.errors import BadRequest, Conflict
 from campaigns.models import Message, MessageAttempt
 
 from ..db import get_db
@@ -41,23 +41,85 @@ class CampaignStatusOut(Schema):
 
 
 class MessageOut(Schema):
+    """What ``message_json`` answers (every key of it: the document's objects are closed)."""
+
     id = fields.Integer()
     campaign_id = fields.Integer()
-    step_id = fields.Integer()
+    step_id = fields.Integer(allow_none=True, metadata={
+        "description": "null for a draft's test send whose step has since been edited away"})
     enrollment_id = fields.Integer(allow_none=True)
     email = fields.String()
     message_key = fields.String()
-    status = fields.String()
+    status = fields.String(metadata={"enum": list(MESSAGE_STATUSES)})
     is_test = fields.Boolean()
     attempts = fields.Integer()
+    max_attempts = fields.Integer()
+    resends = fields.Integer(metadata={"description": "times it was sent again after an ambiguous outcome"})
     due_at = fields.String(allow_none=True)
     sent_at = fields.String(allow_none=True)
+    failed_at = fields.String(allow_none=True)
+    delivered_at = fields.String(allow_none=True)
+    opened_at = fields.String(allow_none=True)
+    clicked_at = fields.String(allow_none=True)
+    replied_at = fields.String(allow_none=True)
     last_error = fields.String(allow_none=True)
     provider_message_id = fields.String(allow_none=True)
 
 
+class MessagePage(Schema):
+    items = fields.List(fields.Nested(MessageOut))
+    next_cursor = fields.String(allow_none=True, metadata={"description": "pass as ?cursor= for the next page"})
+
+
+class MessageQuery(Schema):
+    campaign_id = fields.Integer()
+    step_id = fields.Integer()
+    status = fields.String(metadata={"enum": list(MESSAGE_STATUSES)})
+    email = fields.String(metadata={"description": "one address (normalised before matching)"})
+    cursor = fields.String(metadata={"description": "next_cursor of the previous page"})
+    limit = fields.Integer(validate=validate.Range(1, 500), metadata={"description": "page size (default 50)"})
+
+
+class AttemptOut(Schema):
+    number = fields.Integer()
+    started_at = fields.String(allow_none=True)
+    duration_ms = fields.Float()
+    outcome = fields.String()
+    http_status = fields.Integer(allow_none=True)
+    error = fields.String(allow_none=True)
+    retry_at = fields.String(allow_none=True)
+
+
+class MessageEventOut(Schema):
+    event = fields.String()
+    timestamp = fields.String(allow_none=True)
+    url = fields.String(allow_none=True)
+    received_at = fields.String(allow_none=True)
+
+
+class MessageDetailOut(MessageOut):
+    last_response = fields.String(allow_none=True)
+    attempts_log = fields.List(fields.Nested(AttemptOut))
+    events = fields.List(fields.Nested(MessageEventOut))
+
+
+class ReplayedOut(Schema):
+    replayed = fields.Integer(metadata={"description": "how many dead letters were queued again"})
+
+
+class StreamQuery(Schema):
+    lifetime = fields.Float(metadata={"description": "seconds before the stream closes (at most 55)"})
+    interval = fields.Float(metadata={"description": "seconds between two looks (0.2 to 10; default 1)"})
+    last_event_id = fields.String(metadata={"description": "as the Last-Event-ID header: the id to go on from"})
+
+
 class DeletedOut(Schema):
     deleted = fields.Integer(metadata={"description": "how many dead letters were deleted"})
+
+
+class DurationsOut(Schema):
+    p50 = fields.Float(allow_none=True, metadata={"description": "milliseconds; null without attempts in 5 minutes"})
+    p95 = fields.Float(allow_none=True)
 
 
 class QueueOut(Schema):
@@ -66,8 +128,11 @@ class QueueOut(Schema):
     in_flight = fields.Integer()
     stalled = fields.Integer()
     dead_letters = fields.Integer()
+    queued = fields.Integer()
+    ambiguous = fields.Integer()
     failure_rate_5m = fields.Float()
-    duration_ms = fields.Dict()
+    attempts_5m = fields.Integer()
+    duration_ms = fields.Nested(DurationsOut)
     # due messages held back now, per limit: {"account": n, "campaign:<id>:minute": n, ...}
     waiting = fields.Dict(keys=fields.String(), values=fields.Integer())
 
@@ -99,7 +164,7 @@ def _tasks():
 
 @bp.post("/campaigns/<int:campaign_id>/launch")
 @doc("Launch a draft campaign (fan-out runs in the background); again: no change; paused: 409, resume it",
-     response=CampaignStatusOut, status=202)
+     response=CampaignStatusOut, status=202, errors=(409, 422))
 def launch_campaign(campaign_id):
     db = get_db()
     c = engine.launch(db, g.workspace_id, campaign_id)
@@ -109,7 +174,7 @@ def launch_campaign(campaign_id):
 
 
 @bp.post("/campaigns/<int:campaign_id>/pause")
-@doc("Pause: no new send of the campaign starts once this returns", response=CampaignStatusOut)
+@doc("Pause: no new send of the campaign starts once this returns", response=CampaignStatusOut, errors=(409,))
 def pause_campaign(campaign_id):
     db = get_db()
     c = engine.pause(db, g.workspace_id, campaign_id, reason="paused by a user")
@@ -118,7 +183,7 @@ def pause_campaign(campaign_id):
 
 
 @bp.post("/campaigns/<int:campaign_id>/resume")
-@doc("Resume a paused campaign", response=CampaignStatusOut)
+@doc("Resume a paused campaign", response=CampaignStatusOut, errors=(409,))
 def resume_campaign(campaign_id):
     db = get_db()
     c = engine.resume(db, g.workspace_id, campaign_id)
@@ -128,7 +193,7 @@ def resume_campaign(campaign_id):
 
 
 @bp.post("/campaigns/<int:campaign_id>/cancel")
-@doc("Cancel: pending messages are cancelled, sequences stop", response=CampaignStatusOut)
+@doc("Cancel: pending messages are cancelled, sequences stop", response=CampaignStatusOut, errors=(409,))
 def cancel_campaign(campaign_id):
     db = get_db()
     c = engine.cancel(db, g.workspace_id, campaign_id)
@@ -137,12 +202,20 @@ def cancel_campaign(campaign_id):
 
 
 @bp.post("/campaigns/<int:campaign_id>/test-send")
-@doc("Send one step to any address, first in line, kept out of statistics", request=TestSendIn,
-     response=MessageOut, status=202)
+@doc("Send one step to any address, first in line, kept out of statistics; 409 when the address is suppressed",
+     request=TestSendIn, response=MessageOut, status=202, errors=(409,))
 def test_send(campaign_id):
     data = TestSendIn().load(json_body())
     db = get_db()
-    msg = engine.test_send(db, g.workspace_id, campaign_id, data["email"], data.get("step"))
+    engine.get_campaign(db, g.workspace_id, campaign_id)  # another workspace's campaign: 404 whatever the body
+    # The address as the suppression list holds addresses (stripped, lower-cased). engine.test_send
+    # normalises with email-validator (NFC, an IDNA domain in Unicode), so on its own it missed a
+    # suppression of the very address given when that differs ('a@xn--bcher-kva.example', 'e\u0301@...').
+    email = contacts.normalize_email(data["email"])
+    if contacts.is_suppressed(db, g.workspace_id, email):
+        raise Conflict(f"{email} is on the suppression list: nothing is sent to it, test sends included",
+                       details={"email": [email]})
+    msg = engine.test_send(db, g.workspace_id, campaign_id, email, data.get("step"))
     db.commit()
     t = _tasks()
     t.HOOKS.enqueue_send([msg.id], t.PRIORITY_TEST)
@@ -150,7 +223,8 @@ def test_send(campaign_id):
 
 
 @bp.get("/campaigns/<int:campaign_id>/stream")
-@doc("Server-sent events: the campaign's counts as they change; closes within 60 s (reconnect with Last-Event-ID)")
+@doc("Server-sent events: the campaign's counts as they change; closes within 60 s (reconnect with Last-Event-ID)",
+     query=StreamQuery, response="text/event-stream")
 def campaign_stream(campaign_id):
     from campaigns.stats import shared_campaign_stats
 
@@ -206,7 +280,8 @@ def campaign_stream(campaign_id):
 
 
 @bp.get("/messages")
-@doc("The message log: filter by campaign_id, status, email; cursor pagination")
+@doc("The message log: filter by campaign_id, status, email; cursor pagination", query=MessageQuery,
+     response=MessagePage)
 def list_messages():
     stmt = select(Message).where(Message.workspace_id == g.workspace_id)
     campaign_id = int_arg("campaign_id")
@@ -237,7 +312,7 @@ def _own_message(message_id) -> Message:
 
 
 @bp.get("/messages/<int:message_id>")
-@doc("One message with its attempts and events", response=MessageOut)
+@doc("One message with its attempts and events", response=MessageDetailOut)
 def get_message(message_id):
     from campaigns.models import Event
 
@@ -257,7 +332,7 @@ def get_message(message_id):
 
 
 @bp.post("/messages/<int:message_id>/replay")
-@doc("Queue a dead letter again, same message key", response=MessageOut, status=202)
+@doc("Queue a dead letter again, same message key", response=MessageOut, status=202, errors=(409,))
 def replay_message(message_id):
     db = get_db()
     _own_message(message_id)
@@ -272,7 +347,8 @@ def replay_message(message_id):
 
 
 @bp.post("/campaigns/<int:campaign_id>/replay-failed")
-@doc("Queue every dead letter of the campaign again, same message keys", status=202)
+@doc("Queue every dead letter of the campaign again, same message keys", response=ReplayedOut, status=202,
+     errors=(409,))
 def replay_failed(campaign_id):
     db = get_db()
     n = engine.replay_failed(db, g.workspace_id, campaign_id)
