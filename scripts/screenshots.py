@@ -34,7 +34,7 @@ BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-EMAIL, PASSWORD = "demo@herald.local", "herald-demo"
+EMAIL, PASSWORD = "demo@example.com", "herald-demo"
 
 FIRST = ["Ada", "Grace", "Alan", "Katherine", "Linus", "Margaret", "Dennis", "Barbara", "Ken", "Frances",
          "Edsger", "Radia", "Tim", "Hedy", "John", "Sophie", "Donald", "Anita", "Guido", "Shafi"]

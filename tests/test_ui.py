@@ -721,6 +721,17 @@ def test_queue_health_page(ui, sink):
     assert ui.get("/api/v1/queue").json["depth"] >= 1
 
 
+def test_the_test_send_address_defaults_to_the_users_own_only_when_mail_can_go_there(ui):
+    from campaigns.models import User
+
+    cid = new_campaign(ui, make_contacts(ui.api, 1))
+    assert f'id="test-email" name="email" type="email" required value="{ui.email}"' in ui.text(f"/campaigns/{cid}/edit")
+    with session_scope() as s:  # a login at a special-use domain (the old demo login was demo@herald.local)
+        s.execute(User.__table__.update().where(User.email == ui.email).values(email="me@team.local"))
+    assert 'id="test-email" name="email" type="email" required value=""' in ui.text(f"/campaigns/{cid}/edit")
+    assert 'type="email" required value="me@team.local"' not in ui.text(f"/campaigns/{cid}")
+
+
 def test_a_test_send_stays_in_the_outbox_and_the_log_after_its_draft_is_edited(ui, sink):
     list_id = make_contacts(ui.api, 1)
     cid = new_campaign(ui, list_id)

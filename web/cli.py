@@ -184,7 +184,7 @@ def register_commands(app: Flask) -> None:
         click.echo(f"forgot the failed sign-ins of {what} ({n} count{'' if n == 1 else 's'} removed)")
 
     @app.cli.command("demo")
-    @click.option("--email", default="demo@herald.local", show_default=True)
+    @click.option("--email", default="demo@example.com", show_default=True)
     @click.option("--password", default="herald-demo", show_default=True)
     @click.option("--workspace", default="Demo", show_default=True)
     def demo(email, password, workspace):

@@ -37,6 +37,7 @@ from sqlalchemy import select
 
 from campaigns import accounts
 from campaigns.accounts import authenticate, user_workspaces
+from campaigns.contacts import email_problem
 from campaigns.errors import HeraldError, NotFound
 from campaigns.models import ApiKey, User, Workspace
 
@@ -182,6 +183,8 @@ def _layout_context():
         "nav_workspaces": sorted(workspaces.values(), key=lambda w: w.name.lower()),
         "current_workspace": current,
         "user_email": user_email,
+        # the test-send forms' default "To": the user's own address, when a test could go there
+        "test_email_default": user_email if user_email and not email_problem(user_email) else "",
         "uses_sink": settings().uses_sink,
     }
 
