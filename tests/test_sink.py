@@ -432,8 +432,10 @@ def test_outbox_lists_newest_first_and_renders_html_sandboxed(sink):
     detail = sink.get("/_sink/messages/2/html")
     assert detail.status_code == 200 and "text/html" in detail.content_type
     text = detail.get_data(as_text=True)
-    assert '<iframe sandbox=""' in text
-    assert 'srcdoc="&lt;script&gt;alert(1)&lt;/script&gt;&lt;p onclick=&quot;x()&quot;&gt;Hi&lt;/p&gt;"' in text
+    # no script runs in the frame (no allow-scripts); links open in a new tab, outside it
+    assert '<iframe sandbox="allow-popups allow-popups-to-escape-sandbox"' in text
+    assert ('srcdoc="&lt;base target=&quot;_blank&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;'
+            '&lt;p onclick=&quot;x()&quot;&gt;Hi&lt;/p&gt;"') in text
     assert "<script" not in text
     assert "default-src 'none'" in detail.headers["Content-Security-Policy"]
 

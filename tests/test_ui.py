@@ -765,7 +765,10 @@ def test_outbox_lists_what_the_sink_received_for_this_workspace(ui, sink, app, m
     assert "<td>Hi P0</td>" in html and "<td>Hi P1</td>" in html  # the subject as sent
     seq = re.findall(r'href="/outbox/(\d+)"', html)[0]
     detail = ui.text(f"/outbox/{seq}")
-    assert "srcdoc=" in detail and "Hello &lt;b&gt;P" in detail and 'sandbox=""' in detail
+    assert "srcdoc=" in detail and "Hello &lt;b&gt;P" in detail
+    # no script runs in the frame; links (the unsubscribe link) open in a new tab, outside it
+    assert 'sandbox="allow-popups allow-popups-to-escape-sandbox"' in detail
+    assert 'srcdoc="&lt;base target=&#34;_blank&#34;&gt;' in detail
     assert f"{sink.url}/_sink/messages/{seq}/html" in detail
     assert ui.get("/outbox/3").status_code == 404  # the other tool's call
     assert ui.get("/outbox/999").status_code == 404

@@ -320,3 +320,45 @@ def test_dead_letters_deleted_one_then_all_after_confirmations(page, live, consu
     with session_scope() as s:
         left = s.scalars(select(Message.status).where(Message.campaign_id == cid)).all()
     assert left == ["sent"]
+
+
+def test_a_link_in_an_email_in_the_outbox_opens_in_a_new_tab(page, live, consumer, sink):
+    """The outbox shows an email's HTML in a frame where no script runs; its links (the
+    unsubscribe link) used to navigate that frame, where the unsubscribe form could not be sent.
+    They open in a new tab now, as in a mail client."""
+    from campaigns import campaign_rules, contacts, engine
+
+    base = live
+    ws_id = sign_in(page, base)
+    with session_scope() as s:
+        lst = contacts.create_list(s, ws_id, "Outbox link list")
+        contact, _ = contacts.upsert_contact(s, ws_id, "reader@example.com")
+        contacts.add_list_members(s, ws_id, lst.id, [contact.id])
+        cid = campaign_rules.create_campaign(s, ws_id, {
+            "name": "Outbox links", "list_id": lst.id, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "Hello",
+                       "html": '<p>Hi</p><p><a href="{{ unsubscribe_url }}">Unsubscribe</a></p>'}]}).id
+    with session_scope() as s:
+        engine.launch(s, ws_id, cid)
+    from tasks.engine import fanout_campaign
+
+    fanout_campaign(cid)
+    page.goto(f"{base}/campaigns/{cid}")
+    expect(page.locator('.stats [data-stat="sent"]')).to_have_text("1")
+    page.goto(f"{base}/outbox")
+    page.locator("tbody a[href^='/outbox/']").first.click()
+    # the link points at PUBLIC_URL: send that to this test's server
+    from campaigns.config import get_settings
+
+    public = get_settings().public_url.rstrip("/")
+    page.context.route(public + "/**", lambda route: route.continue_(url=base + route.request.url[len(public):]))
+    link = page.frame_locator(".mail-frame").locator("text=Unsubscribe")
+    with page.context.expect_page() as opened:
+        link.click()
+    tab = opened.value
+    assert tab.url.startswith(public + "/u/")  # the unsubscribe page, in a tab of its own ...
+    tab.get_by_role("button", name="Unsubscribe").click()  # ... where its form can be sent
+    expect(tab.locator("h1")).to_have_text("You are unsubscribed")
+    assert page.url.startswith(f"{base}/outbox/")  # the outbox stays as it was
+    with session_scope() as s:
+        assert contacts.suppressed_emails(s, ws_id, ["reader@example.com"]) == {"reader@example.com"}

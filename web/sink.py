@@ -1403,6 +1403,9 @@ gap:4px 16px}dt{font-weight:600}code{font-size:12px}
 """
 
 
+NEW_TAB = '<base target="_blank">'  # a framed email's links open in a new tab
+
+
 def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
@@ -1474,8 +1477,11 @@ def _render_message(rec: dict) -> str:
         parts.append(f"<pre class=err>{_e(json.dumps(rec['errors'], indent=2))}</pre>")
     if rec.get("html"):
         parts.append(
-            "<h3>HTML</h3><iframe sandbox=\"\" referrerpolicy=\"no-referrer\" "
-            f"srcdoc=\"{_e(rec['html'])}\" title=\"email HTML\"></iframe>"
+            # links open in a new tab, as in a mail client (the unsubscribe link, say): no script
+            # runs in the frame, and a page of another origin could not be framed here anyway
+            "<h3>HTML</h3><iframe sandbox=\"allow-popups allow-popups-to-escape-sandbox\" "
+            f"referrerpolicy=\"no-referrer\" srcdoc=\"{_e(NEW_TAB + rec['html'])}\" "
+            "title=\"email HTML\"></iframe>"
         )
     if rec.get("text"):
         parts.append(f"<h3>Text</h3><pre>{_e(rec['text'])}</pre>")
