@@ -5,8 +5,9 @@ A step has three templates: ``subject`` and ``text`` (plain text, never HTML-esc
 names and nothing else:
 
 - ``contact``: ``email``, ``first_name``, ``last_name``, ``timezone`` and ``fields`` (the
-  custom fields; ``contact.fields.x`` or ``contact.fields["x y"]``; a field the contact lacks
-  renders empty, as does any attribute under it);
+  custom fields; ``contact.fields.x`` or ``contact.fields["x y"]``, the name matched as
+  written, else whatever its case, spaces and punctuation; a field the contact lacks renders
+  empty, as does any attribute under it);
 - ``campaign``: ``id``, ``name``, ``from_email``, ``from_name``, ``reply_to``;
 - ``unsubscribe_url``.
 
@@ -906,17 +907,39 @@ class FieldUndefined(ChainableUndefined):
     __float__ = __int__
 
 
-class _Fields:
-    """``contact.fields``: attribute or item access to the custom fields, missing ones empty."""
+_NOT_WORD = re.compile(r"[\W_]+")
 
-    __slots__ = ("_data",)
+
+def field_key(name) -> str:
+    """How a custom field's name is matched when it is not found as written: case, spaces and
+    punctuation aside (a CSV column "Company Name" is ``contact.fields.company_name``)."""
+    return _NOT_WORD.sub("_", str(name)).strip("_").casefold()
+
+
+class _Fields:
+    """``contact.fields``: attribute or item access to the custom fields, missing ones empty. A
+    name not found as written matches a field whose name differs only in case, spaces and
+    punctuation (``field_key``): the first such field in name order."""
+
+    __slots__ = ("_data", "_keys")
 
     def __init__(self, data: dict | None):
         self._data = data if isinstance(data, dict) else {}
+        self._keys: dict[str, str] | None = None
+
+    def _find(self, key):
+        if key in self._data:
+            return key
+        if self._keys is None:
+            self._keys = {}
+            for name in sorted(self._data, key=str):
+                self._keys.setdefault(field_key(name), name)
+        return self._keys.get(field_key(key))
 
     def _lookup(self, key):
-        if key in self._data:
-            value = self._data[key]
+        found = self._find(key)
+        if found is not None:
+            value = self._data[found]
             return _Fields(value) if isinstance(value, dict) else value
         return FieldUndefined(name=str(key))
 
@@ -929,7 +952,7 @@ class _Fields:
         return self._lookup(key)
 
     def __contains__(self, key) -> bool:
-        return key in self._data
+        return self._find(key) is not None
 
     def __iter__(self):
         return iter(self._data)

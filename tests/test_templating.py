@@ -194,6 +194,23 @@ def test_missing_custom_fields_and_none_render_empty():
     assert out.html == "[][][][][pro][][your company]no"
 
 
+def test_a_custom_field_is_found_whatever_the_case_spaces_and_punctuation_of_its_name():
+    # A CSV column "Company" is stored as written; the builder's hint says contact.fields.company,
+    # which rendered empty, silently, for every contact.
+    contact = {"email": "x@example.com",
+               "fields": {"Company": "Acme", "Company Name": "Acme Ltd", "Plan-Tier": {"Name": "pro"},
+                          "dup": "lower", "DUP": "upper"}}
+    out = render(
+        "[{{ contact.fields.company }}][{{ contact.fields.COMPANY }}][{{ contact.fields.company_name }}]"
+        "[{{ contact.fields['company name'] }}][{{ contact.fields.plan_tier.name }}]"
+        "[{{ 'company_name' in contact.fields }}][{{ 'nope' in contact.fields }}]"
+        "[{{ contact.fields.dup }}][{{ contact.fields.DUP }}][{{ contact.fields.Dup }}][{{ contact.fields.missing }}]",
+        contact=contact,
+    )
+    # written as stored wins; else the first field in name order that matches
+    assert out.html == "[Acme][Acme][Acme Ltd][Acme Ltd][pro][True][False][lower][upper][upper][]"
+
+
 def test_an_empty_name_is_missing_for_filters_and_defaults_too():
     # A contact imported without a name: "Hi NONE" and "Hi " were what these printed.
     contact = {"email": "x@example.com", "first_name": None, "last_name": "", "fields": {"score": "7"}}
