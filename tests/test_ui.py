@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -585,6 +586,14 @@ def test_launch_run_and_watch_a_campaign(ui, sink):
     assert "badge-completed" in html and 'data-stat="sent">6<' in html and "6 of 6 emails handled (100%)" in html
     assert "<svg" in html and "Emails sent per minute" in html and "6 emails sent between" in html
     assert 'data-step-id="' in html
+    # completed just now: the page keeps following its figures (delivery events) for an hour
+    follow = int(re.search(r'data-follow-until="(\d+)"', html).group(1))
+    assert f'data-stream-url="/api/v1/campaigns/{cid}/stream"' in html
+    assert 3590 < follow / 1000 - time.time() <= 3600
+    with session_scope() as s:
+        s.execute(Campaign.__table__.update().where(Campaign.id == cid)
+                  .values(finished_at=Campaign.finished_at - timedelta(hours=2)))
+    assert "data-stream-url" not in ui.text(f"/campaigns/{cid}")  # long done: a still page
     chart = ui.text(f"/campaigns/{cid}/chart")
     assert chart.lstrip().startswith("<figure") and "6 in all" in chart
     # relaunching a running campaign is refused politely

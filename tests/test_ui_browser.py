@@ -172,6 +172,7 @@ def test_import_build_preview_launch_and_watch_it_complete_live(page, live, cons
     navigations = []
     page.on("framenavigated", lambda frame: navigations.append(frame.url) if frame == page.main_frame else None)
     page.evaluate("window.__stillTheSamePage = true")
+    page.evaluate("document.querySelector('#campaign-live').setAttribute('data-follow-every', '300')")
     sent = page.locator('.stats [data-stat="sent"]')
     first_seen = int(sent.inner_text())
     expect(page.locator("[data-live]")).to_be_visible()
@@ -186,6 +187,14 @@ def test_import_build_preview_launch_and_watch_it_complete_live(page, live, cons
     assert page.evaluate("window.__stillTheSamePage") is True and navigations == []
     with session_scope() as s:
         assert s.get(Campaign, cid).status == "completed"
+    # delivery events go on arriving after the last send: the page keeps following them
+    delivered = page.locator('.stats [data-stat="delivered"]')
+    expect(delivered).to_have_text("0")
+    with session_scope() as s:
+        s.execute(Message.__table__.update().where(Message.campaign_id == cid)
+                  .values(delivered_at=Message.sent_at, status="delivered"))
+    expect(delivered).to_have_text("6", timeout=10_000)
+    assert navigations == []
 
     # a message's details: its attempt, the provider's answer
     page.locator("tbody tr[data-step-id] >> text=Messages").first.click()

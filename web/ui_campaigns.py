@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from flask import current_app, flash, g, redirect, render_template, request, url_for
 from sqlalchemy import and_, case, exists, func, select
@@ -717,6 +717,17 @@ def _chart(db, c: Campaign, live: bool = False) -> dict | None:
     return chart_data(points, until)
 
 
+FOLLOW_AFTER_COMPLETION = timedelta(hours=1)
+
+
+def follow_until(c: Campaign) -> int | None:
+    """Until when (ms since the epoch) the campaign page keeps looking at a completed campaign's
+    figures: delivery events, opens and clicks go on arriving after its last send."""
+    if c.status != "completed" or c.finished_at is None or utcnow() - c.finished_at > FOLLOW_AFTER_COMPLETION:
+        return None
+    return int((c.finished_at + FOLLOW_AFTER_COMPLETION).replace(tzinfo=UTC).timestamp() * 1000)
+
+
 @bp.get("/campaigns/<int:campaign_id>")
 @login_required
 def campaign_page(campaign_id: int):
@@ -728,6 +739,7 @@ def campaign_page(campaign_id: int):
     email_steps = sum(1 for s in c.steps if s.type == "email")
     return render_template(
         "campaign.html", campaign=c, totals=totals, steps=steps, email_steps=email_steps,
+        follow_until=follow_until(c),
         chart=_chart(db, c), summary=launch_summary(db, c) if c.status == "draft" else None, actions=STATUS_ACTIONS,
         funnel_keys=FUNNEL_KEYS, total_keys=TOTAL_KEYS, list_row=db.get(ContactList, c.list_id) if c.list_id else None,
         window_text=describe_window(c.send_window), limits_text=describe_limits(c.limits),

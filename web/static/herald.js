@@ -225,19 +225,32 @@
       lastSent = s.sent;
     };
 
-    var source = new EventSource(streamUrl);
-    source.addEventListener("open", function () { liveBadge.hidden = false; });
-    source.addEventListener("error", function () { liveBadge.hidden = true; });  // EventSource retries by itself
-    source.addEventListener("progress", function (event) {
-      liveBadge.hidden = false;
-      apply(JSON.parse(event.data));
-    });
-    source.addEventListener("end", function () {
-      source.close();  // completed or cancelled: nothing more will change
-      liveBadge.hidden = true;
-      scheduleChart(true);
-    });
-    window.addEventListener("pagehide", function () { source.close(); });
+    // A completed campaign's delivery events, opens and clicks go on arriving: until this time
+    // (ms), the page looks again every data-follow-every ms (15 s) after the stream's end.
+    var followUntil = parseInt(campaignBox.getAttribute("data-follow-until"), 10) || 0;
+    var source = null;
+    var connect = function () {
+      source = new EventSource(streamUrl);
+      source.addEventListener("open", function () { liveBadge.hidden = false; });
+      source.addEventListener("error", function () { liveBadge.hidden = true; });  // EventSource retries by itself
+      source.addEventListener("progress", function (event) {
+        liveBadge.hidden = false;
+        apply(JSON.parse(event.data));
+      });
+      source.addEventListener("end", function (event) {
+        source.close();  // completed or cancelled: no more sends
+        liveBadge.hidden = true;
+        scheduleChart(true);
+        var status = JSON.parse(event.data).status;
+        if (status === "completed") {
+          followUntil = followUntil || Date.now() + 3600 * 1000;  // it completed while we watched
+          var every = parseInt(campaignBox.getAttribute("data-follow-every"), 10) || 15000;
+          if (Date.now() < followUntil) { setTimeout(connect, every); }
+        }
+      });
+    };
+    connect();
+    window.addEventListener("pagehide", function () { if (source) { source.close(); } });
   }
 
   /* ---------------------------------------------------------------- the builder's live preview */
