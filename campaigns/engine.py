@@ -1253,12 +1253,16 @@ def unsubscribe_url(workspace_id: int, email: str, message_key: str) -> str:
 def build_email(msg, step: Step, campaign: Campaign, contact) -> OutgoingEmail:
     """Render one message. ``msg`` and ``contact`` are rows or objects with the Message's and
     the Contact's attributes (``contact`` None: a test send to an address that is no contact)."""
-    from .templating import render_step
+    from .templating import SAMPLE_CONTACT, render_step
     from .tokens import reply_address
 
     settings = get_settings()
-    contact_like = contact or {"email": msg.email, "first_name": None, "last_name": None, "timezone": None,
-                               "fields": {}}
+    if contact is not None:
+        contact_like = contact
+    elif msg.is_test:  # a test to an address that is no contact: the sample contact, as the preview shows
+        contact_like = {**SAMPLE_CONTACT, "email": msg.email}
+    else:
+        contact_like = {"email": msg.email, "first_name": None, "last_name": None, "timezone": None, "fields": {}}
     unsub = unsubscribe_url(msg.workspace_id, msg.email, msg.message_key)
     rendered = render_step(step, contact_like, campaign, unsub)
     subject = ("[Test] " + rendered.subject) if msg.is_test else rendered.subject
