@@ -33,6 +33,7 @@ print(public_key_b64(s.load_pem_private_key(os.environ["HERALD_SINK_EVENT_PRIVAT
 fi
 
 pids=()
+names=()
 cleanup() {
   trap - INT TERM EXIT
   echo; echo "stopping web, consumer and sink ..."
@@ -41,12 +42,20 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-flask --app wsgi sendgrid-sink --port "$SINK_PORT" & pids+=($!)
-huey_consumer tasks.huey -k thread -w 8 -g TERM -t 30 -d 0.05 -m 0.5 & pids+=($!)
-gunicorn -k gthread -w 2 --threads 16 -b "127.0.0.1:$PORT" --access-logfile - wsgi:app & pids+=($!)
+flask --app wsgi sendgrid-sink --port "$SINK_PORT" & pids+=($!); names+=("sink (port $SINK_PORT)")
+huey_consumer tasks.huey -k thread -w 8 -g TERM -t 30 -d 0.05 -m 0.5 & pids+=($!); names+=("consumer")
+gunicorn -k gthread -w 2 --threads 16 -b "127.0.0.1:$PORT" --access-logfile - wsgi:app & pids+=($!); names+=("web (port $PORT)")
 
 sleep 1
 echo
 echo "Herald is running: $PUBLIC_URL   (local outbox: http://127.0.0.1:$SINK_PORT/)"
 echo "Press Ctrl-C to stop."
-wait -n "${pids[@]}" || true
+set +e
+wait -n "${pids[@]}"
+code=$?
+# One process ended on its own (Ctrl-C goes to cleanup instead): say which, then stop the others.
+for i in "${!pids[@]}"; do
+  if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+    echo "make run: the ${names[$i]} exited (status $code); its output is above" >&2
+  fi
+done
