@@ -179,7 +179,7 @@
       campaignBox.setAttribute("data-status", status);
       $$("[data-status-badge]", campaignBox).forEach(function (b) { setText(b, status); b.className = "badge badge-" + status; });
       setText($("[data-status-text]", campaignBox), statusText[status] || status);
-      setText($("[data-status-reason]", campaignBox), data.status_reason || "");
+      setText($("[data-status-reason]", campaignBox), data.status_reason ? "(" + data.status_reason + ")" : "");
       $$("[data-show-when]", campaignBox).forEach(function (el) {
         el.hidden = el.getAttribute("data-show-when").split(" ").indexOf(status) < 0;
       });
