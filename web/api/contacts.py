@@ -316,7 +316,7 @@ def _notify_list_changed(list_id: int) -> None:
 
 @bp.route("/contacts", methods=["POST"])
 @doc("Create or update a contact (upsert by email); 201 when created, 200 when updated",
-     request=ContactIn, response=ContactOut, status=201, tags=["contacts"])
+     request=ContactIn, response=ContactOut, status=201, responses={200: ContactOut}, tags=["contacts"])
 def create_contact():
     data = ContactIn().load(_body())
     s = get_db()
@@ -327,8 +327,8 @@ def create_contact():
 
 
 @bp.route("/contacts", methods=["GET"])
-@doc("List contacts (by address or list), paged by cursor", query=ContactQuery, response=ContactPage,
-     tags=["contacts"])
+@doc("List contacts (by address or list), paged by cursor; 404 when list_id is not a list of the workspace",
+     query=ContactQuery, response=ContactPage, errors=(404,), tags=["contacts"])
 def list_contacts():
     s = get_db()
     email = request.args.get("email") or None  # "?email=" is no filter
@@ -369,7 +369,8 @@ def delete_contact(contact_id: int):
 
 
 @bp.route("/lists", methods=["POST"])
-@doc("Create a list (409 when the name is taken)", request=ListIn, response=ListOut, status=201, tags=["lists"])
+@doc("Create a list (409 when the name is taken)", request=ListIn, response=ListOut, status=201, errors=(409,),
+     tags=["lists"])
 def create_list():
     data = ListIn().load(_body())
     s = get_db()
@@ -526,8 +527,8 @@ def _save_upload() -> tuple[str, int]:
 @bp.route("/contacts/import", methods=["POST"])
 @doc("Import contacts from a CSV body (Content-Type: text/csv; a header row with an email column). "
      "Answers the report (rows numbered like a spreadsheet: the header is row 1); with ?async=1, "
-     "queues the import and answers 202 {import_id}", query=ImportQuery, response=ImportReportOut,
-     tags=["contacts"])
+     "queues the import and answers 202 {import_id}", request="text/csv", query=ImportQuery,
+     response=ImportReportOut, responses={202: ImportAccepted}, errors=(404, 415, 503), tags=["contacts"])
 def import_contacts():
     mimetype = request.mimetype or ""
     if mimetype not in CSV_TYPES:

@@ -27,14 +27,21 @@ from marshmallow import Schema, fields
 from . import PUBLIC_ENDPOINTS, bp
 
 
-def doc(summary: str, request=None, response=None, status: int = 200, query=None, tags=None):
+def doc(summary: str, request=None, response=None, status: int = 200, query=None, tags=None, errors=(),
+        responses=None):
     """Attach OpenAPI metadata to a view: request/response are marshmallow schema classes
-    (or instances, e.g. ``Schema(many=True)``), query is a schema for the query string."""
+    (or instances, e.g. ``Schema(many=True)``), query is a schema for the query string.
+
+    ``errors``: statuses of :data:`ERROR_RESPONSES` the view answers beyond the ones every
+    operation of its kind gets (e.g. ``(409,)`` for a state that refuses the action, ``404`` for
+    an id named in the query string or the body). ``responses``: further success answers,
+    ``{status: schema, media-type string or None}`` (e.g. ``{200: ContactOut}`` beside a 201)."""
 
     def wrap(view):
         view.__openapi__ = {
             "summary": summary, "request": request, "response": response,
             "status": status, "query": query, "tags": tags or [],
+            "errors": tuple(errors), "responses": dict(responses or {}),
         }
         return view
 
@@ -62,7 +69,9 @@ ERROR_RESPONSES = {
     "401": ("Unauthorized", "No valid API key or session"),
     "404": ("NotFound", "No such resource in this workspace"),
     "409": ("Conflict", "The resource's state does not allow this"),
+    "415": ("UnsupportedMediaType", "The request body's media type (or charset) is not one this operation reads"),
     "422": ("Invalid", "The body is well-formed but not acceptable; details name each field"),
+    "503": ("Unavailable", "A service Herald needs (the task queue) did not answer; try again"),
 }
 
 # --------------------------------------------------------------------------- Flask rules -> OpenAPI paths
@@ -166,7 +175,14 @@ def _operation(endpoint: str, method: str, view, path_params: list, public: bool
         responses["409"] = ERROR_RESPONSES["409"][0]
     if meta.get("request") is not None:
         responses["422"] = ERROR_RESPONSES["422"][0]
-    op["responses"] = responses
+    for extra in meta.get("errors") or ():
+        responses[str(extra)] = ERROR_RESPONSES[str(extra)][0]
+    for extra, body in (meta.get("responses") or {}).items():
+        answer: dict = {"description": HTTPStatus(int(extra)).phrase}
+        if body is not None:
+            answer["content"] = _content(body)
+        responses[str(extra)] = answer
+    op["responses"] = dict(sorted(responses.items()))
     if public:
         op["security"] = []
     return op

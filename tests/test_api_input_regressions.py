@@ -1,0 +1,205 @@
+"""Inputs found by fuzzing the JSON API (schemathesis and by hand) that got a wrong answer.
+
+- A test send to an address on the suppression list is refused (409) whatever form the address
+  takes: email-validator's normal form (an IDNA domain in Unicode, NFC) used to miss the
+  suppression of the address as given (stripped and lower-cased, like every stored address).
+- Every answer of the API is one its OpenAPI document names, with a body its schema allows
+  (the objects there are closed: a key the schema lacks contradicts the document).
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from campaigns.models import Message
+
+# --------------------------------------------------------------------------- a small validator
+# (no jsonschema here: the document uses a small part of OpenAPI 3.0's schema language)
+
+
+def _resolve(spec: dict, node: dict) -> dict:
+    while "$ref" in node:
+        target = spec
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def _check(spec: dict, schema: dict, value, where: str = "body") -> None:
+    schema = _resolve(spec, schema)
+    if value is None:
+        assert schema.get("nullable") or not schema, f"{where} is null, which the document does not allow"
+        return
+    if "enum" in schema:
+        assert value in schema["enum"], f"{where} = {value!r} is not one of {schema['enum']}"
+    kind = schema.get("type")
+    if kind == "object":
+        assert isinstance(value, dict), f"{where} is not an object"
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        if extra is False:
+            assert set(value) <= set(props), f"{where} has keys the document does not name: {set(value) - set(props)}"
+        for key, item in value.items():
+            if key in props:
+                _check(spec, props[key], item, f"{where}.{key}")
+            elif isinstance(extra, dict):
+                _check(spec, extra, item, f"{where}.{key}")
+    elif kind == "array":
+        assert isinstance(value, list), f"{where} is not an array"
+        for i, item in enumerate(value):
+            _check(spec, schema.get("items", {}), item, f"{where}[{i}]")
+    elif kind == "integer":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where} is not an integer"
+    elif kind == "number":
+        assert isinstance(value, int | float) and not isinstance(value, bool), f"{where} is not a number"
+    elif kind == "string":
+        assert isinstance(value, str), f"{where} is not a string"
+    elif kind == "boolean":
+        assert isinstance(value, bool), f"{where} is not a boolean"
+
+
+@pytest.fixture
+def spec(client):
+    return client.get("/api/v1/openapi.json").json
+
+
+def assert_documented(spec: dict, method: str, path: str, resp) -> None:
+    """The answer's status is documented for the operation, and its JSON body fits the schema."""
+    operation = spec["paths"][path][method]
+    status = str(resp.status_code)
+    assert status in operation["responses"], (
+        f"{method.upper()} {path} answered {status}, the document names {sorted(operation['responses'])}: "
+        f"{resp.get_data(as_text=True)[:300]}"
+    )
+    answer = _resolve(spec, operation["responses"][status])
+    content = answer.get("content", {})
+    if resp.mimetype == "application/json":
+        assert "application/json" in content, f"{method.upper()} {path} {status}: no JSON body documented"
+        _check(spec, content["application/json"]["schema"], resp.json, f"{method.upper()} {path} {status}")
+
+
+def campaign_body(list_id: int, **overrides) -> dict:
+    body = {"name": "Fuzzed", "list_id": list_id, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "Hi {{ contact.first_name }}", "html": "<p>Hello</p>"}]}
+    body.update(overrides)
+    return body
+
+
+@pytest.fixture
+def setup(api):
+    """A list with a contact and a draft campaign on it, made through the API."""
+    list_id = api.post("/api/v1/lists", json={"name": "Fuzzed list"}).json["id"]
+    api.post(f"/api/v1/lists/{list_id}/members", json={"emails": ["member@example.com"]})
+    campaign_id = api.post("/api/v1/campaigns", json=campaign_body(list_id)).json["id"]
+    return list_id, campaign_id
+
+
+# --------------------------------------------------------------------------- test sends and suppressions
+
+
+@pytest.mark.parametrize("address", [
+    "a@xn--bcher-kva.example",  # an IDNA domain: email-validator gives it back as 'a@bücher.example'
+    "e\u0301x@example.com",  # a decomposed é: email-validator gives it back composed (NFC)
+    " Shouting@Example.COM ",  # the plain case, for comparison
+])
+def test_test_send_refuses_an_address_suppressed_as_given(api, db, setup, address):
+    _, campaign_id = setup
+    resp = api.post("/api/v1/suppressions", json={"emails": [address]})
+    assert resp.status_code == 200 and resp.json["added"] == 1, resp.json
+    resp = api.post(f"/api/v1/campaigns/{campaign_id}/test-send", json={"email": address})
+    assert resp.status_code == 409, resp.get_data(as_text=True)
+    assert resp.json["error"]["code"] == "conflict" and "suppression list" in resp.json["error"]["message"]
+    assert db.scalar(select(func.count()).select_from(Message)) == 0  # nothing queued
+
+
+def test_test_send_still_validates_and_sends(api, db, setup):
+    _, campaign_id = setup
+    bad = api.post(f"/api/v1/campaigns/{campaign_id}/test-send", json={"email": "nope"})
+    assert bad.status_code == 422 and "email" in bad.json["error"]["details"]
+    assert api.post("/api/v1/campaigns/999999/test-send", json={"email": "nope"}).status_code == 404
+    resp = api.post(f"/api/v1/campaigns/{campaign_id}/test-send", json={"email": " Me@Example.com "})
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    assert resp.json["email"] == "me@example.com" and resp.json["is_test"] is True
+
+
+# --------------------------------------------------------------------------- the OpenAPI document
+
+
+def test_message_and_queue_answers_fit_the_document(api, spec, setup):
+    _, campaign_id = setup
+    sent = api.post(f"/api/v1/campaigns/{campaign_id}/test-send", json={"email": "me@example.com"})
+    assert_documented(spec, "post", "/api/v1/campaigns/{campaign_id}/test-send", sent)
+    message_id = sent.json["id"]
+    assert_documented(spec, "get", "/api/v1/messages/{message_id}", api.get(f"/api/v1/messages/{message_id}"))
+    listing = api.get(f"/api/v1/messages?campaign_id={campaign_id}&status=queued&limit=5")
+    assert listing.json["items"]
+    assert_documented(spec, "get", "/api/v1/messages", listing)
+    assert_documented(spec, "get", "/api/v1/messages", api.get("/api/v1/messages?status=bogus"))
+    assert_documented(spec, "get", "/api/v1/queue", api.get("/api/v1/queue"))
+    # a queued message is no dead letter
+    assert_documented(spec, "post", "/api/v1/messages/{message_id}/replay",
+                      api.post(f"/api/v1/messages/{message_id}/replay"))
+    assert_documented(spec, "post", "/api/v1/campaigns/{campaign_id}/replay-failed",
+                      api.post(f"/api/v1/campaigns/{campaign_id}/replay-failed"))
+    # the stream's query is documented (a bad one is a documented 400), and its media type
+    stream = spec["paths"]["/api/v1/campaigns/{campaign_id}/stream"]["get"]
+    assert {p["name"] for p in stream["parameters"] if p["in"] == "query"} >= {"lifetime", "interval"}
+    assert "text/event-stream" in stream["responses"]["200"]["content"]
+    assert_documented(spec, "get", "/api/v1/campaigns/{campaign_id}/stream",
+                      api.get(f"/api/v1/campaigns/{campaign_id}/stream?lifetime=nan"))
+
+
+def test_refusals_and_second_successes_are_documented(api, spec, setup):
+    list_id, campaign_id = setup
+    for _ in range(2):  # 201, then 200 (the upsert updates)
+        resp = api.post("/api/v1/contacts", json={"email": "x@example.com"})
+        assert_documented(spec, "post", "/api/v1/contacts", resp)
+    assert_documented(spec, "post", "/api/v1/lists", api.post("/api/v1/lists", json={"name": "Fuzzed list"}))  # 409
+    assert_documented(spec, "get", "/api/v1/contacts", api.get("/api/v1/contacts?list_id=999999"))  # 404
+    for action in ("pause", "resume"):  # a draft is neither running nor paused: 409
+        resp = api.post(f"/api/v1/campaigns/{campaign_id}/{action}")
+        assert resp.status_code == 409
+        assert_documented(spec, "post", f"/api/v1/campaigns/{{campaign_id}}/{action}", resp)
+    # a draft whose list was deleted cannot be launched: 422
+    other = api.post("/api/v1/lists", json={"name": "Short-lived"}).json["id"]
+    orphan = api.post("/api/v1/campaigns", json=campaign_body(other)).json["id"]
+    assert api.delete(f"/api/v1/lists/{other}").status_code == 204
+    resp = api.post(f"/api/v1/campaigns/{orphan}/launch")
+    assert resp.status_code == 422
+    assert_documented(spec, "post", "/api/v1/campaigns/{campaign_id}/launch", resp)
+    assert_documented(spec, "post", "/api/v1/campaigns/{campaign_id}/cancel",
+                      api.post(f"/api/v1/campaigns/{campaign_id}/cancel"))
+    for action in ("launch", "pause", "resume", "replay-failed"):  # a cancelled campaign: 409
+        resp = api.post(f"/api/v1/campaigns/{campaign_id}/{action}")
+        assert resp.status_code == 409
+        assert_documented(spec, "post", f"/api/v1/campaigns/{{campaign_id}}/{action}", resp)
+    resp = api.post(f"/api/v1/campaigns/{campaign_id}/test-send", json={"email": "x@example.com"})
+    assert_documented(spec, "post", "/api/v1/campaigns/{campaign_id}/test-send", resp)
+    api.post("/api/v1/suppressions", json={"emails": ["x@example.com"]})
+    resp = api.post(f"/api/v1/campaigns/{campaign_id}/test-send", json={"email": "x@example.com"})
+    assert resp.status_code == 409
+    assert_documented(spec, "post", "/api/v1/campaigns/{campaign_id}/test-send", resp)
+
+
+def test_csv_import_is_documented(api, spec, setup):
+    list_id, _ = setup
+    operation = spec["paths"]["/api/v1/contacts/import"]["post"]
+    assert "text/csv" in operation["requestBody"]["content"]
+    path = "/api/v1/contacts/import"
+    csv = b"email,first_name\nimported@example.com,Ann\n"
+    assert_documented(spec, "post", path, api.post(path, data=csv, content_type="text/csv"))  # 200
+    resp = api.post(f"{path}?async=1&list_id={list_id}", data=csv, content_type="text/csv")
+    assert resp.status_code == 202
+    assert_documented(spec, "post", path, resp)
+    resp = api.post(f"{path}?list_id=999999", data=csv, content_type="text/csv")
+    assert resp.status_code == 404
+    assert_documented(spec, "post", path, resp)
+    resp = api.post(path, data=csv, content_type="application/json")
+    assert resp.status_code == 415
+    assert_documented(spec, "post", path, resp)
+    resp = api.post(path, data=b"", content_type="text/csv")
+    assert resp.status_code == 400
+    assert_documented(spec, "post", path, resp)
+    assert_documented(spec, "get", "/api/v1/imports/{import_id}", api.get("/api/v1/imports/1"))
