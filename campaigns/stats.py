@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from .models import Enrollment, Message, Step
@@ -84,7 +84,26 @@ def campaign_stats(session: Session, campaign_id: int) -> tuple[dict, dict[int, 
     totals["enrolled"] = session.scalar(
         select(func.count()).select_from(Enrollment).where(Enrollment.campaign_id == campaign_id)
     ) or 0
+    totals["stopped"], totals["skipped"] = _stopped(session, campaign_id)
     return with_rates(totals), per_step
+
+
+def _stopped(session: Session, campaign_id: int) -> tuple[int, int]:
+    """(sequences a stop condition ended early, emails they will not send): a reply, an
+    unsubscribe, a bounce or a suppression; a cancel of the whole campaign is not counted."""
+    stopped = (Enrollment.campaign_id == campaign_id, Enrollment.status == "stopped",
+               Enrollment.stopped_reason.is_distinct_from("cancelled"))
+    count = session.scalar(select(func.count()).select_from(Enrollment).where(*stopped)) or 0
+    if not count:
+        return 0, 0
+    email_steps = session.scalar(
+        select(func.count()).select_from(Step).where(Step.campaign_id == campaign_id, Step.type == "email")
+    ) or 0
+    handled = session.scalar(
+        select(func.count()).select_from(Message).join(Enrollment, Message.enrollment_id == Enrollment.id)
+        .where(*stopped, Message.is_test.is_(False), or_(Message.sent_at.is_not(None), Message.status == "failed"))
+    ) or 0
+    return count, max(count * email_steps - handled, 0)
 
 
 def empty_step_stats() -> dict:

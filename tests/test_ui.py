@@ -591,8 +591,8 @@ def test_launch_run_and_watch_a_campaign(ui, sink):
     assert f'data-stream-url="/api/v1/campaigns/{cid}/stream"' in html
     assert 3590 < follow / 1000 - time.time() <= 3600
     with session_scope() as s:
-        s.execute(Campaign.__table__.update().where(Campaign.id == cid)
-                  .values(finished_at=Campaign.finished_at - timedelta(hours=2)))
+        done = s.get(Campaign, cid)
+        done.finished_at -= timedelta(hours=2)  # in Python: SQLite has no datetime arithmetic
     assert "data-stream-url" not in ui.text(f"/campaigns/{cid}")  # long done: a still page
     chart = ui.text(f"/campaigns/{cid}/chart")
     assert chart.lstrip().startswith("<figure") and "6 in all" in chart
@@ -639,6 +639,30 @@ def test_pause_resume_and_cancel_with_a_confirmation(ui, sink):
     assert "Delete" in ui.text(f"/campaigns/{cid}/delete")
     ui.post(f"/campaigns/{cid}/delete")
     assert "No campaigns yet" in ui.text("/")
+
+
+def test_progress_leaves_out_what_stopped_sequences_will_not_send(ui, sink):
+    list_id = make_contacts(ui.api, 3)
+    two_emails = [{"type": "email", "subject": "a", "html": "<p>a</p>"}, {"type": "wait", "seconds": 3600},
+                  {"type": "email", "subject": "b", "html": "<p>b</p>"}]
+    cid = new_campaign(ui, list_id, steps=two_emails)
+    ui.post(f"/campaigns/{cid}/launch")
+    drain(huey, until=lambda: ui.api.get(f"/api/v1/campaigns/{cid}").json["stats"]["sent"] == 3, timeout=60)
+    stats = ui.api.get(f"/api/v1/campaigns/{cid}").json["stats"]
+    assert (stats["stopped"], stats["skipped"]) == (0, 0)
+    assert "3 of 6 emails handled (50%)<" in ui.text(f"/campaigns/{cid}")
+    # one contact unsubscribes (suppressed): its second email will never go
+    assert ui.api.post("/api/v1/suppressions", json={"emails": ["person1@example.com"]}).status_code == 200
+    stats = ui.api.get(f"/api/v1/campaigns/{cid}").json["stats"]
+    assert (stats["enrolled"], stats["stopped"], stats["skipped"]) == (3, 1, 1)
+    assert all("stopped" not in step["stats"] for step in ui.api.get(f"/api/v1/campaigns/{cid}").json["steps"])
+    html = ui.text(f"/campaigns/{cid}")
+    assert "3 of 5 emails handled (60%); 1 sequence stopped early (1 email not to send)" in html
+    # a cancel of the whole campaign is no stop condition: what it left unsent still shows as not done
+    ui.post(f"/campaigns/{cid}/cancel")
+    stats = ui.api.get(f"/api/v1/campaigns/{cid}").json["stats"]
+    assert (stats["stopped"], stats["skipped"]) == (1, 1)
+    assert "3 of 5 emails handled (60%)" in ui.text(f"/campaigns/{cid}")
 
 
 def test_dead_letters_are_listed_and_replayed_one_or_all(ui, sink):

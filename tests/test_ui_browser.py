@@ -181,6 +181,7 @@ def test_import_build_preview_launch_and_watch_it_complete_live(page, live, cons
     assert first_seen < 6
     expect(page.locator('.stats [data-stat="enrolled"]')).to_have_text("3")
     expect(page.locator("[data-progress-text]")).to_contain_text("6 of 6 emails handled (100%)")
+    expect(page.locator(".flash-success")).to_be_hidden()  # "Launched: …" is stale once it has completed
     expect(page.locator("[data-chart] svg")).to_be_visible()
     expect(page.locator("[data-chart] figcaption")).to_contain_text("6 in all")
     expect(page.locator(".controls >> text=Pause")).to_be_hidden()

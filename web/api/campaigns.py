@@ -14,7 +14,7 @@ from marshmallow import Schema, fields
 from campaigns import campaign_rules as rules
 from campaigns.errors import BadRequest
 from campaigns.models import Campaign
-from campaigns.stats import campaign_stats
+from campaigns.stats import campaign_stats, empty_step_stats
 
 from ..db import get_db
 from . import bp, json_body, paginate
@@ -37,12 +37,6 @@ def iso(dt: datetime | None) -> str | None:
     return None if dt is None else dt.isoformat(timespec="seconds") + "Z"
 
 
-def _zero_like(totals: dict) -> dict:
-    counts = {k: 0 for k, v in totals.items() if k not in ("enrolled", "rates") and not isinstance(v, dict)}
-    counts["rates"] = dict.fromkeys(totals.get("rates", {}), 0.0)
-    return counts
-
-
 def step_json(step, stats: dict | None = None) -> dict:
     return {
         "id": step.id,
@@ -59,7 +53,7 @@ def step_json(step, stats: dict | None = None) -> dict:
 def campaign_json(session, campaign: Campaign) -> dict:
     """The contract's campaign object, with its stats and each step's."""
     totals, per_step = campaign_stats(session, campaign.id)
-    empty = _zero_like(totals)
+    empty = empty_step_stats()
     return {
         "id": campaign.id,
         "name": campaign.name,
@@ -114,6 +108,10 @@ class StepStatsOut(Schema):
 
 class CampaignStatsOut(StepStatsOut):
     enrolled = fields.Integer()
+    stopped = fields.Integer(metadata={"description": "sequences a stop condition (a reply, an unsubscribe, a bounce, "
+                                                     "a suppression) ended before their last step"})
+    skipped = fields.Integer(metadata={"description": "emails those stopped sequences will not send: progress is "
+                                                     "sent + dead letters out of enrolled x email steps - skipped"})
 
 
 class StepOut(Schema):

@@ -176,6 +176,10 @@
     var apply = function (data) {
       var s = data.stats;
       var status = data.status;
+      if (status !== campaignBox.getAttribute("data-status")) {
+        // "Launched: contacts are being enrolled." is stale once the campaign has moved on
+        $$(".flashes .flash-success").forEach(function (el) { el.hidden = true; });
+      }
       campaignBox.setAttribute("data-status", status);
       $$("[data-status-badge]", campaignBox).forEach(function (b) { setText(b, status); b.className = "badge badge-" + status; });
       setText($("[data-status-text]", campaignBox), statusText[status] || status);
@@ -213,14 +217,17 @@
           if (st.rates && key in st.rates) { setText(el, pct(st.rates[key])); }
         });
       });
-      // progress: emails handled (sent, or a dead letter now) out of enrolled x email steps
-      var expected = s.enrolled * emailSteps;
+      // progress: emails handled (sent, or a dead letter now) out of enrolled x email steps,
+      // less what sequences stopped early (a reply, an unsubscribe) will not send
+      var expected = Math.max(s.enrolled * emailSteps - (s.skipped || 0), 0);
       var done = s.sent + s.dead_letters;
       var fraction = status === "completed" ? 1 : (expected ? Math.min(done / expected, 1) : 0);
       var bar = $("[data-progress]", campaignBox);
       bar.value = fraction;
       setText($("[data-progress-text]", campaignBox),
-        fmt(done) + " of " + fmt(expected) + " emails handled (" + Math.floor(fraction * 100) + "%)");
+        fmt(done) + " of " + fmt(expected) + " emails handled (" + Math.floor(fraction * 100) + "%)" +
+        (s.stopped ? "; " + fmt(s.stopped) + " sequence" + (s.stopped === 1 ? "" : "s") + " stopped early (" +
+          fmt(s.skipped) + " email" + (s.skipped === 1 ? "" : "s") + " not to send)" : ""));
       if (lastSent !== null && s.sent !== lastSent) { scheduleChart(false); }
       lastSent = s.sent;
     };
