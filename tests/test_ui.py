@@ -571,6 +571,22 @@ def test_launch_summary_says_a_wait_after_the_last_email_does_nothing(ui):
     assert "data-trailing-wait" not in ui.text(f"/campaigns/{plain}/launch")
 
 
+def test_the_campaigns_list_shares_its_counts_with_the_live_views(ui, monkeypatch):
+    from campaigns import stats
+
+    list_id = make_contacts(ui.api, 1)
+    cid = new_campaign(ui, list_id)
+    now, calls, real = [1000.0], [], stats.campaign_stats
+    monkeypatch.setattr(stats, "clock", lambda: now[0])
+    monkeypatch.setattr(stats, "campaign_stats", lambda s, c: calls.append(c) or real(s, c))
+    for _ in range(3):
+        assert f'href="/campaigns/{cid}/edit"' in ui.text("/campaigns")
+    assert calls == [cid]  # counted once for three visits within 5 s
+    now[0] += 5.1
+    ui.text("/campaigns")
+    assert calls == [cid, cid]
+
+
 def test_launch_run_and_watch_a_campaign(ui, sink):
     list_id = make_contacts(ui.api, 3)
     cid = new_campaign(ui, list_id)

@@ -23,7 +23,7 @@ from campaigns import engine, templating
 from campaigns.db import is_postgres, utcnow
 from campaigns.errors import HeraldError, InvalidInput
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Suppression
-from campaigns.stats import campaign_stats, empty_step_stats, shared
+from campaigns.stats import campaign_stats, empty_step_stats, shared, shared_campaign_stats
 
 from .auth import login_required
 from .db import get_db
@@ -100,7 +100,9 @@ def campaigns_page():
     if status in rules.STATUSES:
         stmt = stmt.where(Campaign.status == status)
     rows, next_before = keyset_page(db, stmt, Campaign)
-    stats = {c.id: campaign_stats(db, c.id)[0] for c in rows}
+    # shared with the campaigns' live views: a page of big running campaigns is not counted
+    # afresh for every visit (each count reads all of a campaign's messages)
+    stats = {c.id: shared_campaign_stats(db, c.id, max_age=5.0)[0] for c in rows}
     list_names = dict(db.execute(select(ContactList.id, ContactList.name)
                                  .where(ContactList.workspace_id == g.workspace_id)).all())
     counts = {
