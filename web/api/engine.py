@@ -31,7 +31,8 @@ def _iso(dt):
 
 class TestSendIn(Schema):
     email = fields.String(required=True)
-    step = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=0))
+    # strict: 0.5 or "1" is no step position (it was truncated: 1.9 sent the step at position 1)
+    step = fields.Integer(load_default=None, allow_none=True, strict=True, validate=validate.Range(min=0))
 
 
 class CampaignStatusOut(Schema):
