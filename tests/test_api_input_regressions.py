@@ -5,9 +5,18 @@
   suppression of the address as given (stripped and lower-cased, like every stored address).
 - Every answer of the API is one its OpenAPI document names, with a body its schema allows
   (the objects there are closed: a key the schema lacks contradicts the document).
+- A test send goes to the address as contacts hold it: email-validator's normal form (above) used
+  to miss the contact of that address, so the test rendered the sample contact, and the message
+  log's ``?email=`` filter did not find the test under the address given.
+- A test send's ``step`` is a whole number: 0.5 or "1" used to be truncated (1.9 sent the step at
+  position 1) and answered 202.
+- A body past MAX_CONTENT_LENGTH (413) and a session request of an unsafe method without its CSRF
+  token (400, a DELETE too) are answers the document names.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from sqlalchemy import func, select
@@ -207,3 +216,102 @@ def test_csv_import_is_documented(api, spec, setup):
     assert resp.status_code == 400
     assert_documented(spec, "post", path, resp)
     assert_documented(spec, "get", "/api/v1/imports/{import_id}", api.get("/api/v1/imports/1"))
+
+
+@pytest.mark.parametrize("address", ["ann@xn--bcher-kva.example", "e\u0301x@example.com"])
+def test_test_send_renders_for_the_contact_of_the_address_given(api, db, setup, address):
+    _, campaign_id = setup
+    contact = api.post("/api/v1/contacts", json={"email": address, "first_name": "Ann"}).json
+    assert contact["email"] == address
+    resp = api.post(f"/api/v1/campaigns/{campaign_id}/test-send", json={"email": address})
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    assert resp.json["email"] == address  # as the contact holds it, not email-validator's normal form
+    assert db.get(Message, resp.json["id"]).contact_id == contact["id"]  # rendered for Ann, not the sample
+    found = api.get("/api/v1/messages", query_string={"email": address, "campaign_id": campaign_id}).json["items"]
+    assert [m["id"] for m in found] == [resp.json["id"]]
+
+
+# --------------------------------------------------------------------------- test send: the step
+
+
+@pytest.mark.parametrize("step", [0.5, 1.9, 1.0, "1", True])
+def test_test_send_refuses_a_step_that_is_not_a_whole_number(api, db, setup, step):
+    _, campaign_id = setup
+    resp = api.post(f"/api/v1/campaigns/{campaign_id}/test-send", json={"email": "me@example.com", "step": step})
+    assert resp.status_code == 422, resp.get_data(as_text=True)
+    assert "step" in resp.json["error"]["details"]
+    assert db.scalar(select(func.count()).select_from(Message)) == 0  # no step was guessed and sent
+
+
+def test_test_send_still_takes_a_step_position(api, setup):
+    _, campaign_id = setup
+    resp = api.post(f"/api/v1/campaigns/{campaign_id}/test-send", json={"email": "me@example.com", "step": 0})
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    assert api.post(f"/api/v1/campaigns/{campaign_id}/test-send",
+                    json={"email": "me@example.com", "step": None}).status_code == 202  # null: the first email
+
+
+# --------------------------------------------------------------------------- refusals before the handler's own
+
+
+@pytest.fixture
+def small_body_limit(app):
+    before = app.config["MAX_CONTENT_LENGTH"]
+    app.config["MAX_CONTENT_LENGTH"] = 1024
+    yield 1024
+    app.config["MAX_CONTENT_LENGTH"] = before
+
+
+def test_a_body_past_the_size_limit_is_a_documented_413(api, spec, setup, small_body_limit):
+    list_id, campaign_id = setup
+    big = "x" * (small_body_limit + 1)
+    calls = [
+        ("post", "/api/v1/contacts", "/api/v1/contacts", {"json": {"email": "a@example.com", "first_name": big}}),
+        ("patch", f"/api/v1/campaigns/{campaign_id}", "/api/v1/campaigns/{campaign_id}", {"json": {"name": big}}),
+        ("post", f"/api/v1/campaigns/{campaign_id}/test-send", "/api/v1/campaigns/{campaign_id}/test-send",
+         {"json": {"email": big}}),
+        ("post", "/api/v1/suppressions", "/api/v1/suppressions", {"json": {"emails": [big]}}),
+        ("post", "/api/v1/contacts/import", "/api/v1/contacts/import",
+         {"data": ("email\n" + big).encode(), "content_type": "text/csv"}),
+    ]
+    for method, url, path, kwargs in calls:
+        resp = getattr(api, method)(url, **kwargs)
+        assert resp.status_code == 413, (url, resp.get_data(as_text=True))
+        assert resp.json["error"]["code"] == "request_entity_too_large"
+        assert_documented(spec, method, path, resp)
+    # every operation that reads a body names the 413
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                assert "413" in operation["responses"], (method, path)
+
+
+def test_an_unsafe_method_without_the_csrf_token_is_a_documented_400(app, spec):
+    from tests.conftest import make_workspace
+
+    _, _, key, email = make_workspace()
+    client = app.test_client()
+    token = re.search(r'<meta name="csrf-token" content="([^"]+)">', client.get("/login").get_data(as_text=True))
+    resp = client.post("/login", data={"email": email, "password": "correct horse", "csrf_token": token.group(1)})
+    assert resp.status_code == 302
+    auth = {"Authorization": f"Bearer {key}"}
+    list_id = client.post("/api/v1/lists", json={"name": "Signed in"}, headers=auth).json["id"]
+    contact_id = client.post("/api/v1/contacts", json={"email": "x@example.com"}, headers=auth).json["id"]
+    for url, path in [
+        (f"/api/v1/lists/{list_id}", "/api/v1/lists/{list_id}"),
+        (f"/api/v1/contacts/{contact_id}", "/api/v1/contacts/{contact_id}"),
+        ("/api/v1/suppressions/x@example.com", "/api/v1/suppressions/{email}"),
+        ("/api/v1/messages/1", "/api/v1/messages/{message_id}"),
+    ]:
+        resp = client.delete(url)  # the session, no X-CSRFToken
+        assert resp.status_code == 400 and resp.json["error"]["code"] == "csrf_failed", resp.get_data(as_text=True)
+        assert_documented(spec, "delete", path, resp)
+    assert client.get(f"/api/v1/lists/{list_id}").status_code == 200  # nothing was deleted
+    assert client.get(f"/api/v1/contacts/{contact_id}").status_code == 200
+
+
+def test_a_method_not_allowed_names_the_allowed_ones(api):
+    resp = api.client.open("/api/v1/queue", method="TRACE", headers={"Authorization": f"Bearer {api.key}"})
+    assert resp.status_code == 405 and resp.json["error"]["code"] == "method_not_allowed"
+    assert set(resp.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "HEAD", "OPTIONS"}
+    assert resp.mimetype == "application/json"

@@ -38,4 +38,9 @@ def init_app(app) -> None:
         if not _wants_json():
             return exc
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or exc.name)
+        resp = error_response(exc.code or 500, code, exc.description or exc.name)
+        # the exception's own headers go along: a 405's Allow (RFC 9110 requires it), a 429's Retry-After
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp

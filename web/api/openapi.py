@@ -65,10 +65,12 @@ class Error(Schema):
 
 
 ERROR_RESPONSES = {
-    "400": ("BadRequest", "The request is malformed (not JSON, not an object, a bad query parameter)"),
+    "400": ("BadRequest", "The request is malformed (not JSON, not an object, a bad query parameter), or an "
+            "unsafe method came with the UI session but without its CSRF token"),
     "401": ("Unauthorized", "No valid API key or session"),
     "404": ("NotFound", "No such resource in this workspace"),
     "409": ("Conflict", "The resource's state does not allow this"),
+    "413": ("PayloadTooLarge", "The request body is larger than the server accepts (MAX_CONTENT_LENGTH, 64 MiB)"),
     "415": ("UnsupportedMediaType", "The request body's media type (or charset) is not one this operation reads"),
     "422": ("Invalid", "The body is well-formed but not acceptable; details name each field"),
     "503": ("Unavailable", "A service Herald needs (the task queue) did not answer; try again"),
@@ -165,7 +167,8 @@ def _operation(endpoint: str, method: str, view, path_params: list, public: bool
     if meta.get("response") is not None and status != 204:
         ok["content"] = _content(meta["response"])
     responses: dict = {str(status): ok}
-    if meta.get("request") is not None or meta.get("query") is not None or method in ("post", "put", "patch"):
+    # every unsafe method: a session without its CSRF token is a 400 (a DELETE too)
+    if meta.get("request") is not None or meta.get("query") is not None or method in ("post", "put", "patch", "delete"):
         responses["400"] = ERROR_RESPONSES["400"][0]
     if not public:
         responses["401"] = ERROR_RESPONSES["401"][0]
@@ -174,6 +177,7 @@ def _operation(endpoint: str, method: str, view, path_params: list, public: bool
     if method in ("patch", "delete"):
         responses["409"] = ERROR_RESPONSES["409"][0]
     if meta.get("request") is not None:
+        responses["413"] = ERROR_RESPONSES["413"][0]  # a body past MAX_CONTENT_LENGTH
         responses["422"] = ERROR_RESPONSES["422"][0]
     for extra in meta.get("errors") or ():
         responses[str(extra)] = ERROR_RESPONSES[str(extra)][0]
