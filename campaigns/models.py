@@ -93,9 +93,11 @@ class LoginThrottle(Base):
     """Sign-in attempts counted against one account or one client address (``web.auth``).
 
     ``key`` is ``account:<sha256 of the normalised address>`` (known or not: no submitted text is
-    kept) or ``ip:<address>``. ``failures`` counts the attempts in the window that began at
-    ``window_start`` (an attempt counts from before its password is checked; a success takes
-    its own back); ``strikes`` the lockouts in a row, each twice as long as the one before.
+    kept), ``device:<that hash>:<browser>`` (a browser that signed in to the account before: its
+    own count, see ``web.auth.device_key``) or ``ip:<address>``. ``failures`` counts the
+    attempts in the window that began at ``window_start`` (an attempt counts from before its
+    password is checked; a success takes its own back); ``strikes`` the lockouts in a row, each
+    twice as long as the one before.
     ``expires_at`` is when the row stops mattering: rows past it are deleted on the next write.
     """
 

@@ -126,6 +126,34 @@ def test_an_unknown_address_is_throttled_exactly_like_a_known_one(app, clock, ch
     assert hashes == 5 and len(checked) == 10  # a hash checked for each allowed attempt, known or not
 
 
+def test_a_browser_that_signed_in_before_is_not_locked_out_by_others_guesses(app, clock, checked, user):
+    owner = Browser(app, ip="198.51.100.1")
+    resp = owner.sign_in(user, PASSWORD)
+    assert resp.status_code == 302
+    cookie = next(c for c in resp.headers.getlist("Set-Cookie") if c.startswith("herald_device="))
+    assert "HttpOnly" in cookie and "Path=/login" in cookie and "SameSite=Lax" in cookie
+    attacker = Browser(app, ip="192.0.2.7")
+    fail(attacker, user, 5)
+    assert refused_for(attacker.sign_in(user, PASSWORD)) == 300  # the account is locked for everyone else
+    assert refused_for(Browser(app, ip="198.51.100.1").sign_in(user, PASSWORD)) == 300  # a new browser too
+    assert owner.sign_in(user, PASSWORD).status_code == 302  # its owner's browser is let in
+    assert refused_for(attacker.sign_in(user, PASSWORD)) == 300  # and that unlocked nothing for others
+    # the browser's own failures are counted, with the account's limits: no extra guesses
+    fail(owner, user, 5)
+    assert refused_for(owner.sign_in(user, PASSWORD)) == 300
+    # the cookie names one account: another locked account is locked for this browser as well
+    _, _, _, other = make_workspace(password=PASSWORD)
+    fail(attacker, other, 5)
+    assert refused_for(Browser(app, ip="198.51.100.2").sign_in(other, "x")) == 300
+    helper = Browser(app, ip="198.51.100.3")
+    helper.client.set_cookie("herald_device", cookie.split(";")[0].split("=", 1)[1], path="/login")
+    assert refused_for(helper.sign_in(other, PASSWORD)) == 300
+    # a cookie not signed by this server counts for nothing
+    forger = Browser(app, ip="198.51.100.4")
+    forger.client.set_cookie("herald_device", "eyJhY2NvdW50Ijoi.forged.sig", path="/login")
+    assert refused_for(forger.sign_in(user, PASSWORD)) == 300
+
+
 def test_a_successful_sign_in_clears_the_account(app, clock, user):
     browser = Browser(app)
     fail(browser, user, 4)
@@ -303,6 +331,11 @@ def test_unlock_sign_in_lifts_an_account_a_client_or_everything(app, clock, user
     result = runner.invoke(args=["unlock-sign-in", user.upper()])  # as typed, any case
     assert result.exit_code == 0, result.output
     assert f"forgot the failed sign-ins of {user.upper()} (1 count removed)" in result.output
+    assert browser.sign_in(user, PASSWORD).status_code == 302
+    fail(browser, user, 5)  # it has signed in: now on its own count (its device cookie)
+    assert refused_for(browser.sign_in(user, PASSWORD)) == 300
+    result = runner.invoke(args=["unlock-sign-in", user])  # the address's browsers are lifted too
+    assert result.exit_code == 0 and "(1 count removed)" in result.output, result.output
     assert browser.sign_in(user, PASSWORD).status_code == 302
 
     attacker = Browser(app, ip="192.0.2.99")

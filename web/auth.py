@@ -7,11 +7,13 @@ import functools
 import hashlib
 import logging
 import math
-from dataclasses import asdict, dataclass
+import secrets
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 
 from flask import current_app, g, make_response, redirect, render_template, request, session, url_for
-from sqlalchemy import delete, select, update
+from itsdangerous import BadData, URLSafeTimedSerializer
+from sqlalchemy import delete, or_, select, update
 
 from campaigns.accounts import end_session, session_alive, start_session, user_workspaces, workspace_for_api_key
 from campaigns.contacts import dialect_insert
@@ -131,18 +133,59 @@ def _policies() -> tuple[_Policy, _Policy]:
             _Policy("client address", s.login_ip_failures, window, s.login_lockout, s.login_lockout_max))
 
 
+def _account_hash(email: str) -> str:
+    return hashlib.sha256((email or "").strip().lower().encode("utf-8", "replace")).hexdigest()
+
+
 def account_key(email: str) -> str:
     """An address's throttle key: a hash, so no submitted text is stored."""
-    return "account:" + hashlib.sha256((email or "").strip().lower().encode("utf-8", "replace")).hexdigest()
+    return "account:" + _account_hash(email)
 
 
 def client_key(address: str) -> str:
     return "ip:" + (address or "unknown")[:64]
 
 
+# A browser that has signed in to an account gets a signed cookie naming that account (the
+# "device cookie" of OWASP's guidance on lockouts): its later sign-ins to that account are
+# counted against the cookie rather than the account, so someone who locks the account by
+# guessing from elsewhere does not lock out its owner's browser. Its own failures are counted
+# (the account's limits), so the cookie gives no more guesses than a lockout allows; the client
+# address's limit still applies.
+DEVICE_COOKIE = "herald_device"
+DEVICE_MAX_AGE = 180 * 86400  # seconds
+
+
+def _device_serializer() -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(current_app.secret_key, salt="herald.sign-in-device")
+
+
+def device_key(email: str) -> str | None:
+    """This browser's throttle key for the account, when its device cookie names that account."""
+    raw = request.cookies.get(DEVICE_COOKIE)
+    if not raw or len(raw) > 512:
+        return None
+    try:
+        data = _device_serializer().loads(raw, max_age=DEVICE_MAX_AGE)
+    except BadData:
+        return None
+    if not isinstance(data, dict) or data.get("account") != account_key(email) or not data.get("device"):
+        return None
+    # the account's hash in the key, so unlock-sign-in EMAIL lifts its browsers' lockouts too
+    return f"device:{_account_hash(email)}:{hashlib.sha256(str(data['device']).encode()).hexdigest()[:24]}"
+
+
+def remember_device(resp, email: str) -> None:
+    """After a successful sign-in: the cookie that lets this browser past the account's lockouts."""
+    value = _device_serializer().dumps({"account": account_key(email), "device": secrets.token_urlsafe(16)})
+    resp.set_cookie(DEVICE_COOKIE, value, max_age=DEVICE_MAX_AGE, path=url_for("ui.login"), httponly=True,
+                    samesite="Lax", secure=current_app.config.get("SESSION_COOKIE_SECURE", False))
+
+
 def _keys(email: str) -> tuple[str, str]:
-    """The account's key and the client address's."""
-    return account_key(email), client_key(request.remote_addr)
+    """The account's key (this browser's, when it has signed in to the account before) and the
+    client address's."""
+    return device_key(email) or account_key(email), client_key(request.remote_addr)
 
 
 def lift_lockouts(db, emails: list[str] = (), clients: list[str] = (), everything: bool = False) -> int:
@@ -151,7 +194,8 @@ def lift_lockouts(db, emails: list[str] = (), clients: list[str] = (), everythin
     stmt = delete(LoginThrottle)
     if not everything:
         keys = [account_key(e) for e in emails] + [client_key(c.strip()) for c in clients]
-        stmt = stmt.where(LoginThrottle.key.in_(keys))
+        browsers = [LoginThrottle.key.startswith(f"device:{_account_hash(e)}:", autoescape=True) for e in emails]
+        stmt = stmt.where(or_(LoginThrottle.key.in_(keys), *browsers))
     return db.execute(stmt).rowcount
 
 
@@ -192,6 +236,8 @@ def throttle_sign_in(email: str):
     db = get_db()
     now = clock()
     policies = dict(zip(_keys(email), _policies(), strict=True))
+    policies = {k: replace(p, what="account, on a browser that signed in to it before") if k.startswith("device:")
+                else p for k, p in policies.items()}
     keys = sorted(policies)  # one order for every process: no deadlock between two attempts
     try:
         # A row for each key first, so that the lock below covers a first attempt too.
@@ -233,10 +279,12 @@ def throttle_sign_in(email: str):
 
 
 def sign_in_succeeded(email: str) -> None:
-    """The password was right: the account starts afresh, and the client address gets this
-    attempt back (its other failures still count)."""
+    """The password was right: the account (or this browser's count for it) starts afresh, and
+    the client address gets this attempt back (its other failures still count)."""
     db = get_db()
     account, client = _keys(email)
+    # (a browser let in by its device cookie clears its own count only: others' failed guesses at
+    # the account still count, so its owner signing in does not hand a guesser a new window)
     db.execute(delete(LoginThrottle).where(LoginThrottle.key == account))
     db.execute(update(LoginThrottle).where(LoginThrottle.key == client, LoginThrottle.failures > 0)
                .values(failures=LoginThrottle.failures - 1))

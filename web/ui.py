@@ -41,7 +41,7 @@ from campaigns.contacts import email_problem
 from campaigns.errors import HeraldError, NotFound
 from campaigns.models import ApiKey, User, Workspace
 
-from .auth import login_required, login_user, logout_user, sign_in_succeeded, throttle_sign_in
+from .auth import login_required, login_user, logout_user, remember_device, sign_in_succeeded, throttle_sign_in
 from .db import get_db
 
 bp = Blueprint("ui", __name__)
@@ -228,7 +228,9 @@ def login():
             error = "Your account belongs to no workspace yet."
         else:
             login_user(user.id, workspaces[0].id)
-            return redirect(safe_next(request.args.get("next")))
+            resp = redirect(safe_next(request.args.get("next")))
+            remember_device(resp, email)  # this browser is not locked out by others' guesses
+            return resp
     return render_template("login.html", error=error), (401 if error else 200)
 
 
