@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from .models import Enrollment, Message, Step
@@ -89,21 +89,30 @@ def campaign_stats(session: Session, campaign_id: int) -> tuple[dict, dict[int, 
 
 
 def _stopped(session: Session, campaign_id: int) -> tuple[int, int]:
-    """(sequences a stop condition ended early, emails they will not send): a reply, an
-    unsubscribe, a bounce or a suppression; a cancel of the whole campaign is not counted."""
-    stopped = (Enrollment.campaign_id == campaign_id, Enrollment.status == "stopped",
-               Enrollment.stopped_reason.is_distinct_from("cancelled"))
-    count = session.scalar(select(func.count()).select_from(Enrollment).where(*stopped)) or 0
-    if not count:
+    """(sequences that ended with emails left to send, how many emails they will not send): by a
+    stop condition (a reply, an unsubscribe, a bounce, a suppression) or a dead letter (until it
+    is replayed, which takes the sequence up again); a cancel of the whole campaign is neither."""
+    ended = (Enrollment.campaign_id == campaign_id,
+             or_(Enrollment.status == "failed",
+                 and_(Enrollment.status == "stopped", Enrollment.stopped_reason.is_distinct_from("cancelled"))))
+    if session.scalar(select(Enrollment.id).where(*ended).limit(1)) is None:
         return 0, 0
     email_steps = session.scalar(
         select(func.count()).select_from(Step).where(Step.campaign_id == campaign_id, Step.type == "email")
     ) or 0
-    handled = session.scalar(
-        select(func.count()).select_from(Message).join(Enrollment, Message.enrollment_id == Enrollment.id)
-        .where(*stopped, Message.is_test.is_(False), or_(Message.sent_at.is_not(None), Message.status == "failed"))
-    ) or 0
-    return count, max(count * email_steps - handled, 0)
+    handled = and_(Message.enrollment_id == Enrollment.id, Message.is_test.is_(False),
+                   or_(Message.sent_at.is_not(None), Message.status == "failed"))
+    per_sequence = (
+        select((email_steps - func.count(Message.id)).label("left"))
+        .select_from(Enrollment).outerjoin(Message, handled).where(*ended).group_by(Enrollment.id)
+        .subquery()
+    )
+    left = per_sequence.c.left
+    count, skipped = session.execute(
+        select(func.coalesce(func.sum(case((left > 0, 1), else_=0)), 0),
+               func.coalesce(func.sum(case((left > 0, left), else_=0)), 0))
+    ).one()
+    return int(count), int(skipped)
 
 
 def empty_step_stats() -> dict:

@@ -673,7 +673,26 @@ def test_progress_leaves_out_what_stopped_sequences_will_not_send(ui, sink):
     assert (stats["enrolled"], stats["stopped"], stats["skipped"]) == (3, 1, 1)
     assert all("stopped" not in step["stats"] for step in ui.api.get(f"/api/v1/campaigns/{cid}").json["steps"])
     html = ui.text(f"/campaigns/{cid}")
-    assert "3 of 5 emails handled (60%); 1 sequence stopped early (1 email not to send)" in html
+    assert "3 of 5 emails handled (60%); 1 sequence ended early (1 email not to send)" in html
+    # a dead letter ends its sequence too, until it is replayed; at the last email it leaves nothing unsent
+    sink.fail_addresses(["person0@example.com"], status=400)
+    other = new_campaign(ui, list_id, steps=two_emails)
+    ui.post(f"/campaigns/{other}/launch")
+    drain(huey, until=lambda: ui.api.get(f"/api/v1/campaigns/{other}").json["stats"]["sent"] == 1, timeout=60)
+    stats = ui.api.get(f"/api/v1/campaigns/{other}").json["stats"]  # person1 is suppressed: never enrolled
+    assert (stats["enrolled"], stats["dead_letters"], stats["stopped"], stats["skipped"]) == (2, 1, 1, 1), stats
+    assert "2 of 3 emails handled (66%); 1 sequence ended early (1 email not to send)" in ui.text(f"/campaigns/{other}")
+    sink.clear_fail_addresses()
+    assert ui.post(f"/campaigns/{other}/replay-failed").status_code == 303
+    stats = ui.api.get(f"/api/v1/campaigns/{other}").json["stats"]
+    assert (stats["stopped"], stats["skipped"]) == (0, 0)
+    one_email = new_campaign(ui, list_id, steps=two_emails[:1])
+    sink.fail_addresses(["person0@example.com"], status=400)
+    ui.post(f"/campaigns/{one_email}/launch")
+    drain(huey, until=lambda: ui.api.get(f"/api/v1/campaigns/{one_email}").json["status"] == "completed", timeout=60)
+    stats = ui.api.get(f"/api/v1/campaigns/{one_email}").json["stats"]
+    assert (stats["dead_letters"], stats["stopped"], stats["skipped"]) == (1, 0, 0), stats
+    sink.clear_fail_addresses()
     # a cancel of the whole campaign is no stop condition: what it left unsent still shows as not done
     ui.post(f"/campaigns/{cid}/cancel")
     stats = ui.api.get(f"/api/v1/campaigns/{cid}").json["stats"]

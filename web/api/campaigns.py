@@ -108,10 +108,12 @@ class StepStatsOut(Schema):
 
 class CampaignStatsOut(StepStatsOut):
     enrolled = fields.Integer()
-    stopped = fields.Integer(metadata={"description": "sequences a stop condition (a reply, an unsubscribe, a bounce, "
-                                                     "a suppression) ended before their last step"})
-    skipped = fields.Integer(metadata={"description": "emails those stopped sequences will not send: progress is "
-                                                     "sent + dead letters out of enrolled x email steps - skipped"})
+    stopped = fields.Integer(metadata={"description": "a current count: sequences that ended with emails left to send, "
+                                                     "by a stop condition (a reply, an unsubscribe, a bounce, a "
+                                                     "suppression) or a dead letter (until it is replayed)"})
+    skipped = fields.Integer(metadata={"description": "a current count: the emails those sequences will not send; "
+                                                     "progress is sent + dead letters out of enrolled x email steps "
+                                                     "- skipped"})
 
 
 class StepOut(Schema):

@@ -218,7 +218,7 @@
         });
       });
       // progress: emails handled (sent, or a dead letter now) out of enrolled x email steps,
-      // less what sequences stopped early (a reply, an unsubscribe) will not send
+      // less what sequences ended early (a reply, an unsubscribe) will not send
       var expected = Math.max(s.enrolled * emailSteps - (s.skipped || 0), 0);
       var done = s.sent + s.dead_letters;
       var fraction = status === "completed" ? 1 : (expected ? Math.min(done / expected, 1) : 0);
@@ -226,7 +226,7 @@
       bar.value = fraction;
       setText($("[data-progress-text]", campaignBox),
         fmt(done) + " of " + fmt(expected) + " emails handled (" + Math.floor(fraction * 100) + "%)" +
-        (s.stopped ? "; " + fmt(s.stopped) + " sequence" + (s.stopped === 1 ? "" : "s") + " stopped early (" +
+        (s.stopped ? "; " + fmt(s.stopped) + " sequence" + (s.stopped === 1 ? "" : "s") + " ended early (" +
           fmt(s.skipped) + " email" + (s.skipped === 1 ? "" : "s") + " not to send)" : ""));
       if (lastSent !== null && s.sent !== lastSent) { scheduleChart(false); }
       lastSent = s.sent;
