@@ -34,17 +34,25 @@ fi
 
 pids=()
 names=()
+stopped=0
 cleanup() {
-  trap - INT TERM EXIT
+  [ "$stopped" = 1 ] && return
+  stopped=1
   echo; echo "stopping web, consumer and sink ..."
+  # TERM: gunicorn and the sink stop, the consumer lets its in-flight sends finish (-g TERM)
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap cleanup INT TERM EXIT
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
+trap cleanup EXIT
 
-flask --app wsgi sendgrid-sink --port "$SINK_PORT" & pids+=($!); names+=("sink (port $SINK_PORT)")
-huey_consumer tasks.huey -k thread -w 8 -g TERM -t 30 -d 0.05 -m 0.5 & pids+=($!); names+=("consumer")
-gunicorn -k gthread -w 2 --threads 16 -b "127.0.0.1:$PORT" --access-logfile - wsgi:app & pids+=($!); names+=("web (port $PORT)")
+# Each in its own session (setsid): Ctrl-C reaches this script only, which stops them with TERM,
+# rather than the whole terminal group at once (SIGINT would stop the consumer without waiting).
+setsid flask --app wsgi sendgrid-sink --port "$SINK_PORT" & pids+=($!); names+=("sink (port $SINK_PORT)")
+setsid huey_consumer tasks.huey -k thread -w 8 -g TERM -t 30 -d 0.05 -m 0.5 & pids+=($!); names+=("consumer")
+setsid gunicorn -k gthread -w 2 --threads 16 -b "127.0.0.1:$PORT" --access-logfile - wsgi:app & pids+=($!)
+names+=("web (port $PORT)")
 
 sleep 1
 echo
@@ -53,9 +61,11 @@ echo "Press Ctrl-C to stop."
 set +e
 wait -n "${pids[@]}"
 code=$?
-# One process ended on its own (Ctrl-C goes to cleanup instead): say which, then stop the others.
+# One process ended on its own (Ctrl-C and TERM go to the traps, which exit): say which, then
+# stop the others (the EXIT trap).
 for i in "${!pids[@]}"; do
   if ! kill -0 "${pids[$i]}" 2>/dev/null; then
     echo "make run: the ${names[$i]} exited (status $code); its output is above" >&2
   fi
 done
+exit "$code"

@@ -14,10 +14,12 @@ apt_install() {
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = PONG ]; }
 
-if ! command -v pg_isready >/dev/null || ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+if [ -n "${HERALD_TEST_PG:-}" ]; then
+  echo "services: PostgreSQL from HERALD_TEST_PG (not checked here)"
+elif ! command -v pg_isready >/dev/null || ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
   echo "services: installing PostgreSQL"; apt_install postgresql
 fi
-if ! pg_up; then
+if [ -z "${HERALD_TEST_PG:-}" ] && ! pg_up; then
   echo "services: starting PostgreSQL"
   ver=$(ls /etc/postgresql | sort -V | tail -n 1)
   conf=/etc/postgresql/$ver/main
@@ -28,7 +30,7 @@ if ! pg_up; then
   pg_ctlcluster --skip-systemctl-redirect "$ver" main start || pg_ctlcluster "$ver" main start
   for _ in $(seq 1 30); do pg_up && break; sleep 1; done
 fi
-pg_up || { echo "services: PostgreSQL does not answer on 127.0.0.1:5432" >&2; exit 1; }
+[ -n "${HERALD_TEST_PG:-}" ] || pg_up || { echo "services: PostgreSQL does not answer on 127.0.0.1:5432" >&2; exit 1; }
 
 if ! command -v redis-server >/dev/null; then
   echo "services: installing Redis"; apt_install redis-server
@@ -41,4 +43,5 @@ if ! redis_up; then
   for _ in $(seq 1 30); do redis_up && break; sleep 0.5; done
 fi
 redis_up || { echo "services: Redis does not answer on 127.0.0.1:6379" >&2; exit 1; }
-echo "services: PostgreSQL and Redis answer"
+if [ -n "${HERALD_TEST_PG:-}" ]; then echo "services: Redis answers (PostgreSQL: HERALD_TEST_PG)"
+else echo "services: PostgreSQL and Redis answer"; fi

@@ -315,3 +315,25 @@ def test_a_method_not_allowed_names_the_allowed_ones(api):
     assert resp.status_code == 405 and resp.json["error"]["code"] == "method_not_allowed"
     assert set(resp.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "HEAD", "OPTIONS"}
     assert resp.mimetype == "application/json"
+
+
+def test_a_form_encoded_body_is_told_to_use_json(api):
+    # what `curl -d '{"name": ...}'` sends without -H 'Content-Type: application/json'
+    resp = api.post("/api/v1/lists", data='{"name": "Prospects"}', content_type="application/x-www-form-urlencoded")
+    assert resp.status_code == 400
+    assert "Content-Type: application/json" in resp.json["error"]["message"]
+    assert "application/x-www-form-urlencoded" in resp.json["error"]["message"]
+    assert api.post("/api/v1/lists", data='{"name": "Prospects"}', content_type="application/json").status_code == 201
+
+
+def test_the_readme_campaign_example_is_accepted(api):
+    import json
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    body = json.loads(re.search(r"```json\n(.*?)```", readme, re.S).group(1))
+    body["list_id"] = api.post("/api/v1/lists", json={"name": "Prospects"}).json["id"]
+    resp = api.post("/api/v1/campaigns", json=body)
+    assert resp.status_code == 201, resp.json
+    assert [s["type"] for s in resp.json["steps"]] == ["email", "wait", "email"]

@@ -44,6 +44,10 @@ def _authenticate():
 def json_body() -> dict:
     """The request's JSON object, or a 400 that says what is wrong with it."""
     if not request.data:
+        if request.mimetype and request.mimetype != "application/json":
+            # curl -d without a Content-Type sends a form: Werkzeug parses it as one, no body is left
+            raise BadRequest(f"the request needs a JSON body sent as Content-Type: application/json "
+                             f"(this one came as {request.mimetype[:100]})")
         raise BadRequest("the request needs a JSON body")
     try:
         data = request.get_json(silent=True, force=True)
