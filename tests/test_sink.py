@@ -762,3 +762,23 @@ def test_nothing_listens_before_run():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # still free to bind anything
     app.extensions["sendgrid_sink"].close()
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("HERALD_SINK_EVENT_INTERVAL", "abc", "HERALD_SINK_EVENT_INTERVAL: must be a number of at least 0.01, got 'abc'"),
+    ("HERALD_SINK_EVENT_BATCH_SIZE", "0", "HERALD_SINK_EVENT_BATCH_SIZE: must be a whole number of at least 1"),
+    ("HERALD_SINK_EVENT_TIMEOUT", "nan", "HERALD_SINK_EVENT_TIMEOUT: must be a number"),
+    ("HERALD_SINK_MAX_STORED_BODIES", "1.5", "HERALD_SINK_MAX_STORED_BODIES: must be a whole number"),
+    ("HERALD_SINK_EVENTS_URL", "notaurl", "HERALD_SINK_EVENTS_URL: 'notaurl' is not an http(s) URL"),
+    ("HERALD_SINK_EVENT_PRIVATE_KEY_PEM", "junk", "HERALD_SINK_EVENT_PRIVATE_KEY_PEM: not a usable key"),
+])
+def test_a_bad_sink_setting_is_one_line_naming_it(monkeypatch, app, name, value, message):
+    from web.sink import SinkConfigError
+
+    monkeypatch.setenv(name, value)
+    from web.sink import SinkState
+
+    with pytest.raises(SinkConfigError, match=re.escape(message)):
+        SinkState()
+    result = app.test_cli_runner().invoke(args=["sendgrid-sink", "--port", "1"])
+    assert isinstance(result.exception, SystemExit) and str(result.exception.code).startswith(f"error: {message}")

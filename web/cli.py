@@ -117,9 +117,12 @@ def register_commands(app: Flask) -> None:
     @click.option("--host", default="127.0.0.1", show_default=True)
     def sendgrid_sink(port, host):
         """Run the local SendGrid sink (the /v3/mail/send wire format, a local outbox)."""
-        from .sink import run_sink
+        from .sink import SinkConfigError, run_sink
 
-        run_sink(host=host, port=port)
+        try:
+            run_sink(host=host, port=port)
+        except SinkConfigError as exc:
+            raise SystemExit(f"error: {exc}") from None
 
     @app.cli.command("replay-failed")
     @click.option("--campaign", "campaign_id", required=True, type=int, help="the campaign's id")

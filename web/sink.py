@@ -623,6 +623,10 @@ class _Behaviour:
         }
 
 
+class SinkConfigError(ValueError):
+    """A sink setting is malformed; the message is one line naming the variable."""
+
+
 class SinkState:
     """Everything the sink remembers; shared by all request threads."""
 
@@ -635,18 +639,34 @@ class SinkState:
             env = os.environ.get(f"HERALD_{name}")
             return env if env not in (None, "") else default
 
+        def number(name: str, default: Any, kind: type, low: float) -> Any:
+            value = setting(name, default)
+            try:
+                number = kind(value)
+            except (TypeError, ValueError):
+                number = None
+            if number is None or number != number or number < low or number > 1e9:
+                raise SinkConfigError(f"HERALD_{name}: must be a {'whole ' if kind is int else ''}number of at least "
+                                      f"{low:g}, got {value!r}")
+            return number
+
         self.api_key: str | None = setting("SINK_API_KEY")
-        self.max_stored_bodies = int(setting("SINK_MAX_STORED_BODIES", 10_000))
+        self.max_stored_bodies = number("SINK_MAX_STORED_BODIES", 10_000, int, 0)
         pem = setting("SINK_EVENT_PRIVATE_KEY_PEM")
         if pem:
-            self.private_key = _load_private_key(pem)
+            try:
+                self.private_key = _load_private_key(pem)
+            except (TypeError, ValueError) as exc:
+                raise SinkConfigError(f"HERALD_SINK_EVENT_PRIVATE_KEY_PEM: not a usable key ({exc})") from None
             self.public_key = public_key_b64(self.private_key)
         else:
             self.private_key, self.public_key = generate_key_pair()
         self.events_url: str | None = setting("SINK_EVENTS_URL")
-        self.event_interval = float(setting("SINK_EVENT_INTERVAL", 0.5))
-        self.event_batch_size = int(setting("SINK_EVENT_BATCH_SIZE", 1000))
-        self.event_timeout = float(setting("SINK_EVENT_TIMEOUT", 10.0))
+        if self.events_url is not None and not re.match(r"https?://[^/\s]+", str(self.events_url)):
+            raise SinkConfigError(f"HERALD_SINK_EVENTS_URL: {self.events_url!r} is not an http(s) URL")
+        self.event_interval = number("SINK_EVENT_INTERVAL", 0.5, float, 0.01)
+        self.event_batch_size = number("SINK_EVENT_BATCH_SIZE", 1000, int, 1)
+        self.event_timeout = number("SINK_EVENT_TIMEOUT", 10.0, float, 0.01)
         auto = setting("SINK_AUTO_EVENTS", "processed,delivered")
         if isinstance(auto, str):
             auto = [a.strip() for a in auto.split(",") if a.strip()]
@@ -1842,7 +1862,7 @@ class SinkServer:
             self.server = _FastHTTPServer(host, port, self.app)
             self.port = self.server.port
         else:
-            raise ValueError("server must be 'fast' or 'werkzeug'")
+            raise SinkConfigError(f"HERALD_SINK_SERVER: {server!r} is not 'fast' or 'werkzeug'")
         self.host = host
         self._thread: threading.Thread | None = None
 
