@@ -320,6 +320,11 @@ def load_settings(env=None) -> Settings:
     if inbound_domain and not re.fullmatch(r"[A-Za-z0-9.-]+\.[A-Za-z]{2,}", inbound_domain):
         raise ConfigError(f"INBOUND_DOMAIN: {inbound_domain!r} is not a domain name")
 
+    queue_name = env.get("HERALD_QUEUE_NAME") or "herald"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", queue_name):
+        raise ConfigError(f"HERALD_QUEUE_NAME: {queue_name[:80]!r} is not a queue name (1-64 letters, digits, "
+                          "'.', '_', ':' or '-', starting with a letter or digit)")
+
     login_lockout = _seconds(env, "HERALD_LOGIN_LOCKOUT", 300.0)
     login_lockout_max = _seconds(env, "HERALD_LOGIN_LOCKOUT_MAX", max(3600.0, login_lockout))
     if login_lockout_max < login_lockout:
@@ -344,7 +349,7 @@ def load_settings(env=None) -> Settings:
         ambiguous_window=_seconds(env, "HERALD_AMBIGUOUS_WINDOW", 900.0),
         lease_seconds=_seconds(env, "HERALD_LEASE_SECONDS", 120.0),
         send_timeout=_seconds(env, "HERALD_SEND_TIMEOUT", 10.0),
-        queue_name=env.get("HERALD_QUEUE_NAME") or "herald",
+        queue_name=queue_name,
         send_concurrency=_count(env, "HERALD_SEND_CONCURRENCY", 16),
         send_batches=_count(env, "HERALD_SEND_BATCHES", 2),
         retry_base=_seconds(env, "HERALD_RETRY_BASE", 10.0),

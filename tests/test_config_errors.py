@@ -75,6 +75,8 @@ def _p256_key() -> str:
         ("REDIS_URL", "redis://127.0.0.1:6379/0?db=x"),
         ("INBOUND_PARSE_SECRET", "ab/cd+ef=="),
         ("INBOUND_PARSE_SECRET", ".."),
+        ("HERALD_QUEUE_NAME", "my queue"),
+        ("HERALD_QUEUE_NAME", "q" * 65),
     ],
 )
 def test_bad_value_is_one_line_naming_the_variable(name, value, tmp_path):
