@@ -95,11 +95,16 @@ def sign_in(page, base: str) -> int:
     Returns the workspace's id."""
     workspace_id, _, _, email = make_workspace(password=PASSWORD)
     page.goto(base + "/login")
+    expect(page.locator('input[name="email"]')).to_be_focused()  # typing before the focus lands loses keys
     page.keyboard.type(email)
     page.keyboard.press("Tab")
     page.keyboard.type(PASSWORD)
+    expect(page.locator('input[name="email"]')).to_have_value(email)
     page.keyboard.press("Enter")
-    page.wait_for_url(base + "/")
+    try:
+        page.wait_for_url(base + "/")
+    except playwright.Error as exc:  # say what the sign-in page answered (a 401, a 429, an error page)
+        raise AssertionError(f"sign-in stayed at {page.url}: {page.locator('body').inner_text()[:500]!r}") from exc
     expect(page.locator("h1")).to_have_text("Campaigns")
     return workspace_id
 
