@@ -8,7 +8,7 @@ import hashlib
 import logging
 import math
 import secrets
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from flask import current_app, g, make_response, redirect, render_template, request, session, url_for
@@ -126,11 +126,15 @@ class _State:
     locked_until: datetime | None = None
 
 
-def _policies() -> tuple[_Policy, _Policy]:
+def _policies(keys: tuple[str, str]) -> dict[str, _Policy]:
+    """Each of ``_keys``' two keys with its limits: the account's (or this browser's for it), the
+    client address's."""
     s = current_app.config["HERALD_SETTINGS"]
     window = timedelta(seconds=s.login_window)
-    return (_Policy("account", s.login_failures, window, s.login_lockout, s.login_lockout_max),
-            _Policy("client address", s.login_ip_failures, window, s.login_lockout, s.login_lockout_max))
+    account, client = keys
+    what = "account, on a browser that signed in to it before" if account.startswith("device:") else "account"
+    return {account: _Policy(what, s.login_failures, window, s.login_lockout, s.login_lockout_max),
+            client: _Policy("client address", s.login_ip_failures, window, s.login_lockout, s.login_lockout_max)}
 
 
 def _account_hash(email: str) -> str:
@@ -235,9 +239,7 @@ def throttle_sign_in(email: str):
     answer refusing it (429, the login page saying when to try again, ``Retry-After``)."""
     db = get_db()
     now = clock()
-    policies = dict(zip(_keys(email), _policies(), strict=True))
-    policies = {k: replace(p, what="account, on a browser that signed in to it before") if k.startswith("device:")
-                else p for k, p in policies.items()}
+    policies = _policies(_keys(email))
     keys = sorted(policies)  # one order for every process: no deadlock between two attempts
     try:
         # A row for each key first, so that the lock below covers a first attempt too.
