@@ -202,6 +202,36 @@ def waiting_on_limits(s: Session, workspace_id: int | None = None) -> dict[str, 
         return {}
 
 
+OPEN_STATUSES = ("scheduled", "queued", "sending", "ambiguous", "failed")
+SETTLED_MAX_AGE = 60.0  # seconds a count of the settled messages is reused by /metrics
+
+
+def open_by_status(snap: dict) -> dict[str, int]:
+    """The open statuses' counts in a ``snapshot``."""
+    return {"scheduled": snap["scheduled"] - snap["queued"], "queued": snap["queued"], "sending": snap["in_flight"],
+            "ambiguous": snap["ambiguous"], "failed": snap["dead_letters"]}
+
+
+def messages_by_status(s: Session, open_counts: dict[str, int] | None = None) -> dict[str, int]:
+    """The ledger's messages by status, for ``herald_messages``. The open statuses (work still to
+    do or to look at) are counted at every call through the status index (or taken from
+    ``open_counts``, a snapshot's); the settled ones (sent, cancelled, ...), which grow with the
+    whole history, come from a count shared by this process's scrapes and redone once it is
+    ``SETTLED_MAX_AGE`` seconds old (or ``stats.REUSE_FACTOR`` times its own cost, on a ledger so
+    large that the count is slow)."""
+    from .stats import shared
+
+    def count(where) -> dict[str, int]:
+        rows = s.execute(select(Message.status, func.count()).where(where).group_by(Message.status)).all()
+        return {status: int(n) for status, n in rows}
+
+    figures = {status: 0 for status in OPEN_STATUSES}
+    figures.update(open_counts if open_counts is not None else count(Message.status.in_(OPEN_STATUSES)))
+    figures.update(shared(("metrics", "settled_messages"), lambda: count(Message.status.not_in(OPEN_STATUSES)),
+                          max_age=SETTLED_MAX_AGE))
+    return figures
+
+
 def collect_metrics(s: Session, queue, counters: dict[str, int]):
     """Prometheus metric families from the ledger (``prometheus_client`` core types). Call it
     before ``s`` has begun a transaction: the roll-up writes in its own, and on SQLite the
@@ -225,12 +255,12 @@ def collect_metrics(s: Session, queue, counters: dict[str, int]):
         g.add_metric([], -1)
     fams.append(g)
 
+    snap = snapshot(s, queue)
     by_status = GaugeMetricFamily("herald_messages", "Messages in the ledger by status", labels=["status"])
-    for status, n in s.execute(select(Message.status, func.count()).group_by(Message.status)).all():
-        by_status.add_metric([status], int(n))
+    for status, n in sorted(messages_by_status(s, open_by_status(snap)).items()):
+        by_status.add_metric([status], n)
     fams.append(by_status)
 
-    snap = snapshot(s, queue)
     for name, key, help_ in (
         ("herald_messages_scheduled", "scheduled", "Messages due or waiting (scheduled or queued)"),
         ("herald_messages_in_flight", "in_flight", "Messages being sent (under a lease)"),

@@ -911,6 +911,36 @@ def test_queue_and_metrics_reflect_the_ledger(api, sink, client):
     assert "herald_dead_letters 1.0" in text
     assert "herald_send_duration_seconds_bucket" in text
     assert "herald_queue_depth" in text
+    assert 'herald_messages{status="sent"} 2.0' in text and 'herald_messages{status="failed"} 1.0' in text
+    assert 'herald_messages{status="sending"} 0.0' in text  # open statuses are there at 0 too
+
+
+def test_metrics_count_open_messages_at_every_scrape_and_settled_ones_at_most_once_a_minute(
+        api, sink, client, monkeypatch):
+    """The settled statuses grow with the whole history: /metrics reuses their count for
+    SETTLED_MAX_AGE seconds; the open ones (work to do, dead letters) are counted each time."""
+    from campaigns import queue_health
+
+    list_id = make_contacts(api, 3)
+    sink.fail_addresses(["person2@example.com"])
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=30)
+
+    def scraped() -> dict[str, float]:
+        text = client.get("/metrics").get_data(as_text=True)
+        return {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith("herald_messages{status=")}
+
+    assert scraped() == {"scheduled": 0, "queued": 0, "sending": 0, "ambiguous": 0, "failed": 1, "sent": 2}
+    with session_scope() as s:  # the dead letter settles, and the sent ones are cancelled (a stand-in)
+        failed = s.scalar(select(Message).where(Message.campaign_id == cid, Message.status == "failed"))
+        failed.status = "sent"
+        s.execute(update(Message).where(Message.campaign_id == cid, Message.id != failed.id)
+                  .values(status="cancelled"))
+    assert scraped() == {"scheduled": 0, "queued": 0, "sending": 0, "ambiguous": 0, "failed": 0, "sent": 2}
+    monkeypatch.setattr(queue_health, "SETTLED_MAX_AGE", 0.0)
+    assert scraped() == {"scheduled": 0, "queued": 0, "sending": 0, "ambiguous": 0, "failed": 0, "sent": 1,
+                         "cancelled": 2}
 
 
 def test_messages_api_filters_and_detail(api, sink, other_api):
