@@ -251,10 +251,14 @@ def resume(session: Session, workspace_id: int, campaign_id: int) -> Campaign:
 
 
 def cancel(session: Session, workspace_id: int, campaign_id: int) -> Campaign:
+    """Stop a running or paused campaign for good. A draft is not cancelled (it would then never
+    launch; campaign status goes draft -> running -> ... -> cancelled): it is deleted instead."""
     c = get_campaign(session, workspace_id, campaign_id)
     if c.status == "cancelled":
         return c
-    if c.status not in ("draft", "running", "paused"):
+    if c.status == "draft":
+        raise Conflict("a draft has not been launched, so there is nothing to cancel: delete it instead")
+    if c.status not in ("running", "paused"):
         raise Conflict(f"a {c.status} campaign cannot be cancelled")
     now = utcnow()
     c.status = "cancelled"

@@ -180,8 +180,13 @@ def test_refusals_and_second_successes_are_documented(api, spec, setup):
     resp = api.post(f"/api/v1/campaigns/{orphan}/launch")
     assert resp.status_code == 422
     assert_documented(spec, "post", "/api/v1/campaigns/{campaign_id}/launch", resp)
-    assert_documented(spec, "post", "/api/v1/campaigns/{campaign_id}/cancel",
-                      api.post(f"/api/v1/campaigns/{campaign_id}/cancel"))
+    resp = api.post(f"/api/v1/campaigns/{campaign_id}/cancel")  # a draft: deleted, not cancelled
+    assert resp.status_code == 409 and "delete it instead" in resp.json["error"]["message"]
+    assert_documented(spec, "post", "/api/v1/campaigns/{campaign_id}/cancel", resp)
+    assert api.post(f"/api/v1/campaigns/{campaign_id}/launch").status_code == 202
+    resp = api.post(f"/api/v1/campaigns/{campaign_id}/cancel")
+    assert resp.status_code == 200 and resp.json["status"] == "cancelled"
+    assert_documented(spec, "post", "/api/v1/campaigns/{campaign_id}/cancel", resp)
     for action in ("launch", "pause", "resume", "replay-failed"):  # a cancelled campaign: 409
         resp = api.post(f"/api/v1/campaigns/{campaign_id}/{action}")
         assert resp.status_code == 409

@@ -167,10 +167,12 @@ def test_forms_without_the_csrf_token_are_refused(ui, path, data):
 def test_every_form_on_every_page_carries_the_csrf_token(ui, sink):
     list_id = make_contacts(ui.api, 2)
     cid = new_campaign(ui, list_id)
+    running = new_campaign(ui, list_id)
+    ui.post(f"/campaigns/{running}/launch")
     with session_scope() as s:
         contact_id = s.scalar(select(Contact.id))
     for path in PAGES + [f"/lists/{list_id}", f"/contacts/{contact_id}", f"/campaigns/{cid}/edit",
-                         f"/campaigns/{cid}", f"/campaigns/{cid}/launch", f"/campaigns/{cid}/cancel"]:
+                         f"/campaigns/{cid}", f"/campaigns/{cid}/launch", f"/campaigns/{running}/cancel"]:
         html = ui.text(path)
         assert_labelled(html)
         for form in re.findall(r"<form[^>]*>.*?</form>", html, re.S):
@@ -655,6 +657,26 @@ def test_pause_resume_and_cancel_with_a_confirmation(ui, sink):
     assert "Delete" in ui.text(f"/campaigns/{cid}/delete")
     ui.post(f"/campaigns/{cid}/delete")
     assert "No campaigns yet" in ui.text("/")
+
+
+def test_a_draft_is_deleted_not_cancelled(ui):
+    """Cancelling a draft would leave a campaign that can never launch: the page offers Delete,
+    the cancel page and form send the user back with the reason, and the draft stays a draft."""
+    list_id = make_contacts(ui.api, 1)
+    cid = new_campaign(ui, list_id)
+    html = ui.text(f"/campaigns/{cid}")
+    assert re.search(r'<a [^>]*/cancel"[^>]*data-show-when="running paused" hidden>Cancel', html)
+    assert re.search(r'<a [^>]*/delete"[^>]*data-show-when="[^"]*draft[^"]*">Delete', html)
+    resp = ui.get(f"/campaigns/{cid}/cancel")
+    assert resp.status_code == 303 and location(resp).endswith(f"/campaigns/{cid}")
+    assert flashes(ui.text(f"/campaigns/{cid}")) == [
+        "A draft has not been launched, so there is nothing to cancel: delete it instead."]
+    ui.post(f"/campaigns/{cid}/cancel")
+    assert flashes(ui.text(f"/campaigns/{cid}")) == [
+        "Could not cancel the campaign: A draft has not been launched, so there is nothing to cancel: "
+        "delete it instead"]
+    with session_scope() as s:
+        assert s.get(Campaign, cid).status == "draft"
 
 
 def test_progress_leaves_out_what_stopped_sequences_will_not_send(ui, sink):

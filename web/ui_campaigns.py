@@ -40,7 +40,7 @@ STATUS_ACTIONS = {
     "edit": ("draft",),
     "pause": ("running",),
     "resume": ("paused",),
-    "cancel": ("draft", "running", "paused"),
+    "cancel": ("running", "paused"),
     "delete": rules.DELETABLE,
 }
 FIRST_STEP = {
@@ -578,6 +578,10 @@ def campaign_resume(campaign_id: int):
 def campaign_cancel_confirm(campaign_id: int):
     db = get_db()
     c = _campaign(campaign_id)
+    if c.status not in STATUS_ACTIONS["cancel"]:
+        flash("A draft has not been launched, so there is nothing to cancel: delete it instead."
+              if c.status == "draft" else f"This campaign is already {c.status}.", "error")
+        return redirect(url_for("ui.campaign_page", campaign_id=c.id)), 303
     pending = db.scalar(select(func.count()).select_from(Message).where(
         Message.campaign_id == c.id, Message.status.in_(engine.PENDING), Message.is_test.is_(False)))
     return render_template(

@@ -194,7 +194,8 @@ def resume_campaign(campaign_id):
 
 
 @bp.post("/campaigns/<int:campaign_id>/cancel")
-@doc("Cancel: pending messages are cancelled, sequences stop", response=CampaignStatusOut, errors=(409,))
+@doc("Cancel a running or paused campaign: pending messages are cancelled, sequences stop (a draft: 409, "
+     "delete it instead)", response=CampaignStatusOut, errors=(409,))
 def cancel_campaign(campaign_id):
     db = get_db()
     c = engine.cancel(db, g.workspace_id, campaign_id)
