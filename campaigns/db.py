@@ -7,15 +7,29 @@ tasks and commands; the web app keeps one session per request (``web.db``).
 
 from __future__ import annotations
 
+import logging
+import random
 import threading
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import ConfigError, get_settings
+
+log = logging.getLogger("herald.db")
+T = TypeVar("T")
+# Errors that say nothing about the statement itself: the connection was lost (a restart, a
+# failover, a network cut), the pool had none to give, a deadlock or serialization failure,
+# SQLite's lock stayed busy. The same work may succeed when tried again.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
@@ -112,6 +126,27 @@ def check_database(url: str | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - any driver error means "does not answer"
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"DATABASE_URL: cannot connect to the database ({reason})") from None
+
+
+def retry_transient(work: Callable[[int], T], what: str, seconds: float, base: float = 0.1, cap: float = 2.0) -> T:
+    """``work(n)`` (``n``: the tries before this one) until it returns. After a transient database
+    error it is tried again, after a full-jitter backoff, for up to ``seconds``; then, or on any
+    other error, the error is raised. ``work`` runs its own transaction, so a failed try left
+    nothing behind, unless its COMMIT went through and only the answer was lost: ``work`` must
+    be safe to run again after that (``n > 0`` tells it to look)."""
+    started = time.monotonic()
+    n = 0
+    while True:
+        try:
+            return work(n)
+        except TRANSIENT_ERRORS as exc:
+            delay = random.uniform(0, min(cap, base * 2 ** n))
+            if time.monotonic() - started + delay > seconds:
+                raise
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("%s: the database did not answer (%s); trying again in %.2f s", what, reason, delay)
+            time.sleep(delay)
+            n += 1
 
 
 def is_postgres(session_or_engine) -> bool:

@@ -54,7 +54,7 @@ from . import leases, stopgen
 from .config import get_settings
 from .contacts import is_suppressed, normalize_email, valid_id
 from .contacts import unsuppress as remove_suppression
-from .db import is_postgres, session_factory, utcnow
+from .db import TRANSIENT_ERRORS, is_postgres, retry_transient, session_factory, utcnow
 from .errors import Conflict, InvalidInput, NotFound
 from .models import (
     Campaign,
@@ -1239,12 +1239,25 @@ class _StopGuard:
         with self.lock:
             if generation != self.generation:
                 self.generation = generation  # read before the query: a later bump forces a re-check
-                self.ok = _sendable(self.session, sorted(self.remaining))
+                self.ok = retry_transient(self._sendable, "checking messages before sending them",
+                                          get_settings().lease_seconds)
+
+    def _sendable(self, tries: int) -> set[int]:
+        if tries:
+            self.session.rollback()  # the failed try's connection is gone: the session takes a new one
+        return _sendable(self.session, sorted(self.remaining))
 
     def allows(self, message_id: int) -> bool:
         with self.lock:
             self.remaining.discard(message_id)
             return message_id in self.ok
+
+    def withdraw(self) -> set[int]:
+        """The messages not handed over yet, which from now on are not allowed to go."""
+        with self.lock:
+            rest, self.remaining = self.remaining, set()
+            self.ok -= rest
+            return rest
 
 
 def unsubscribe_url(workspace_id: int, email: str, message_key: str) -> str:
@@ -1314,6 +1327,14 @@ def _claim_stmt(pg: bool):
                 attempts=_M.c.attempts + 1, updated_at=bindparam("now"))
         .returning(*_CLAIMED_COLUMNS)
     )
+
+
+@lru_cache(maxsize=4)
+def _claimed_before_stmt(pg: bool):
+    """The messages a claim with these very parameters took (its lease ends at that instant)."""
+    return select(*_CLAIMED_COLUMNS).where(
+        _id_match(_M.c.id, pg), _not_by_index(_M.c.status) == "sending", _M.c.lease_owner == bindparam("owner"),
+        _M.c.lease_expires_at == bindparam("lease_until"))
 
 
 @lru_cache(maxsize=4)
@@ -1393,30 +1414,46 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
     now = utcnow()
     lease_until = now + timedelta(seconds=settings.lease_seconds)
     generation = stopgen.current()  # before the claim: a stop committed after the claim's check bumps it
-    with Session_() as s, s.begin():
-        pg = is_postgres(s)
-        claimed = s.connection().execute(
-            _claim_stmt(pg), {"ids": list(ids), "owner": owner, "lease_until": lease_until, "now": now}
-        ).all()
+    params = {"ids": list(ids), "owner": owner, "lease_until": lease_until, "now": now}
+
+    def claim(tries: int) -> tuple[bool, list]:
+        with Session_() as s, s.begin():
+            pg = is_postgres(s)
+            # an earlier try's COMMIT may have gone through unanswered: what it claimed is ours
+            before = s.connection().execute(_claimed_before_stmt(pg), params).all() if tries else []
+            return pg, before + s.connection().execute(_claim_stmt(pg), params).all()
+
+    # A database that stops answering is waited for (a while): what it did not claim stays
+    # queued for the reconciler, but what it claimed would wait for its lease, then be resent.
+    pg, claimed = retry_transient(claim, "claiming messages to send", settings.lease_seconds / 2)
     counts: dict[str, int] = defaultdict(int)
     refused = set(ids) - {r.id for r in claimed}
     if refused:
-        _settle_refused(sorted(refused))
+        try:
+            retry_transient(lambda _: _settle_refused(sorted(refused)), "settling refused messages", 10.0)
+        except TRANSIENT_ERRORS:  # what stays queued, the reconciler schedules again; the claimed ones go on
+            log.warning("could not settle %s refused messages; the reconciler will", len(refused))
     if not claimed:
         return dict(counts)
     claimed.sort(key=lambda r: (-r.priority, r.id))
-    with Session_() as s:
-        contact_ids = sorted({r.contact_id for r in claimed if r.contact_id is not None})
-        contacts = {c.id: c for c in s.connection().execute(_contacts_stmt(pg), {"ids": contact_ids})}
-        campaigns = {c.id: c for c in s.scalars(select(Campaign).where(
-            Campaign.id.in_(sorted({r.campaign_id for r in claimed}))))}
-        steps = _steps_of(s, claimed, campaigns)
-        s.expunge_all()
-        s.rollback()
+
+    def read(_tries: int) -> tuple[dict, dict, dict]:
+        with Session_() as s:
+            contact_ids = sorted({r.contact_id for r in claimed if r.contact_id is not None})
+            contacts = {c.id: c for c in s.connection().execute(_contacts_stmt(pg), {"ids": contact_ids})}
+            campaigns = {c.id: c for c in s.scalars(select(Campaign).where(
+                Campaign.id.in_(sorted({r.campaign_id for r in claimed}))))}
+            steps = _steps_of(s, claimed, campaigns)
+            s.expunge_all()
+            s.rollback()
+            return contacts, campaigns, steps
+
+    contacts, campaigns, steps = retry_transient(read, "reading what the claimed messages need",
+                                                 settings.lease_seconds / 2)
     check = Session_()
     run = _BatchRun(hooks, owner, counts)
+    guard = _StopGuard(check, [r.id for r in claimed], generation)
     try:
-        guard = _StopGuard(check, [r.id for r in claimed], generation)
         emails: dict[int, OutgoingEmail] = {}
         for r in claimed:
             if r.step_id is None:  # a test send whose step was edited away while it waited
@@ -1441,6 +1478,14 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
             group.append(r)
         if group:
             _send_group(group, campaigns[group[0].campaign_id], emails, guard, mailer, limiter, run)
+    except BaseException:
+        # (the limiter's store or the database gone for good, a SIGKILL-less shutdown...): what had
+        # not reached the provider goes back to the ledger now, not once its lease has run out
+        rest = guard.withdraw()
+        for r in claimed:
+            if r.id in rest:
+                run.add(_outcome(r, "released"))
+        raise
     finally:
         try:
             run.finish()
@@ -1469,17 +1514,25 @@ class _BatchRun:
     def add(self, outcome: Outcome) -> None:
         self.pending.append(outcome)
 
-    def submit(self, fn, *args) -> None:
-        self.inflight.append(_send_pool().submit(fn, *args))
+    def submit(self, fn, r, *args) -> None:
+        self.inflight.append((_send_pool().submit(fn, r, *args), r))
+
+    @staticmethod
+    def _result(fut, r) -> Outcome:
+        try:
+            return fut.result()
+        except Exception:  # noqa: BLE001 - a call itself never raises: this failed before it, so nothing was sent
+            log.exception("message %s was not sent; it goes back to the ledger", r.id)
+            return _outcome(r, "released")
 
     def collect(self) -> None:
         """Take the finished calls' outcomes, and record them when a flush is due."""
         still = []
-        for fut in self.inflight:
+        for fut, r in self.inflight:
             if fut.done():
-                self.pending.append(fut.result())
+                self.pending.append(self._result(fut, r))
             else:
-                still.append(fut)
+                still.append((fut, r))
         self.inflight = still
         if self.pending and (len(self.pending) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS):
             self.flush()
@@ -1491,16 +1544,24 @@ class _BatchRun:
             self.check_complete |= _record(pending, self.hooks, self.owner, self.counts)
 
     def finish(self) -> None:
-        for fut in self.inflight:
-            self.pending.append(fut.result())
+        for fut, r in self.inflight:
+            self.pending.append(self._result(fut, r))
             if len(self.pending) >= FLUSH_EVERY:
                 self.flush()
         self.inflight = []
         self.flush()
         if self.check_complete:
-            with session_factory()() as s, s.begin():
-                for cid in sorted(self.check_complete):
-                    maybe_complete(s, cid)
+            try:
+                retry_transient(lambda _: self._complete(sorted(self.check_complete)),
+                                "checking campaigns for completion", 10.0)
+            except TRANSIENT_ERRORS:  # the reconciler checks running campaigns too
+                log.warning("could not check campaigns %s for completion; the reconciler will", self.check_complete)
+
+    @staticmethod
+    def _complete(campaign_ids: list[int]) -> None:
+        with session_factory()() as s, s.begin():
+            for cid in campaign_ids:
+                maybe_complete(s, cid)
 
 
 class _Slots:
@@ -1703,9 +1764,34 @@ def _epoch(naive_utc: datetime) -> float:
 def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> set[int]:
     """Record a group of outcomes in one transaction and advance the sequences that sent.
 
+    The outcomes exist only in this process until they are recorded: a sent message left
+    unrecorded would become ambiguous and, with no event to settle it, be sent again. So a
+    database that stops answering (a restart, a failover) is waited for, up to the lease.
+
     Returns the campaigns that may have finished (a sequence completed or failed): the caller
     checks them once its batch is done (``maybe_complete``; the reconciler checks them too).
     """
+    finished, wake_at = retry_transient(lambda n: _record_once(outcomes, owner, again=n > 0),
+                                        "recording send outcomes", get_settings().lease_seconds)
+    for o in outcomes:
+        counts[o.kind] += 1
+    if wake_at is not None:
+        hooks.wake_dispatcher(wake_at)
+    return finished
+
+
+def _new_attempts(s: Session, attempts: list[dict]) -> list[dict]:
+    """The attempt rows not stored yet: after a try whose COMMIT went through unanswered."""
+    stored = set(s.execute(
+        select(MessageAttempt.message_id, MessageAttempt.number, MessageAttempt.started_at)
+        .where(MessageAttempt.message_id.in_(sorted({a["message_id"] for a in attempts})))).all())
+    return [a for a in attempts if (a["message_id"], a["number"], a["started_at"]) not in stored]
+
+
+def _record_once(outcomes: list[Outcome], owner: str, again: bool = False) -> tuple[set[int], datetime | None]:
+    """One try of ``_record``: the campaigns that may have finished, and when to wake the
+    dispatcher. Safe to run again: each change is conditional on the message still being in
+    flight, and ``again`` keeps attempt rows a lost answer hid from being stored twice."""
     Session_ = session_factory()
     now = utcnow()
     wake_at: datetime | None = None
@@ -1716,7 +1802,6 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
         attempts = []
         released = []
         for o in outcomes:
-            counts[o.kind] += 1
             if o.kind == "released":
                 released.append(o.message_id)
                 continue
@@ -1783,6 +1868,8 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
             if nxt is not None:
                 wake_at = nxt if wake_at is None else min(wake_at, nxt)
             touched.update(o.campaign_id for o in sent)
+        if attempts and again:
+            attempts = _new_attempts(s, attempts)
         if attempts:
             _insert_attempts(s, attempts)
         failing = {o.campaign_id for o in outcomes if o.kind in ("retry", "failed", "ambiguous")}
@@ -1808,9 +1895,7 @@ def _record(outcomes: list[Outcome], hooks: Hooks, owner: str, counts: dict) -> 
         # Only a completed or failed sequence can finish a campaign.
         if s.info.pop("herald_completed", False):
             finished |= touched
-    if wake_at is not None:
-        hooks.wake_dispatcher(wake_at)
-    return finished
+    return finished, wake_at
 
 
 def _mine(o: Outcome):

@@ -76,13 +76,11 @@ from typing import Any
 
 from sqlalchemy import DateTime, Integer, String, and_, bindparam, case, func, null, or_, select, text, update
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
 from . import engine, leases
 from .contacts import one_of, suppress
-from .db import is_postgres, session_factory, utcnow
+from .db import TRANSIENT_ERRORS, is_postgres, session_factory, utcnow
 from .errors import BadRequest
 from .models import Campaign, Event, Message, Workspace
 from .sequences import stop_enrollments
@@ -607,7 +605,7 @@ def _mark_processed(s: Session, ids: list[int], now: datetime) -> None:
 
 
 # Errors that say nothing about the events themselves: the batch is retried as it is.
-_TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+_TRANSIENT = TRANSIENT_ERRORS
 
 
 def _one_by_one(Session_, report: ProcessReport, limit: int) -> int:

@@ -957,6 +957,122 @@ def test_messages_api_filters_and_detail(api, sink, other_api):
     assert other_api.get(f"/api/v1/messages?campaign_id={cid}").json["items"] == []
 
 
+@pytest.mark.parametrize("lost", ["the connection", "the COMMIT's answer"])
+def test_recording_outcomes_waits_out_a_database_that_stops_answering(api, sink, db, monkeypatch, lost):
+    """A sent message left unrecorded would become ambiguous and be sent again: the recording is
+    tried again, and a try whose COMMIT went through unanswered leaves no second attempt row and
+    no second next message."""
+    from sqlalchemy.exc import OperationalError
+
+    list_id = make_contacts(api, 4)
+    cid = launched_campaign(api, list_id, steps=[
+        {"type": "email", "subject": "Hi", "html": "<p>x</p>"}, {"type": "wait", "seconds": 3600},
+        {"type": "email", "subject": "Again", "html": "<p>y</p>"}])
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    queued: list[list[int]] = []
+    hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
+    engine.dispatch_once(engine.get_limiter(), hooks)
+    record_once, failures = engine._record_once, []
+
+    def flaky(outcomes, owner, again=False):
+        if len(failures) < 2:  # two tries in a row fail
+            failures.append(again)
+            if lost == "the COMMIT's answer":
+                record_once(outcomes, owner, again)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+        return record_once(outcomes, owner, again)
+
+    monkeypatch.setattr(engine, "_record_once", flaky)
+    counts = engine.send_batch([i for ids in queued for i in ids], hooks)
+    assert counts == {"sent": 4} and failures == [False, True]
+    assert len(sink.keys()) == 4 and max(sink.keys().values()) == 1
+    db.expire_all()
+    first_step, second_step = _step_ids(db, cid)
+    first = db.scalars(select(Message).where(Message.campaign_id == cid, Message.step_id == first_step)).all()
+    assert [m.status for m in first] == ["sent"] * 4
+    assert db.scalar(select(func.count()).select_from(MessageAttempt)
+                     .where(MessageAttempt.message_id.in_([m.id for m in first]))) == 4
+    second = db.scalars(select(Message).where(Message.campaign_id == cid, Message.step_id == second_step))
+    assert [m.status for m in second.all()] == ["scheduled"] * 4
+
+
+def test_a_claim_whose_answer_was_lost_is_recognised_when_tried_again(api, sink, db, monkeypatch):
+    """The claim's COMMIT went through but its answer was lost: the next try finds the messages
+    no longer queued, and takes them as its own (same owner, same lease end) instead of leaving
+    them to run out their lease and be resent as ambiguous."""
+    cid, queued, hooks = _dispatched_by_hand(api, 3)
+    retry_transient = engine.retry_transient
+
+    def answer_lost(work, what, seconds, **kw):
+        if what == "claiming messages to send":
+            pg, rows = work(0)  # committed; its answer never came back
+            assert len(rows) == 3
+            with session_scope() as s:  # as if that try had claimed two of the three
+                s.execute(update(Message).where(Message.id == rows[0].id).values(
+                    status="queued", attempts=Message.attempts - 1, lease_owner=None, lease_expires_at=None))
+            pg, rows = work(1)
+            assert sorted(r.id for r in rows) == sorted({r.id for r in rows}) and len(rows) == 3
+            return pg, rows
+        return retry_transient(work, what, seconds, **kw)
+
+    monkeypatch.setattr(engine, "retry_transient", answer_lost)
+    assert engine.send_batch([i for ids in queued for i in ids], hooks) == {"sent": 3}
+    assert len(sink.keys()) == 3
+    db.expire_all()
+    assert [(m.status, m.attempts) for m in _messages(db, cid)] == [("sent", 1)] * 3
+
+
+def test_a_batch_that_fails_midway_hands_back_what_it_had_not_sent(api, sink, db, monkeypatch):
+    """An unexpected error after the first group of calls (here in the pacing): the batch fails,
+    the sends made are recorded, and the rest goes back to the ledger at once (scheduled, no
+    attempt spent), instead of staying claimed until its lease runs out, then resent as ambiguous."""
+    cid, queued, hooks = _dispatched_by_hand(api, 20)
+    pace, paced = engine.pace, []
+
+    def failing_pace(*args, **kwargs):
+        paced.append(1)
+        if len(paced) > 1:
+            raise RuntimeError("a bug")
+        return pace(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "pace", failing_pace)
+    with pytest.raises(RuntimeError):
+        engine.send_batch([i for ids in queued for i in ids], hooks)
+    sent = len(sink.keys())
+    assert sent == engine.SEND_GROUP
+    statuses = Counter((m.status, m.attempts) for m in _messages(db, cid))
+    assert statuses == {("sent", 1): sent, ("scheduled", 0): 20 - sent}
+
+
+def test_a_test_send_that_fails_before_its_call_goes_back_to_the_ledger(api, sink, db, monkeypatch):
+    """The priority lane runs in the send pool: an error there before the call (its pacing) is
+    not lost with the thread, the message is handed back unsent."""
+    list_id = make_contacts(api, 1)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    with session_scope() as s:
+        msg = engine.test_send(s, api.workspace_id, cid, "me@example.com")
+        msg_id = msg.id
+
+    def failing_pace(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(engine, "pace", failing_pace)
+    hooks = engine.Hooks(enqueue_send=lambda ids, p: None, wake_dispatcher=lambda at: None)
+    assert engine.send_batch([msg_id], hooks) == {"released": 1}
+    assert sink.keys() == {}
+    db.expire_all()
+    m = db.get(Message, msg_id)
+    assert (m.status, m.attempts, m.lease_owner) == ("scheduled", 0, None)
+
+
+def _step_ids(db, cid: int) -> list[int]:
+    from campaigns.models import Step
+
+    return db.scalars(select(Step.id).where(Step.campaign_id == cid, Step.type == "email")
+                      .order_by(Step.position)).all()
+
+
 def test_completed_campaign_status(api, sink, db):
     list_id = make_contacts(api, 2)
     cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
