@@ -124,8 +124,13 @@ def check_database(url: str | None = None) -> None:
         with get_engine(url).connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any driver error means "does not answer"
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"DATABASE_URL: cannot connect to the database ({reason})") from None
+        raise ConfigError(f"DATABASE_URL: cannot connect to the database ({error_reason(exc)})") from None
+
+
+def error_reason(exc: BaseException) -> str:
+    """A database error's first line, from the driver's own message when there is one."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def retry_transient(work: Callable[[int], T], what: str, seconds: float, base: float = 0.1, cap: float = 2.0) -> T:
@@ -143,8 +148,7 @@ def retry_transient(work: Callable[[int], T], what: str, seconds: float, base: f
             delay = random.uniform(0, min(cap, base * 2 ** n))
             if time.monotonic() - started + delay > seconds:
                 raise
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
-            log.warning("%s: the database did not answer (%s); trying again in %.2f s", what, reason, delay)
+            log.warning("%s: the database did not answer (%s); trying again in %.2f s", what, error_reason(exc), delay)
             time.sleep(delay)
             n += 1
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import threading
 import time
 from datetime import UTC, datetime
@@ -22,12 +23,14 @@ from huey.constants import EmptyData
 
 from campaigns import engine
 from campaigns.config import get_settings
+from campaigns.db import TRANSIENT_ERRORS, error_reason
 
 from . import huey
 
 log = logging.getLogger("herald.tasks")
 WAKE_KEY = "herald:dispatch-wake"
 EARLY = 1.0  # seconds a delayed dispatcher wake starts ahead of the due time (see _wake_dispatcher)
+DISPATCH_RETRY = 2.0  # seconds (plus up to as much jitter) before a dispatch the database failed runs again
 PRIORITY_BULK = 0
 PRIORITY_DISPATCH = 50
 PRIORITY_TEST = 100
@@ -127,11 +130,18 @@ def dispatch() -> None:
             huey.storage.delete_data(WAKE_KEY)
     except Exception:  # noqa: BLE001
         pass
-    if _lone_worker():
-        # One pass, not a loop that sleeps short waits in the only worker, and a delayed next run.
-        engine.run_dispatcher(YIELDING_HOOKS, budget_seconds=0)
-    else:
-        engine.run_dispatcher(HOOKS)
+    try:
+        if _lone_worker():
+            # One pass, not a loop that sleeps short waits in the only worker, and a delayed next run.
+            engine.run_dispatcher(YIELDING_HOOKS, budget_seconds=0)
+        else:
+            engine.run_dispatcher(HOOKS)
+    except TRANSIENT_ERRORS as exc:
+        # The database did not answer (a restart, a failover): come back in a moment, not at the
+        # reconciler's next minute. The dispatcher's lease makes an extra run harmless.
+        delay = DISPATCH_RETRY + random.uniform(0, DISPATCH_RETRY)
+        log.warning("dispatch: the database did not answer (%s); dispatching again in %.1f s", error_reason(exc), delay)
+        dispatch.schedule(delay=delay)
 
 
 # Bulk send batches running at once in this process (HERALD_SEND_BATCHES, default 2). Their calls

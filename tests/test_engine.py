@@ -1066,6 +1066,22 @@ def test_a_test_send_that_fails_before_its_call_goes_back_to_the_ledger(api, sin
     assert (m.status, m.attempts, m.lease_owner) == ("scheduled", 0, None)
 
 
+def test_a_dispatch_the_database_failed_runs_again_in_seconds(monkeypatch):
+    """Not at the reconciler's next minute: a restart of the database stalls sending for seconds."""
+    from sqlalchemy.exc import OperationalError
+
+    from tasks import engine as task_engine
+
+    def down(*args, **kwargs):
+        raise OperationalError("SELECT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(engine, "run_dispatcher", down)
+    before = utcnow()
+    task_engine.dispatch.call_local()  # logs and schedules itself; does not raise
+    etas = [(t.eta - before).total_seconds() for t in huey.pending() if t.name == "dispatch"]
+    assert len(etas) == 1 and task_engine.DISPATCH_RETRY <= etas[0] <= 2 * task_engine.DISPATCH_RETRY + 1, etas
+
+
 def _step_ids(db, cid: int) -> list[int]:
     from campaigns.models import Step
 
