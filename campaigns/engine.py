@@ -1022,10 +1022,16 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
         batches[ws_of[mid]].append(mid)
     size = max(1, min(SEND_BATCH, int(-(-get_settings().rate_limit.per_second * BATCH_SECONDS // 1))))
     queues = [[ids[i : i + size] for i in range(0, len(ids), size)] for ids in batches.values()]
-    while any(queues):
-        for q in queues:
-            if q:
-                hooks.enqueue_send(q.pop(0), 0)
+    try:
+        while any(queues):
+            for q in queues:
+                if q:
+                    hooks.enqueue_send(q[0], 0)
+                    q.pop(0)
+    except Exception:
+        # The queue store did not take them: back to the ledger now, not after the stale-queue sweep.
+        _unqueue([mid for q in queues for ids in q for mid in ids])
+        raise
     result.queued = len(claimed)
 
     waits = [w for w in plan.waits if w is not None]
@@ -1042,6 +1048,15 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
     else:
         result.next_wake = _next_due(now)
     return result
+
+
+def _unqueue(message_ids: list[int]) -> None:
+    try:
+        with session_factory()() as s, s.begin():
+            s.execute(update(Message).where(Message.id.in_(sorted(message_ids)), Message.status == "queued")
+                      .values(status="scheduled", queued_at=None).execution_options(synchronize_session=False))
+    except Exception:  # noqa: BLE001 - the stale-queue sweep schedules them again
+        log.exception("could not hand %s messages back to the ledger", len(message_ids))
 
 
 @lru_cache(maxsize=4)
@@ -1413,7 +1428,13 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
     Session_ = session_factory()
     now = utcnow()
     lease_until = now + timedelta(seconds=settings.lease_seconds)
-    generation = stopgen.current()  # before the claim: a stop committed after the claim's check bumps it
+    try:
+        generation = stopgen.current()  # before the claim: a stop committed after the claim's check bumps it
+    except Exception:
+        # The shared store (the stop generation, the limits) does not answer: nothing can be sent
+        # safely. Back to the ledger now, for the dispatcher, rather than after the stale-queue sweep.
+        _unqueue(list(ids))
+        raise
     params = {"ids": list(ids), "owner": owner, "lease_until": lease_until, "now": now}
 
     def claim(tries: int) -> tuple[bool, list]:

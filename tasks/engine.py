@@ -18,6 +18,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
+import redis
 from huey import crontab
 from huey.constants import EmptyData
 
@@ -31,6 +32,8 @@ log = logging.getLogger("herald.tasks")
 WAKE_KEY = "herald:dispatch-wake"
 EARLY = 1.0  # seconds a delayed dispatcher wake starts ahead of the due time (see _wake_dispatcher)
 DISPATCH_RETRY = 2.0  # seconds (plus up to as much jitter) before a dispatch the database failed runs again
+DISPATCH_RETRY_FOR = 60.0  # seconds a dispatch waits in its worker for a queue store that does not answer
+STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 PRIORITY_BULK = 0
 PRIORITY_DISPATCH = 50
 PRIORITY_TEST = 100
@@ -130,18 +133,31 @@ def dispatch() -> None:
             huey.storage.delete_data(WAKE_KEY)
     except Exception:  # noqa: BLE001
         pass
-    try:
-        if _lone_worker():
-            # One pass, not a loop that sleeps short waits in the only worker, and a delayed next run.
-            engine.run_dispatcher(YIELDING_HOOKS, budget_seconds=0)
-        else:
-            engine.run_dispatcher(HOOKS)
-    except TRANSIENT_ERRORS as exc:
-        # The database did not answer (a restart, a failover): come back in a moment, not at the
-        # reconciler's next minute. The dispatcher's lease makes an extra run harmless.
-        delay = DISPATCH_RETRY + random.uniform(0, DISPATCH_RETRY)
-        log.warning("dispatch: the database did not answer (%s); dispatching again in %.1f s", error_reason(exc), delay)
-        dispatch.schedule(delay=delay)
+    # The database or the queue store did not answer (a restart, a failover): dispatch again in a
+    # moment, not at the reconciler's next minute; while the queue store cannot even take the
+    # delayed task, in this worker, for up to DISPATCH_RETRY_FOR. The dispatcher's lease makes
+    # an extra run harmless.
+    deadline = time.monotonic() + DISPATCH_RETRY_FOR
+    while True:
+        try:
+            if _lone_worker():
+                # One pass, not a loop that sleeps short waits in the only worker, and a delayed next run.
+                engine.run_dispatcher(YIELDING_HOOKS, budget_seconds=0)
+            else:
+                engine.run_dispatcher(HOOKS)
+            return
+        except (*TRANSIENT_ERRORS, *STORE_ERRORS) as exc:
+            delay = DISPATCH_RETRY + random.uniform(0, DISPATCH_RETRY)
+            what = "the queue store" if isinstance(exc, STORE_ERRORS) else "the database"
+            log.warning("dispatch: %s did not answer (%s); dispatching again in %.1f s", what, error_reason(exc), delay)
+            try:
+                dispatch.schedule(delay=delay)
+                return
+            except STORE_ERRORS:
+                if time.monotonic() + delay > deadline:
+                    log.error("dispatch: the queue store is still down; the reconciler will dispatch once it is back")
+                    return
+                time.sleep(delay)
 
 
 # Bulk send batches running at once in this process (HERALD_SEND_BATCHES, default 2). Their calls

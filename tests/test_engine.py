@@ -1082,6 +1082,57 @@ def test_a_dispatch_the_database_failed_runs_again_in_seconds(monkeypatch):
     assert len(etas) == 1 and task_engine.DISPATCH_RETRY <= etas[0] <= 2 * task_engine.DISPATCH_RETRY + 1, etas
 
 
+def test_a_dispatch_the_queue_store_failed_hands_back_and_tries_again(api, db, monkeypatch):
+    """Redis refuses the send tasks midway: the messages it did not take go back to scheduled at
+    once (not after the stale-queue sweep), and the dispatch task tries again in a few seconds,
+    in its own worker while Redis cannot even take a delayed task."""
+    import redis
+
+    from tasks import engine as task_engine
+
+    list_id = make_contacts(api, 30)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    with session_scope() as s:
+        engine.fanout(s, cid)
+    monkeypatch.setattr(engine, "SEND_BATCH", 10)
+    taken: list[list[int]] = []
+
+    def enqueue(ids, priority):
+        if taken:
+            raise redis.ConnectionError("Connection refused")
+        taken.append(ids)
+
+    hooks = engine.Hooks(enqueue_send=enqueue, wake_dispatcher=lambda at: None)
+    with pytest.raises(redis.ConnectionError):
+        engine.dispatch_once(engine.get_limiter(), hooks)
+    assert Counter(m.status for m in _messages(db, cid)) == {"queued": 10, "scheduled": 20}
+    assert {m.id for m in _messages(db, cid, status="queued")} == set(taken[0])
+
+    # a send task that cannot read the stop generation hands its messages back, unclaimed
+    monkeypatch.setattr(engine.stopgen, "current", lambda: (_ for _ in ()).throw(redis.ConnectionError("refused")))
+    with pytest.raises(redis.ConnectionError):
+        engine.send_batch(taken[0], hooks)
+    assert Counter((m.status, m.attempts) for m in _messages(db, cid)) == {("scheduled", 0): 30}
+
+    runs, sleeps, scheduled = [], [], []
+
+    def run_dispatcher(*args, **kwargs):
+        runs.append(1)
+        if len(runs) < 3:
+            raise redis.ConnectionError("Connection refused")
+
+    def schedule(delay):
+        scheduled.append(delay)
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(engine, "run_dispatcher", run_dispatcher)
+    monkeypatch.setattr(task_engine.dispatch, "schedule", schedule)
+    monkeypatch.setattr(task_engine.time, "sleep", sleeps.append)
+    task_engine.dispatch.call_local()
+    assert len(runs) == 3 and len(sleeps) == 2 and len(scheduled) == 2
+    assert all(task_engine.DISPATCH_RETRY <= d <= 2 * task_engine.DISPATCH_RETRY for d in sleeps)
+
+
 def _step_ids(db, cid: int) -> list[int]:
     from campaigns.models import Step
 
