@@ -73,7 +73,8 @@ ERROR_RESPONSES = {
     "413": ("PayloadTooLarge", "The request body is larger than the server accepts (MAX_CONTENT_LENGTH, 64 MiB)"),
     "415": ("UnsupportedMediaType", "The request body's media type (or charset) is not one this operation reads"),
     "422": ("Invalid", "The body is well-formed but not acceptable; details name each field"),
-    "503": ("Unavailable", "A service Herald needs (the task queue) did not answer; try again"),
+    "503": ("Unavailable", "A service Herald needs (the database or the task queue) did not answer; try again "
+            "after Retry-After seconds"),
 }
 
 # --------------------------------------------------------------------------- Flask rules -> OpenAPI paths
@@ -179,6 +180,7 @@ def _operation(endpoint: str, method: str, view, path_params: list, public: bool
     if meta.get("request") is not None:
         responses["413"] = ERROR_RESPONSES["413"][0]  # a body past MAX_CONTENT_LENGTH
         responses["422"] = ERROR_RESPONSES["422"][0]
+    responses["503"] = ERROR_RESPONSES["503"][0]  # any operation, while the database or the queue store is away
     for extra in meta.get("errors") or ():
         responses[str(extra)] = ERROR_RESPONSES[str(extra)][0]
     for extra, body in (meta.get("responses") or {}).items():
