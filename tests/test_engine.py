@@ -895,6 +895,30 @@ def test_stream_reports_progress(api, sink, app):
         assert resp.status_code == 400 and resp.json["error"]["message"], query
 
 
+def test_stream_keeps_going_through_a_database_that_stops_answering(api, sink, monkeypatch):
+    """An error in the open stream (after its 200) would cut it; the browser's reconnect would
+    then meet a 503 and stop for good. The stream says so in a comment and tries again."""
+    from sqlalchemy.exc import OperationalError
+
+    from campaigns import stats
+
+    list_id = make_contacts(api, 1)
+    cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
+    drain(huey, until=_completed(api, cid), timeout=30)
+    real, calls = stats.shared_campaign_stats, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "shared_campaign_stats", flaky)
+    body = api.get(f"/api/v1/campaigns/{cid}/stream?lifetime=3&interval=0.2").get_data(as_text=True)
+    assert body.count(": the database is not answering") == 2
+    assert "event: progress" in body and '"sent": 1' in body and "event: end" in body
+
+
 def test_queue_and_metrics_reflect_the_ledger(api, sink, client):
     list_id = make_contacts(api, 3)
     sink.fail_addresses(["person2@example.com"])

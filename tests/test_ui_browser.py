@@ -377,3 +377,34 @@ def test_a_link_in_an_email_in_the_outbox_opens_in_a_new_tab(page, live, consume
     assert page.url.startswith(f"{base}/outbox/")  # the outbox stays as it was
     with session_scope() as s:
         assert contacts.suppressed_emails(s, ws_id, ["reader@example.com"]) == {"reader@example.com"}
+
+
+def test_the_live_view_reconnects_after_a_503(page, live):
+    """EventSource gives up for good on an answer that is not the stream (a 503 while the
+    database restarts): the page connects again by itself a few seconds later."""
+    from campaigns import campaign_rules, contacts
+
+    base = live
+    ws_id = sign_in(page, base)
+    with session_scope() as s:
+        lst = contacts.create_list(s, ws_id, "Reconnect list")
+        campaign = campaign_rules.create_campaign(s, ws_id, {
+            "name": "Reconnect", "list_id": lst.id, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "First", "html": "<p>1</p>"}]})
+        campaign.status = "running"  # (no consumer: only the stream matters here)
+        cid = campaign.id
+    answers: list[int] = []
+
+    def stream(route):
+        if not answers:
+            answers.append(503)
+            route.fulfill(status=503, content_type="application/json", headers={"Retry-After": "5"},
+                          body='{"error": {"code": "unavailable", "message": "the database is not answering"}}')
+        else:
+            answers.append(200)
+            route.continue_()
+
+    page.route(f"**/api/v1/campaigns/{cid}/stream*", stream)
+    page.goto(f"{base}/campaigns/{cid}")
+    expect(page.locator("[data-live]")).to_be_visible(timeout=15_000)
+    assert answers[0] == 503 and 200 in answers

@@ -13,7 +13,7 @@ from marshmallow import Schema, fields, validate
 from sqlalchemy import false, select
 
 from campaigns import contacts, engine, queue_health
-from campaigns.db import new_session
+from campaigns.db import TRANSIENT_ERRORS, new_session
 from campaigns.errors import BadRequest
 from campaigns.models import Message, MessageAttempt
 
@@ -255,6 +255,10 @@ def campaign_stream(campaign_id):
             session = new_session()
             try:
                 data = snapshot(session)
+            except TRANSIENT_ERRORS:  # the database is away for a moment: keep the stream, try again
+                yield ": the database is not answering\n\n"
+                time.sleep(interval)
+                continue
             finally:
                 session.close()
             body = json.dumps(data, sort_keys=True)

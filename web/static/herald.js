@@ -239,7 +239,15 @@
     var connect = function () {
       source = new EventSource(streamUrl);
       source.addEventListener("open", function () { liveBadge.hidden = false; });
-      source.addEventListener("error", function () { liveBadge.hidden = true; });  // EventSource retries by itself
+      source.addEventListener("error", function () {
+        liveBadge.hidden = true;
+        // A dropped connection EventSource retries by itself; an answer that is not the stream
+        // (a 503 while the database restarts) closes it for good: connect again a little later.
+        if (source.readyState === EventSource.CLOSED) {
+          var every = parseInt(campaignBox.getAttribute("data-reconnect-every"), 10) || 5000;
+          setTimeout(connect, every);
+        }
+      });
       source.addEventListener("progress", function (event) {
         liveBadge.hidden = false;
         apply(JSON.parse(event.data));
