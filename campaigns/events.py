@@ -604,10 +604,6 @@ def _mark_processed(s: Session, ids: list[int], now: datetime) -> None:
     s.execute(update(Event.__table__).where(one_of(s, Event.__table__.c.id, ids)).values(processed_at=now))
 
 
-# Errors that say nothing about the events themselves: the batch is retried as it is.
-_TRANSIENT = TRANSIENT_ERRORS
-
-
 def _one_by_one(Session_, report: ProcessReport, limit: int) -> int:
     """A batch failed on its data: apply its events one at a time; one that fails alone is marked
     processed and logged, so a single bad event never blocks the ones behind it."""
@@ -617,7 +613,7 @@ def _one_by_one(Session_, report: ProcessReport, limit: int) -> int:
         try:
             with Session_() as s, s.begin():
                 process_batch(s, report, 1, only_id=event_id)
-        except _TRANSIENT:
+        except TRANSIENT_ERRORS:  # says nothing about the events: the batch is retried as it is
             raise
         except Exception:  # noqa: BLE001 - logged with its id; the event stays stored
             log.exception("event %s could not be applied; marked processed without effect", event_id)
@@ -651,7 +647,7 @@ def process_pending(owner: str | None = None, batch_size: int = BATCH, budget_se
                 try:
                     with Session_() as s, s.begin():
                         n = process_batch(s, report, batch_size)
-                except _TRANSIENT:
+                except TRANSIENT_ERRORS:  # says nothing about the events: the batch is retried as it is
                     raise
                 except Exception:  # noqa: BLE001
                     log.exception("a batch of events failed; applying them one by one")
