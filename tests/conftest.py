@@ -72,6 +72,27 @@ def _admin_execute(sql: str) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def cheap_password_hashes():
+    """The suite makes a user for most tests and signs in hundreds of times: werkzeug's default
+    (scrypt, ~150 ms a hash or a check on a 2-core machine) cost minutes per run. Users made here
+    get a one-round PBKDF2 hash instead; checking goes through werkzeug the same way (the method
+    is read from the hash). A server run as a subprocess (browser tests) checks these as quickly,
+    and still hashes with the default what it makes itself."""
+    import functools
+
+    from werkzeug.security import generate_password_hash
+
+    from campaigns import accounts
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(accounts, "generate_password_hash",
+                   functools.partial(generate_password_hash, method="pbkdf2:sha256:1"))
+        accounts._decoy_hash.cache_clear()
+        yield
+    accounts._decoy_hash.cache_clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def database():
     """Create the schema through the real migrations once per run; drop it at the end."""
     from campaigns.config import reset_settings
