@@ -12,11 +12,14 @@ when either does not answer (``create_consumer`` is called only by ``huey_consum
 
 from __future__ import annotations
 
+import redis
 from huey import PriorityRedisExpireHuey, SqliteHuey
 from huey.storage import SqliteStorage
 
 from campaigns.config import ConfigError, get_settings
 
+# The queue store (Redis) did not answer: a restart, a failover, a network cut.
+STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _consumer_workers: int | None = None
 
 

@@ -18,7 +18,6 @@ import threading
 import time
 from datetime import UTC, datetime
 
-import redis
 from huey import crontab
 from huey.constants import EmptyData
 
@@ -26,14 +25,13 @@ from campaigns import engine
 from campaigns.config import get_settings
 from campaigns.db import TRANSIENT_ERRORS, error_reason
 
-from . import huey
+from . import STORE_ERRORS, huey
 
 log = logging.getLogger("herald.tasks")
 WAKE_KEY = "herald:dispatch-wake"
 EARLY = 1.0  # seconds a delayed dispatcher wake starts ahead of the due time (see _wake_dispatcher)
 DISPATCH_RETRY = 2.0  # seconds (plus up to as much jitter) before a dispatch the database failed runs again
 DISPATCH_RETRY_FOR = 60.0  # seconds a dispatch waits in its worker for a queue store that does not answer
-STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 PRIORITY_BULK = 0
 PRIORITY_DISPATCH = 50
 PRIORITY_TEST = 100

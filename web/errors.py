@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import logging
 
-import redis
 from flask import jsonify, make_response, render_template, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from campaigns.db import TRANSIENT_ERRORS, error_reason
 from campaigns.errors import HeraldError
+from tasks import STORE_ERRORS
 
 log = logging.getLogger("herald.web")
-STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 RETRY_AFTER = 5  # seconds a 503 asks the client to wait
 
 
