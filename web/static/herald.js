@@ -243,10 +243,7 @@
         liveBadge.hidden = true;
         // A dropped connection EventSource retries by itself; an answer that is not the stream
         // (a 503 while the database restarts) closes it for good: connect again a little later.
-        if (source.readyState === EventSource.CLOSED) {
-          var every = parseInt(campaignBox.getAttribute("data-reconnect-every"), 10) || 5000;
-          setTimeout(connect, every);
-        }
+        if (source.readyState === EventSource.CLOSED) { setTimeout(connect, 5000); }
       });
       source.addEventListener("progress", function (event) {
         liveBadge.hidden = false;
