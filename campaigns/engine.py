@@ -1030,7 +1030,7 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
                     q.pop(0)
     except Exception:
         # The queue store did not take them: back to the ledger now, not after the stale-queue sweep.
-        _unqueue([mid for q in queues for ids in q for mid in ids])
+        _hand_back([mid for q in queues for ids in q for mid in ids])
         raise
     result.queued = len(claimed)
 
@@ -1048,15 +1048,6 @@ def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, m
     else:
         result.next_wake = _next_due(now)
     return result
-
-
-def _unqueue(message_ids: list[int]) -> None:
-    try:
-        with session_factory()() as s, s.begin():
-            s.execute(update(Message).where(Message.id.in_(sorted(message_ids)), Message.status == "queued")
-                      .values(status="scheduled", queued_at=None).execution_options(synchronize_session=False))
-    except Exception:  # noqa: BLE001 - the stale-queue sweep schedules them again
-        log.exception("could not hand %s messages back to the ledger", len(message_ids))
 
 
 @lru_cache(maxsize=4)
@@ -1213,6 +1204,15 @@ def _retire_unsendable(s: Session, message_ids: list[int]) -> set[int]:
         .execution_options(synchronize_session=False)
     ).all()
     return {r.campaign_id for r in rows}
+
+
+def _hand_back(message_ids: list[int]) -> None:
+    """``_settle_refused``, tried again for a while if the database does not answer, and never
+    raising: what it leaves ``queued``, the stale-queue sweep schedules again."""
+    try:
+        retry_transient(lambda _: _settle_refused(sorted(message_ids)), "handing messages back to the ledger", 10.0)
+    except Exception:  # noqa: BLE001
+        log.exception("could not hand %s messages back to the ledger; the reconciler will", len(message_ids))
 
 
 def _settle_refused(message_ids: list[int]) -> None:
@@ -1433,7 +1433,7 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
     except Exception:
         # The shared store (the stop generation, the limits) does not answer: nothing can be sent
         # safely. Back to the ledger now, for the dispatcher, rather than after the stale-queue sweep.
-        _unqueue(list(ids))
+        _hand_back(list(ids))
         raise
     params = {"ids": list(ids), "owner": owner, "lease_until": lease_until, "now": now}
 
@@ -1450,10 +1450,7 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
     counts: dict[str, int] = defaultdict(int)
     refused = set(ids) - {r.id for r in claimed}
     if refused:
-        try:
-            retry_transient(lambda _: _settle_refused(sorted(refused)), "settling refused messages", 10.0)
-        except TRANSIENT_ERRORS:  # what stays queued, the reconciler schedules again; the claimed ones go on
-            log.warning("could not settle %s refused messages; the reconciler will", len(refused))
+        _hand_back(sorted(refused))
     if not claimed:
         return dict(counts)
     claimed.sort(key=lambda r: (-r.priority, r.id))
