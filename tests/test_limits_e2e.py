@@ -22,6 +22,7 @@ from tasks import huey
 from tests.helpers import campaign_status, drain, launched_campaign, make_contacts
 from tests.test_consumers import wait_for
 
+JITTER_CALLS = 4  # 0.2 s of late delivery at 20/s: see the account-budget test
 ONE_STEP = [{"type": "email", "subject": "Hi {{ contact.first_name }}", "html": "<p>Hello</p>"}]
 
 
@@ -78,8 +79,17 @@ def _count(db, *where) -> int:
 
 @pytest.mark.slow
 def test_account_budget_holds_at_the_sink_and_a_test_send_goes_first(api, sink, db, env, consumers):
-    """20/second;burst=2, 300 messages, two consumers: never more than 22 in any second, about
-    15 s in all; a test send made mid-run arrives within a second; the queue holds ~1 s of work."""
+    """20/second;burst=2, 300 messages, two consumers: about 15 s in all, never more than 22 in
+    any second bar scheduling jitter; a test send made mid-run arrives within a second; the queue
+    holds ~1 s of work.
+
+    The sink stamps a call when it reads it, so a consumer (or the sink, which runs in this
+    process) held up for a moment on a loaded 2-core machine delivers calls granted apart as a
+    bunch: a clean-clone CI run once saw 4 calls granted ~50 ms apart arrive within 3 ms, 24 in
+    one second. The engine keeps 0.05 s of lateness out of the burst (``SEND_LATENESS``); the
+    test allows 0.2 s more (20 x 0.2 = 4 calls). A limiter that let too many through still fails
+    here (a budget per consumer instead of one shared: ~42 in a second) and in the duration
+    check below, which pins the sustained rate to within ~5%."""
     env(SENDGRID_RATE_LIMIT="20/second;burst=2")
     list_id = make_contacts(api, 300)
     consumers(2)
@@ -101,7 +111,7 @@ def test_account_budget_holds_at_the_sink_and_a_test_send_goes_first(api, sink, 
 
     times = received(sink)
     assert len(times) == 301 and len(sink.keys()) == 301  # each message once, plus the test send
-    assert window_max(times) <= 22, densest_window(times)
+    assert window_max(times) <= 22 + JITTER_CALLS, densest_window(times)
     assert times[-1] - times[0] >= (301 - 22) / 20 - 0.1  # the budget, not the machine, set the pace
     assert times[-1] - times[0] <= 20  # ... and it was used (achieved >= ~0.75 of it, here ~1.0)
     assert test_latency < 1.0, test_latency
