@@ -563,6 +563,24 @@ def test_failed_event_posts_are_retried(receiver):
         app.extensions["sendgrid_sink"].close()
 
 
+def test_events_for_one_message_share_its_sg_message_id_whenever_they_happen():
+    """SendGrid names a recipient's copy when it accepts the message; a click a minute after the
+    bounce carries the same sg_message_id (CI once saw them differ across a second boundary)."""
+    app = create_sink_app({"SINK_AUTO_EVENTS": ""})
+    client = app.test_client()
+    state = app.extensions["sendgrid_sink"]
+    try:
+        send(client, mail("same-id"))
+        rec = state.find_for_key("same-id")
+        (early,) = state.build_events(rec, ["bounce"], timestamp=int(rec["time"]))
+        (late,) = state.build_events(rec, ["click"], timestamp=int(rec["time"]) + 61)
+        assert late["timestamp"] - early["timestamp"] == 61
+        assert early["sg_message_id"] == late["sg_message_id"]
+        assert early["sg_event_id"] != late["sg_event_id"]
+    finally:
+        state.close()
+
+
 def test_post_event_on_demand(receiver):
     app = create_sink_app({"SINK_AUTO_EVENTS": ""})
     client = app.test_client()

@@ -896,6 +896,9 @@ class SinkState:
         options = options or {}
         mid = rec.get("message_id") or f"sink{rec['seq']}"
         ts = int(timestamp if timestamp is not None else time.time())
+        # SendGrid names a recipient's copy when it accepts the message: every event for that copy
+        # carries the same sg_message_id, whenever the event happens.
+        accepted = int(rec.get("time") or 0)
         categories = rec.get("categories")
         out = []
         n = 0
@@ -910,7 +913,7 @@ class SinkState:
                     "email": rcpt,
                     "timestamp": ts,
                     "smtp-id": f"<{mid}@ismtpd0001p1sink.sendgrid.net>",
-                    "sg_message_id": f"{mid}.filterdrecv-sink-{os.getpid():x}-{rec['seq']}-{ts:X}-{n - 1}.0",
+                    "sg_message_id": f"{mid}.filterdrecv-sink-{os.getpid():x}-{rec['seq']}-{accepted:X}-{n - 1}.0",
                 })
                 if categories:
                     base["category"] = categories
