@@ -132,10 +132,18 @@ def test_database_connections_cut_mid_campaign(api, sink, db, consumers):
     (c,) = consumers(1)
     cid = launched_campaign(api, list_id, steps=ONE_STEP)
     wait_for(lambda: len(sink.keys()) >= 50, timeout=60, reconcile_every=None)
-    for _ in range(40):  # again and again for two seconds, as connections come back
+    others = " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    # The consumer spends most of its time in HTTP calls, so a cut can miss its queries (CI saw
+    # a run where none hit): the first one is made while it waits on the ledger, mid-statement.
+    with get_engine().connect() as conn:
+        conn.execute(text("LOCK TABLE messages IN EXCLUSIVE MODE"))  # reads go on, writes wait
+        wait_for(lambda: conn.scalar(text("SELECT count(*)" + others + " AND wait_event_type = 'Lock'")) > 0,
+                 timeout=30, reconcile_every=None)
+        conn.execute(text("SELECT pg_terminate_backend(pid)" + others))
+        conn.rollback()
+    for _ in range(40):  # then again and again for two seconds, as connections come back
         with get_engine().connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                              " WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+            conn.execute(text("SELECT pg_terminate_backend(pid)" + others))
         time.sleep(0.05)
     get_engine().dispose()
     db.close()
@@ -163,6 +171,10 @@ def test_queue_store_connections_cut_mid_campaign(api, sink, db, consumers):
     cid = launched_campaign(api, list_id, steps=ONE_STEP)
     wait_for(lambda: len(sink.keys()) >= 50, timeout=60, reconcile_every=None)
     r = redis.Redis.from_url(os.environ["REDIS_URL"])
+    # A client killed while idle reconnects unseen, so a cut can miss every command the consumer
+    # has in flight: the first one is made while a worker of it waits for a task (BZPOPMIN).
+    wait_for(lambda: any("b" in c["flags"] and c["cmd"] == "bzpopmin" for c in r.client_list()),
+             timeout=30, reconcile_every=None)
     for _ in range(40):
         r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
         time.sleep(0.05)
