@@ -165,13 +165,13 @@ class ServiceProcess:
     """A subprocess of the suite's (consumer, web server) with its output in a log file under
     the test instance folder; ``stop`` sends SIGTERM (then SIGKILL), ``kill9`` kills it outright."""
 
-    def __init__(self, name: str, cmd: list[str]):
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str] | None = None):
         import os
         import subprocess
         from pathlib import Path
 
         root = Path(__file__).resolve().parent.parent
-        env = dict(os.environ, PYTHONPATH=str(root))
+        env = dict(os.environ, **(env or {}), PYTHONPATH=str(root))
         self.log_path = Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{name}-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()/kill9()
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)

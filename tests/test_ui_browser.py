@@ -57,18 +57,20 @@ def live(database, sink_server):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium")
     port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    # PUBLIC_URL is this server, as in a deployment: the links in emails (unsubscribe) lead here.
     web = Server("web", [str(BIN / "gunicorn"), "-k", "gthread", "-w", "1", "--threads", "8",
-                         "-b", f"127.0.0.1:{port}", "wsgi:app"])
+                         "-b", f"127.0.0.1:{port}", "wsgi:app"], env={"PUBLIC_URL": base})
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", web)
-        yield f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/healthz", web)
+        yield base
     finally:
         web.stop()
 
 
 @pytest.fixture
 def consumer(live):
-    worker = Server("consumer", consumer_command(4))
+    worker = Server("consumer", consumer_command(4), env={"PUBLIC_URL": live})
     yield worker
     worker.stop()
 
@@ -337,6 +339,23 @@ def test_dead_letters_deleted_one_then_all_after_confirmations(page, live, consu
     assert left == ["sent"]
 
 
+def click_for_a_new_tab(page, link):
+    """Click ``link``; the tab it opens. In about one run of this file in 20, CI's Chromium opened
+    nothing for a click on a link in the sandboxed (out-of-process) frame just made, the link in
+    place and the click reported done; the click is then made once more. A link that opens in its
+    frame, or never in a new tab, still fails: the second click finds no link, or no tab opens."""
+    for attempt in (1, 2):
+        try:
+            with page.context.expect_page(timeout=10_000) as opened:
+                link.click(timeout=10_000)
+            return opened.value
+        except playwright.Error:
+            if attempt == 2:
+                raise
+            print(f"no new tab 10 s after the click on {link}: clicking again")
+    raise AssertionError("unreachable")
+
+
 def test_a_link_in_an_email_in_the_outbox_opens_in_a_new_tab(page, live, consumer, sink):
     """The outbox shows an email's HTML in a frame where no script runs; its links (the
     unsubscribe link) used to navigate that frame, where the unsubscribe form could not be sent.
@@ -362,16 +381,12 @@ def test_a_link_in_an_email_in_the_outbox_opens_in_a_new_tab(page, live, consume
     expect(page.locator('.stats [data-stat="sent"]')).to_have_text("1")
     page.goto(f"{base}/outbox")
     page.locator("tbody a[href^='/outbox/']").first.click()
-    # the link points at PUBLIC_URL: send that to this test's server
-    from campaigns.config import get_settings
-
-    public = get_settings().public_url.rstrip("/")
-    page.context.route(public + "/**", lambda route: route.continue_(url=base + route.request.url[len(public):]))
     link = page.frame_locator(".mail-frame").locator("text=Unsubscribe")
-    with page.context.expect_page() as opened:
-        link.click()
-    tab = opened.value
-    assert tab.url.startswith(public + "/u/")  # the unsubscribe page, in a tab of its own ...
+    expect(link).to_be_visible()
+    page.wait_for_load_state("load")  # the frame's document too
+    tab = click_for_a_new_tab(page, link)
+    tab.wait_for_load_state()
+    assert tab.url.startswith(base + "/u/")  # the unsubscribe page (PUBLIC_URL), in a tab of its own ...
     tab.get_by_role("button", name="Unsubscribe").click()  # ... where its form can be sent
     expect(tab.locator("h1")).to_have_text("You are unsubscribed")
     assert page.url.startswith(f"{base}/outbox/")  # the outbox stays as it was
