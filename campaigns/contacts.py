@@ -25,20 +25,35 @@ error.
 
 from __future__ import annotations
 
-import math
-import zoneinfo
 from collections.abc import Iterable
-from functools import lru_cache
 
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import BigInteger, Integer, String, Text, any_, bindparam, delete, false, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
+from .contact_rules import (  # noqa: F401  (the validation's names, as callers have always used them)
+    EMAIL_MAX,
+    FIELD_KEY_MAX,
+    FIELD_VALUE_MAX,
+    MAX_FIELDS,
+    NAME_MAX,
+    TIMEZONE_MAX,
+    check_fields,
+    check_name,
+    check_timezone,
+    contact_problems,
+    email_problem,
+    fields_problems,
+    is_timezone,
+    normalize_email,
+    text_problem,
+    timezone_problem,
+)
 from .db import is_postgres, utcnow
 from .errors import Conflict, InvalidInput, NotFound
+from .ids import MAX_ID, valid_id  # noqa: F401
 from .models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Suppression
 from .sequences import stop_for_emails
 
@@ -53,11 +68,6 @@ SUPPRESSION_REASONS = ("manual", "unsubscribe", "bounce", "dropped", "spamreport
 MAX_BULK = 10_000  # addresses or ids per API call (suppressions, list members)
 CHUNK = 1_000  # rows per set-based statement (well under both backends' bind-parameter limits)
 
-MAX_ID = 2**63 - 1  # ids are BIGINT: anything larger cannot name a row (and must not reach the driver)
-NAME_MAX = 200
-EMAIL_MAX = 320
-TIMEZONE_MAX = 64
-FIELD_KEY_MAX = 100
 
 
 class _Unset:
@@ -66,130 +76,6 @@ class _Unset:
 
 
 UNSET = _Unset()
-
-
-# --- validation -------------------------------------------------------------------------------
-
-
-def text_problem(value: str) -> str | None:
-    """What makes a string unstorable (PostgreSQL refuses NUL; lone surrogates are not UTF-8)."""
-    if "\x00" in value:
-        return "must not contain NUL characters"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid Unicode text"
-    return None
-
-
-def valid_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
-
-
-def email_problem(raw) -> str | None:
-    """Why ``raw`` is not an acceptable address, or None when it is."""
-    if not isinstance(raw, str):
-        return "not a string"
-    value = raw.strip()
-    if not value:
-        return "the address is empty"
-    if len(value) > EMAIL_MAX:
-        return "the address is too long"
-    try:
-        validate_email(value, check_deliverability=False)
-    except EmailNotValidError as exc:
-        return str(exc)
-    return None
-
-
-def normalize_email(raw) -> str:
-    """The normalised address (stripped, lower-cased), or InvalidInput saying what is wrong."""
-    problem = email_problem(raw)
-    if problem:
-        raise InvalidInput(f"{raw!r} is not a valid email address: {problem}", {"email": [problem]})
-    return raw.strip().lower()
-
-
-@lru_cache(maxsize=1)
-def _iana_zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
-@lru_cache(maxsize=4096)
-def is_timezone(name: str) -> bool:
-    """True for an IANA zone name (``Europe/Paris``, ``UTC``)."""
-    zones = _iana_zones()
-    if zones:
-        return name in zones
-    try:  # no zone list on this system: ask zoneinfo directly
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-        return False
-    return True
-
-
-def timezone_problem(name) -> str | None:
-    if name is None:
-        return None
-    if not isinstance(name, str):
-        return "not a string"
-    if len(name) > TIMEZONE_MAX or not is_timezone(name):
-        return f"{name!r} is not an IANA time zone (e.g. Europe/Paris, America/New_York, UTC)"
-    return None
-
-
-def check_timezone(name) -> str | None:
-    """The zone name (None or '' clears it), or InvalidInput when it is not an IANA zone."""
-    if name is None or (isinstance(name, str) and not name.strip()):
-        return None
-    name = name.strip() if isinstance(name, str) else name
-    problem = timezone_problem(name)
-    if problem:
-        raise InvalidInput(problem, {"timezone": [problem]})
-    return name
-
-
-def fields_problems(fields) -> dict[str, list[str]]:
-    """Per-key problems of a custom-field dict: keys are strings, values str/number/bool/null."""
-    if not isinstance(fields, dict):
-        return {"_schema": ["fields must be an object"]}
-    problems: dict[str, list[str]] = {}
-    for key, value in fields.items():
-        if not isinstance(key, str) or not key.strip() or text_problem(key):
-            problems[repr(key)[:40]] = ["a field name must be a non-empty string of text"]
-        elif len(key) > FIELD_KEY_MAX:
-            problems[key[:40] + "..."] = [f"a field name has at most {FIELD_KEY_MAX} characters"]
-        elif value is not None and not isinstance(value, str | int | float | bool):
-            problems[key] = ["a field value must be a string, a number, true/false or null"]
-        elif isinstance(value, float) and not math.isfinite(value):
-            problems[key] = ["a field value must be a finite number"]
-        elif isinstance(value, str) and text_problem(value):
-            problems[key] = ["a field value " + text_problem(value)]
-    return problems
-
-
-def check_fields(fields) -> dict:
-    if fields is None:
-        return {}
-    problems = fields_problems(fields)
-    if problems:
-        raise InvalidInput("fields is not valid", {"fields": problems})
-    return dict(fields)
-
-
-def check_name(value, what: str = "name") -> str | None:
-    """A first/last name: None or '' clears it; at most NAME_MAX characters."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be a string", {what: ["not a string"]})
-    problem = text_problem(value)
-    if problem:
-        raise InvalidInput(f"{what} {problem}", {what: [problem]})
-    value = value.strip()
-    if len(value) > NAME_MAX:
-        raise InvalidInput(f"{what} is too long", {what: [f"at most {NAME_MAX} characters"]})
-    return value or None
 
 
 def dialect_insert(session: Session):

@@ -863,7 +863,7 @@ def test_outbox_lists_what_the_sink_received_for_this_workspace(ui, sink, app, m
     assert ui.get("/outbox/3").status_code == 404  # the other tool's call
     assert ui.get("/outbox/999").status_code == 404
 
-    import web.ui_ops as ui_ops
+    import web.ui.ops as ui_ops
 
     settings = app.config["HERALD_SETTINGS"]
     down = dataclasses.replace(settings, sendgrid_api_host=f"http://127.0.0.1:{free_port()}")
@@ -892,7 +892,7 @@ def test_another_workspaces_ids_are_not_found(ui, other_api, sink):
 
 
 def test_chart_buckets_sends_per_minute_and_widens_long_campaigns():
-    from web.ui_campaigns import chart_data
+    from web.ui.summaries import chart_data
 
     t0 = datetime(2025, 1, 1, 9, 0)
     assert chart_data([]) is None
@@ -906,7 +906,7 @@ def test_chart_buckets_sends_per_minute_and_widens_long_campaigns():
 
 
 def test_the_live_chart_is_counted_once_for_every_viewer_while_the_campaign_sends(ui, monkeypatch):
-    from web import ui_campaigns
+    from web.ui import summaries as ui_campaigns
 
     calls = []
     real = ui_campaigns.sends_per_minute

@@ -6,8 +6,6 @@ The rules themselves are in ``campaigns.campaign_rules``; these handlers parse, 
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from flask import current_app, g, request
 from marshmallow import Schema, fields
 
@@ -17,7 +15,8 @@ from campaigns.models import Campaign
 from campaigns.stats import campaign_stats, empty_step_stats
 
 from ..db import get_db
-from . import bp, json_body, paginate
+from ..params import iso, paginate
+from .blueprint import bp, json_body
 from .openapi import doc
 
 # --------------------------------------------------------------------------- JSON
@@ -30,11 +29,6 @@ def _body() -> dict:
     except RecursionError:
         raise BadRequest("the request body is nested too deeply") from None
 
-
-
-def iso(dt: datetime | None) -> str | None:
-    """Naive UTC as ISO 8601 with a ``Z``."""
-    return None if dt is None else dt.isoformat(timespec="seconds") + "Z"
 
 
 def step_json(step, stats: dict | None = None) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from datetime import datetime
 
 from flask import g, jsonify, request
 from marshmallow import RAISE, Schema, ValidationError, validates_schema
@@ -25,7 +24,8 @@ from campaigns.errors import BadRequest, HeraldError, NotFound
 from campaigns.models import Contact, ContactList, Import, Suppression
 
 from ..db import get_db
-from . import bp, decode_cursor, int_arg, json_body, paginate
+from ..params import int_arg, iso, paginate
+from .blueprint import bp, json_body
 from .openapi import doc
 
 log = logging.getLogger(__name__)
@@ -219,11 +219,6 @@ class ImportPage(Schema):
 # --- JSON --------------------------------------------------------------------------------------
 
 
-def iso(dt: datetime | None) -> str | None:
-    """Naive UTC as ISO 8601 with a ``Z``."""
-    return None if dt is None else dt.isoformat(timespec="seconds") + "Z"
-
-
 def contact_json(c: Contact, suppressed: bool) -> dict:
     return {
         "id": c.id,
@@ -240,7 +235,7 @@ def contact_json(c: Contact, suppressed: bool) -> dict:
 
 
 def _contact_page(session, stmt) -> dict:
-    page = _paginate(session, stmt, Contact, lambda c: c)
+    page = paginate(session, stmt, Contact, lambda c: c)
     suppressed = contacts.suppressed_emails(session, g.workspace_id, (c.email for c in page["items"]))
     page["items"] = [contact_json(c, c.email in suppressed) for c in page["items"]]
     return page
@@ -288,14 +283,6 @@ def _body() -> dict:
         raise BadRequest("the request body is nested too deeply") from None
 
 
-def _paginate(session, stmt, model, serialize) -> dict:
-    """``paginate`` with the cursor's id bounded (an id past BIGINT is a 400, not a driver error)."""
-    after = decode_cursor(request.args.get("cursor"))
-    if after is not None and abs(after) > contacts.MAX_ID:
-        raise BadRequest("cursor is not valid; use the next_cursor of a previous page")
-    return paginate(session, stmt, model, serialize)
-
-
 def _no_content():
     return "", 204
 
@@ -332,7 +319,7 @@ def create_contact():
 def list_contacts():
     s = get_db()
     email = request.args.get("email") or None  # "?email=" is no filter
-    stmt = contacts.contacts_query(s, g.workspace_id, email=email, list_id=int_arg("list_id"))
+    stmt = contacts.contacts_query(s, g.workspace_id, email=email, list_id=int_arg("list_id", strict=True))
     return jsonify(_contact_page(s, stmt))
 
 
@@ -383,7 +370,7 @@ def create_list():
 @doc("List the lists, paged by cursor", query=PageQuery, response=ListPage, tags=["lists"])
 def list_lists():
     s = get_db()
-    page = _paginate(s, contacts.lists_query(g.workspace_id), ContactList, lambda r: r)
+    page = paginate(s, contacts.lists_query(g.workspace_id), ContactList, lambda r: r)
     counts = contacts.member_counts(s, (r.id for r in page["items"]))
     page["items"] = [list_json(r, counts.get(r.id, 0)) for r in page["items"]]
     return jsonify(page)
@@ -458,7 +445,7 @@ def remove_member(list_id: int, contact_id: int):
 @doc("The suppression list, paged by cursor", query=PageQuery, response=SuppressionPage, tags=["suppressions"])
 def list_suppressions():
     s = get_db()
-    return jsonify(_paginate(s, contacts.suppressions_query(g.workspace_id), Suppression, suppression_json))
+    return jsonify(paginate(s, contacts.suppressions_query(g.workspace_id), Suppression, suppression_json))
 
 
 @bp.route("/suppressions", methods=["POST"])
@@ -539,7 +526,7 @@ def import_contacts():
     if charset not in ("utf-8", "utf8", "us-ascii", "ascii"):
         raise UnsupportedMediaType(f"the CSV must be UTF-8 (got charset={charset}); save it as CSV UTF-8")
     s = get_db()
-    list_id = int_arg("list_id")
+    list_id = int_arg("list_id", strict=True)
     if list_id is not None:
         contacts.get_list(s, g.workspace_id, list_id)
     asynchronous = _async_flag()
@@ -570,7 +557,7 @@ def _queue_import(s, list_id: int | None):
 def list_imports():
     s = get_db()
     stmt = select(Import).where(Import.workspace_id == g.workspace_id)
-    return jsonify(_paginate(s, stmt, Import, import_json))
+    return jsonify(paginate(s, stmt, Import, import_json))
 
 
 @bp.route("/imports/<int:import_id>", methods=["GET"])

@@ -18,15 +18,16 @@ from campaigns.errors import BadRequest
 from campaigns.models import Message, MessageAttempt
 
 from ..db import get_db
-from . import bp, int_arg, json_body, paginate
+from ..params import int_arg, iso, paginate
+from .blueprint import bp, json_body
 from .openapi import doc
 
 MESSAGE_STATUSES = ("scheduled", "queued", "sending", "sent", "delivered", "bounced", "dropped", "ambiguous",
                     "failed", "cancelled")
 
 
-def _iso(dt):
-    return dt.isoformat() + "Z" if dt else None
+def _iso(dt):  # a message's times keep their microseconds
+    return iso(dt, timespec="auto")
 
 
 class TestSendIn(Schema):
@@ -282,7 +283,7 @@ def campaign_stream(campaign_id):
      response=MessagePage)
 def list_messages():
     stmt = select(Message).where(Message.workspace_id == g.workspace_id)
-    campaign_id = int_arg("campaign_id")
+    campaign_id = int_arg("campaign_id", strict=True)
     if campaign_id is not None:
         stmt = stmt.where(Message.campaign_id == campaign_id)
     status = request.args.get("status")
@@ -294,7 +295,7 @@ def list_messages():
     if email:  # an address no row can hold (NUL, lone surrogates) matches nothing, as for contacts
         bad = contacts.text_problem(email)
         stmt = stmt.where(false()) if bad else stmt.where(Message.email == email.strip().lower())
-    step_id = int_arg("step_id")
+    step_id = int_arg("step_id", strict=True)
     if step_id is not None:
         stmt = stmt.where(Message.step_id == step_id)
     return paginate(get_db(), stmt, Message, message_json)

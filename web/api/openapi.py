@@ -24,7 +24,7 @@ from apispec.ext.marshmallow.common import make_schema_key, resolve_schema_cls, 
 from flask import current_app, jsonify
 from marshmallow import Schema, fields
 
-from . import PUBLIC_ENDPOINTS, bp
+from .blueprint import PUBLIC_ENDPOINTS, bp
 
 
 def doc(summary: str, request=None, response=None, status: int = 200, query=None, tags=None, errors=(),

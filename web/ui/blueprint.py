@@ -1,53 +1,29 @@
-"""The web UI: server-rendered Jinja pages on one blueprint, ``ui``.
+"""The UI's blueprint ``ui`` and what its pages share: safe redirect targets, the error
+handlers and the ``form_action`` decorator, template filters and the layout's context.
 
-This module holds the blueprint, the shared helpers (errors, pagination, formatting) and the
-account pages (sign in/out, workspace switcher, settings and API keys). The other pages live
-beside it and add their routes to the same blueprint:
-
-- ``ui_contacts``: contacts, CSV import with progress, lists, the suppression list;
-- ``ui_campaigns``: campaigns, the builder with live preview, launch, the live campaign page;
-- ``ui_ops``: the message log and details, dead letters and replay, queue health, the outbox.
-
-Views call the domain layer (``campaigns.*``) directly and queue work through ``tasks``, like
-the JSON API does. Every form carries the CSRF token (``CSRFProtect`` refuses a form without
-it); the few fetches the pages make to ``/api/v1`` send it as ``X-CSRFToken``. Destructive
-actions go through a confirmation page (GET shows what will happen, POST does it), so they
-work the same with or without JavaScript. Live parts (progress over SSE, import progress,
-queue health, template preview) are small progressive enhancements in ``static/herald.js``.
+Route modules (``account``, ``campaigns``, ``contacts``, ``ops``...) import ``bp`` from here;
+``web.ui`` imports them, so there is no import circle.
 """
 
 from __future__ import annotations
 
+import functools
+import unicodedata
+from collections.abc import Callable
 from datetime import datetime
 from urllib.parse import urlsplit
 
-from flask import (
-    Blueprint,
-    current_app,
-    flash,
-    g,
-    redirect,
-    render_template,
-    request,
-    session,
-    url_for,
-)
+from flask import Blueprint, current_app, flash, g, redirect, render_template, request, url_for
 from flask_wtf.csrf import CSRFError
 from sqlalchemy import select
 
-from campaigns import accounts
-from campaigns.accounts import authenticate, user_workspaces
 from campaigns.contacts import email_problem
 from campaigns.errors import HeraldError, NotFound
-from campaigns.models import ApiKey, User, Workspace
+from campaigns.models import User
 
-from .auth import login_required, login_user, logout_user, remember_device, sign_in_succeeded, throttle_sign_in
-from .db import get_db
+from ..db import get_db
 
 bp = Blueprint("ui", __name__)
-
-PAGE_SIZE = 50
-MAX_ID = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- helpers
@@ -57,10 +33,17 @@ def settings():
     return current_app.config["HERALD_SETTINGS"]
 
 
+def _unsafe_char(ch: str) -> bool:
+    """A control character (a newline in a Location header is a 500) or a line/paragraph
+    separator; a backslash, which browsers read as ``/`` (``/\\evil.example`` is another site)."""
+    return ch == "\\" or unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+
+
 def safe_next(target: str | None, default: str | None = None) -> str:
-    """A local path to go back to (never another site)."""
+    """A local path to go back to (never another site, never a control character); anything
+    else is ``default`` (the home page when there is none)."""
     fallback = default or url_for("ui.home")
-    if not target:
+    if not target or any(_unsafe_char(ch) for ch in target):
         return fallback
     parts = urlsplit(target)
     if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
@@ -68,34 +51,30 @@ def safe_next(target: str | None, default: str | None = None) -> str:
     return target
 
 
-def is_digits(raw: str) -> bool:
-    """ASCII digits only: ``str.isdigit()`` also says yes to '²', which ``int()`` refuses (a 500)."""
-    return raw.isascii() and raw.isdigit()
+def form_action(back: Callable[..., str], failed: str = "", form_back: bool = False):
+    """For a POST view that changes something: a domain error it raises (a missing resource
+    aside, which is the 404 page) rolls the session back, is flashed as ``failed`` + the reason,
+    and redirects (303) to ``back(**view_args)``, or to the form's ``back`` field when
+    ``form_back`` is set and that is a safe local path."""
 
+    def decorate(view):
+        @functools.wraps(view)
+        def wrapped(**kwargs):
+            try:
+                return view(**kwargs)
+            except NotFound:
+                raise
+            except HeraldError as exc:
+                get_db().rollback()
+                flash(failed + error_text(exc), "error")
+                target = back(**kwargs)
+                if form_back:
+                    target = safe_next(request.form.get("back"), target)
+                return redirect(target), 303
 
-def parse_id(raw: str | None) -> int | None:
-    """A positive id typed in a form or a query string; anything else (junk, too large) is None."""
-    raw = (raw or "").strip()
-    if not is_digits(raw):
-        return None
-    value = int(raw)
-    return value if 0 < value <= MAX_ID else None
+        return wrapped
 
-
-def int_arg(name: str) -> int | None:
-    """A positive id from the query string; anything else (junk, too large) is None."""
-    return parse_id(request.args.get(name))
-
-
-def keyset_page(session, stmt, model, limit: int = PAGE_SIZE):
-    """Newest first, ``?before=<id>`` for the next (older) page: ``(rows, next_before | None)``."""
-    before = int_arg("before")
-    if before is not None:
-        stmt = stmt.where(model.id < before)
-    rows = list(session.scalars(stmt.order_by(model.id.desc()).limit(limit + 1)))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, (rows[-1].id if more and rows else None)
+    return decorate
 
 
 @bp.app_template_global("page_url")
@@ -206,133 +185,3 @@ def _csrf_error(exc: CSRFError):
     return render_template("error.html", status=400, message=message), 400
 
 
-# --------------------------------------------------------------------------- sign in / out
-
-
-@bp.route("/login", methods=["GET", "POST"])
-def login():
-    error = None
-    if request.method == "POST":
-        email = request.form.get("email", "")
-        refused = throttle_sign_in(email)  # counts the attempt, or refuses it unchecked (429)
-        if refused is not None:
-            return refused
-        db = get_db()
-        user = authenticate(db, email, request.form.get("password", ""))
-        if user is not None:
-            sign_in_succeeded(email)
-        workspaces = user_workspaces(db, user.id) if user else []
-        if user is None:
-            error = "Wrong email or password."
-        elif not workspaces:
-            error = "Your account belongs to no workspace yet."
-        else:
-            login_user(user.id, workspaces[0].id)
-            resp = redirect(safe_next(request.args.get("next")))
-            remember_device(resp, email)  # this browser is not locked out by others' guesses
-            return resp
-    return render_template("login.html", error=error), (401 if error else 200)
-
-
-@bp.post("/logout")
-def logout():
-    logout_user()
-    flash("You are signed out.", "success")
-    return redirect(url_for("ui.login"))
-
-
-@bp.post("/workspace")
-@login_required
-def switch_workspace():
-    raw = request.form.get("workspace_id", "")
-    workspace_id = int(raw) if is_digits(raw) else None
-    if workspace_id not in g.session_workspaces:
-        flash("You are not a member of that workspace.", "error")
-        return redirect(url_for("ui.home")), 303
-    session["workspace_id"] = workspace_id
-    flash(f"Switched to {g.session_workspaces[workspace_id].name}.", "success")
-    # Ids in the current URL belong to the old workspace: go to the new one's home page.
-    return redirect(url_for("ui.home")), 303
-
-
-# --------------------------------------------------------------------------- settings: API keys
-
-
-def _workspace() -> Workspace:
-    ws = get_db().get(Workspace, g.workspace_id)
-    if ws is None:
-        raise NotFound("no such workspace")
-    return ws
-
-
-def _api_keys():
-    return list(
-        get_db().scalars(
-            select(ApiKey).where(ApiKey.workspace_id == g.workspace_id).order_by(ApiKey.revoked_at.is_not(None),
-                                                                                 ApiKey.id.desc())
-        )
-    )
-
-
-@bp.get("/settings")
-@login_required
-def settings_page():
-    return render_template("settings.html", workspace=_workspace(), keys=_api_keys(), new_key=None,
-                           settings=settings())
-
-
-@bp.post("/settings/api-keys")
-@login_required
-def create_api_key():
-    db = get_db()
-    name = (request.form.get("name") or "").strip()
-    if len(name) > 200:
-        flash("A key's name has at most 200 characters.", "error")
-        return redirect(url_for("ui.settings_page")), 303
-    row, key = accounts.create_api_key(db, _workspace(), name)
-    db.commit()
-    # Shown once, in this response only (never stored, never put in the session cookie).
-    resp = current_app.make_response(
-        render_template("settings.html", workspace=_workspace(), keys=_api_keys(), new_key=key, new_key_row=row,
-                        settings=settings())
-    )
-    resp.headers["Cache-Control"] = "no-store"
-    return resp
-
-
-def _own_key(key_id: int) -> ApiKey:
-    row = get_db().get(ApiKey, key_id) if 0 < key_id <= MAX_ID else None
-    if row is None or row.workspace_id != g.workspace_id:
-        raise NotFound("There is no such API key in this workspace.")
-    return row
-
-
-@bp.get("/settings/api-keys/<int:key_id>/revoke")
-@login_required
-def revoke_api_key_confirm(key_id: int):
-    row = _own_key(key_id)
-    return render_template(
-        "confirm.html",
-        title=f"Revoke API key {row.prefix}…?",
-        message=(f"Scripts using the key {row.prefix}… ({row.name or 'no name'}) will get 401 Unauthorized "
-                 "from their next call. This cannot be undone."),
-        action=url_for("ui.revoke_api_key", key_id=row.id),
-        button="Revoke key",
-        danger=True,
-        back=url_for("ui.settings_page"),
-    )
-
-
-@bp.post("/settings/api-keys/<int:key_id>/revoke")
-@login_required
-def revoke_api_key(key_id: int):
-    db = get_db()
-    row = _own_key(key_id)
-    accounts.revoke_api_key(db, g.workspace_id, row.id)
-    db.commit()
-    flash(f"API key {row.prefix}… is revoked.", "success")
-    return redirect(url_for("ui.settings_page")), 303
-
-
-# The other pages add their routes to ``bp``.
-from . import ui_campaigns, ui_contacts, ui_ops  # noqa: E402,F401

@@ -14,12 +14,13 @@ from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
 from campaigns import contacts, engine, queue_health
-from campaigns.errors import HeraldError, NotFound
+from campaigns.errors import NotFound
 from campaigns.models import Campaign, Contact, Event, Message, MessageAttempt, Step
 
-from .auth import login_required
-from .db import get_db
-from .ui import bp, error_text, int_arg, keyset_page, safe_next, settings
+from ..auth import login_required
+from ..db import get_db
+from ..params import int_arg, keyset_page, valid_id
+from .blueprint import bp, form_action, safe_next, settings
 
 log = logging.getLogger(__name__)
 MESSAGE_STATUSES = ("scheduled", "queued", "sending", "sent", "delivered", "bounced", "dropped", "ambiguous",
@@ -78,7 +79,7 @@ def messages_page():
 
 
 def _message(message_id: int) -> Message:
-    m = get_db().get(Message, message_id) if contacts.valid_id(message_id) else None
+    m = get_db().get(Message, message_id) if valid_id(message_id) else None
     if m is None or m.workspace_id != g.workspace_id:
         raise NotFound(f"There is no message {message_id} in this workspace.")
     return m
@@ -119,20 +120,14 @@ def _requeue(message: Message) -> None:
 
 @bp.post("/messages/<int:message_id>/replay")
 @login_required
+@form_action(lambda message_id: url_for("ui.message_page", message_id=message_id), "Not replayed: ", form_back=True)
 def message_replay(message_id: int):
     db = get_db()
-    m = _message(message_id)
-    back = safe_next(request.form.get("back"), url_for("ui.message_page", message_id=m.id))
-    try:
-        m = engine.replay_message(db, g.workspace_id, m.id)
-        db.commit()
-    except HeraldError as exc:
-        db.rollback()
-        flash(f"Not replayed: {error_text(exc)}", "error")
-        return redirect(back), 303
+    m = engine.replay_message(db, g.workspace_id, _message(message_id).id)
+    db.commit()
     _requeue(m)
     flash(f"Message to {m.email} queued again (same message key).", "success")
-    return redirect(back), 303
+    return redirect(safe_next(request.form.get("back"), url_for("ui.message_page", message_id=m.id))), 303
 
 
 # --------------------------------------------------------------------------- dead letters
@@ -181,19 +176,13 @@ def message_delete_confirm(message_id: int):
 
 @bp.post("/messages/<int:message_id>/delete")
 @login_required
+@form_action(lambda message_id: url_for("ui.message_page", message_id=message_id), "Not deleted: ")
 def message_delete(message_id: int):
     db = get_db()
-    m = _message(message_id)
-    back = safe_next(request.form.get("back"), _dead_letters_url())
-    try:
-        gone = engine.delete_dead_letter(db, g.workspace_id, m.id)
-        db.commit()
-    except HeraldError as exc:
-        db.rollback()
-        flash(f"Not deleted: {error_text(exc)}", "error")
-        return redirect(url_for("ui.message_page", message_id=message_id)), 303
+    gone = engine.delete_dead_letter(db, g.workspace_id, _message(message_id).id)
+    db.commit()
     flash(f"Dead letter to {gone['email']} deleted.", "success")
-    return redirect(back), 303
+    return redirect(safe_next(request.form.get("back"), _dead_letters_url())), 303
 
 
 @bp.get("/campaigns/<int:campaign_id>/delete-failed")

@@ -1,0 +1,54 @@
+"""The API's blueprint: authentication (Bearer key or the UI session, CSRF for the latter) and
+reading a JSON body. The route modules import ``bp`` from here; ``web.api`` imports them."""
+
+from __future__ import annotations
+
+from flask import Blueprint, g, request
+from flask_wtf.csrf import CSRFError
+
+from campaigns.errors import BadRequest
+
+from ..auth import api_workspace
+from ..errors import error_response
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+PUBLIC_ENDPOINTS = {"api.openapi"}
+UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+@bp.before_request
+def _authenticate():
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    workspace_id, how = api_workspace()
+    if workspace_id is None:
+        return error_response(401, "unauthorized", "sign in, or send Authorization: Bearer <api key>")
+    if how == "session" and request.method in UNSAFE:
+        from .. import csrf
+
+        try:
+            csrf.protect()
+        except CSRFError as exc:
+            return error_response(400, "csrf_failed", exc.description)
+    g.workspace_id = workspace_id
+    return None
+
+
+def json_body() -> dict:
+    """The request's JSON object, or a 400 that says what is wrong with it."""
+    if not request.data:
+        if request.mimetype and request.mimetype != "application/json":
+            # curl -d without a Content-Type sends a form: Werkzeug parses it as one, no body is left
+            raise BadRequest(f"the request needs a JSON body sent as Content-Type: application/json "
+                             f"(this one came as {request.mimetype[:100]})")
+        raise BadRequest("the request needs a JSON body")
+    try:
+        data = request.get_json(silent=True, force=True)
+    except RecursionError:  # absurdly nested JSON
+        raise BadRequest("the request body is nested too deeply") from None
+    if data is None:
+        raise BadRequest("the request body is not valid JSON")
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return data
