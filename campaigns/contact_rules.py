@@ -18,6 +18,7 @@ TIMEZONE_MAX = 64
 MAX_FIELDS = 100  # custom fields per contact
 FIELD_KEY_MAX = 100  # characters in a custom field's name
 FIELD_VALUE_MAX = 8_192  # characters in a custom field's text value
+FIELDS_TOTAL_MAX = 65_536  # characters in all of a contact's field names and text values together
 CONTACT_KEYS = ("email", "first_name", "last_name", "timezone", "fields")
 
 
@@ -97,7 +98,8 @@ def check_timezone(name) -> str | None:
 
 def fields_problems(fields) -> dict[str, list[str]]:
     """Per-key problems of a custom-field dict: at most MAX_FIELDS keys, names of 1..FIELD_KEY_MAX
-    characters, values str/number/bool/null, a text value at most FIELD_VALUE_MAX characters."""
+    characters, values str/number/bool/null, a text value at most FIELD_VALUE_MAX characters,
+    FIELDS_TOTAL_MAX characters in all."""
     if not isinstance(fields, dict):
         return {"_schema": ["fields must be an object"]}
     if len(fields) > MAX_FIELDS:
@@ -116,7 +118,16 @@ def fields_problems(fields) -> dict[str, list[str]]:
             problems[key] = ["a field value " + text_problem(value)]
         elif isinstance(value, str) and len(value) > FIELD_VALUE_MAX:
             problems[key] = [f"a field value has at most {FIELD_VALUE_MAX:,} characters (this one has {len(value):,})"]
+    total = fields_size(fields)
+    if not problems and total > FIELDS_TOTAL_MAX:
+        problems["_schema"] = [f"a contact's custom fields hold at most {FIELDS_TOTAL_MAX:,} characters in all, "
+                               f"names and values (these hold {total:,})"]
     return problems
+
+
+def fields_size(fields: dict) -> int:
+    """Characters in the field names and text values (a number or true/false counts as 8)."""
+    return sum(len(str(k)) + (len(v) if isinstance(v, str) else 8) for k, v in fields.items())
 
 
 def check_fields(fields) -> dict:

@@ -37,6 +37,7 @@ from .contact_rules import (  # noqa: F401  (the validation's names, as callers 
     EMAIL_MAX,
     FIELD_KEY_MAX,
     FIELD_VALUE_MAX,
+    FIELDS_TOTAL_MAX,
     MAX_FIELDS,
     NAME_MAX,
     TIMEZONE_MAX,
@@ -46,6 +47,7 @@ from .contact_rules import (  # noqa: F401  (the validation's names, as callers 
     contact_problems,
     email_problem,
     fields_problems,
+    fields_size,
     is_timezone,
     normalize_email,
     text_problem,
@@ -169,7 +171,11 @@ def _apply(contact: Contact, first_name, last_name, timezone, fields) -> None:
     if fields is not UNSET and fields:
         # Merged key by key: a key given replaces its value, keys not given are kept.
         # A new dict, because the JSON column does not track changes made in place.
-        contact.fields = {**(contact.fields or {}), **fields}
+        merged = {**(contact.fields or {}), **fields}
+        problems = fields_problems(merged)  # the limits hold for the stored fields with these
+        if problems:
+            raise InvalidInput((problems.get("_schema") or ["fields is not valid"])[0], {"fields": problems})
+        contact.fields = merged
 
 
 def upsert_contact(

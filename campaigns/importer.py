@@ -22,6 +22,8 @@ Header names
     IANA name). Two columns naming the same field (``Email`` and ``E-mail Address``) are an
     error naming both. Every other named column becomes a custom field under its header text
     (``mail``, ``Full Name`` or ``E-mail 2`` included); a column with an empty header is ignored.
+    A file with more custom columns than a contact may have fields (``MAX_FIELDS``, 100) is
+    refused whole, as is a column name over 100 characters.
 
 Row numbers
     Rows are numbered like a spreadsheet's rows, i.e. the file's CSV records: the header is row
@@ -36,8 +38,9 @@ What each data row counts as (exactly one of)
     ``skipped``  - a blank row (every cell empty);
     an entry in ``errors`` - a broken row: wrong number of columns, bytes that are not UTF-8,
     a NUL byte, a missing or invalid address, a time zone that is not IANA, a name over 200
-    characters or holding a line break, malformed quoting (text after a closing quote, a cell
-    over ``csv.field_size_limit()``). Good rows are stored regardless.
+    characters or holding a line break, a custom field's value over 8,192 characters or custom
+    fields over 65,536 characters in all (``campaigns.contact_rules``), malformed quoting (text
+    after a closing quote, a cell over ``csv.field_size_limit()``). Good rows are stored regardless.
 
 Quotes left open
     A quote that is never closed would make the rest of the file one cell. When a quoted cell
@@ -92,10 +95,14 @@ from sqlalchemy.orm import Session
 from .config import get_settings
 from .contacts import (
     FIELD_KEY_MAX,
+    FIELD_VALUE_MAX,
+    FIELDS_TOTAL_MAX,
+    MAX_FIELDS,
     NAME_MAX,
     add_list_members,
     dialect_insert,
     email_problem,
+    fields_size,
     get_list,
     insert_many,
     is_timezone,
@@ -452,6 +459,12 @@ def parse_header(header: list[str], fmt: CsvFormat | None = None) -> Columns:
             if len(name) > FIELD_KEY_MAX:
                 raise CsvUnusable(f"the column name {name[:40]!r}... is longer than {FIELD_KEY_MAX} characters")
             custom[name] = i
+            if len(custom) > MAX_FIELDS:
+                raise CsvUnusable(
+                    f"the header row has more than {MAX_FIELDS} custom columns (columns other than email, "
+                    f"first_name, last_name and timezone), and a contact has at most {MAX_FIELDS} custom fields; "
+                    "remove the columns you do not need"
+                )
     if "email" not in known:
         if any(not email_problem(c) for c in header):
             raise CsvUnusable(
@@ -524,8 +537,12 @@ def _parse_row(record: list[str], cols: Columns) -> tuple[str, list] | str | Non
     fields = {}
     for i, name in cols.custom:
         value = record[i].strip()
+        if len(value) > FIELD_VALUE_MAX:
+            return f"the value of {_short(name, 40)} is longer than {FIELD_VALUE_MAX:,} characters ({len(value):,})"
         if value:
             fields[name] = value
+    if fields_size(fields) > FIELDS_TOTAL_MAX:
+        return f"the custom fields hold more than {FIELDS_TOTAL_MAX:,} characters in all"
     return raw_email.lower(), [first, last, tz, fields]
 
 

@@ -115,6 +115,39 @@ def test_sign_in_goes_back_to_the_page_asked_for_and_never_off_site(app):
     assert location(client.post("/login?next=//evil.example/x", data=data)) == "/"
 
 
+BAD_TARGETS = ["/lists\nX-Evil: 1", "/lists\r\nSet-Cookie: a=b", "/a\x00b", "/a\tb", "/a\x7fb", "/a\u2028b",
+               "/\\evil.example/x"]
+
+
+@pytest.mark.parametrize("target", BAD_TARGETS)
+def test_a_next_with_a_control_character_signs_in_to_the_home_page(app, target):
+    """A newline in ?next= was a 500 after the session row was stored (no cookie handed out)."""
+    from campaigns.models import UserSession
+
+    _, _, _, email = make_workspace(password="correct horse")
+    client = app.test_client()
+    token = CSRF_META.search(client.get("/login").get_data(as_text=True)).group(1)
+    with session_scope() as s:
+        before = s.scalar(select(func.count()).select_from(UserSession))
+    resp = client.post("/login", query_string={"next": target},
+                       data={"email": email, "password": "correct horse", "csrf_token": token})
+    assert resp.status_code == 302 and location(resp) == "/", resp.get_data(as_text=True)[:500]
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(UserSession)) == before + 1
+    assert client.get("/settings").status_code == 200  # the session row's cookie was handed out
+
+
+@pytest.mark.parametrize("target", BAD_TARGETS)
+def test_a_forms_back_with_a_control_character_goes_to_the_default_page(ui, target):
+    list_id = ui.api.post("/api/v1/lists", json={"name": "L"}).json["id"]
+    cid = ui.api.post("/api/v1/contacts", json={"email": "a@example.com"}).json["id"]
+    ui.api.post(f"/api/v1/lists/{list_id}/members", json={"contact_ids": [cid]})
+    resp = ui.post(f"/lists/{list_id}/members/{cid}/remove", {"back": target})
+    assert resp.status_code == 303 and location(resp) == f"/lists/{list_id}"
+    resp = ui.post(f"/campaigns/{2**40}/replay-failed", {"back": target})  # no such campaign: the 404 page
+    assert resp.status_code == 404
+
+
 EMPTY_STATES = {
     "/": "No campaigns yet",
     "/contacts": "No contacts yet",

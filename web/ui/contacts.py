@@ -146,6 +146,21 @@ def _contact_form() -> dict:
     return {k: (f.get(k) or "").strip() for k in ("email", "first_name", "last_name", "timezone", "fields")}
 
 
+def _attributes(form: dict) -> dict:
+    """The form's contact attributes as the domain takes them (an empty box clears its value)."""
+    return {"email": form["email"], **{k: form[k] or None for k in ("first_name", "last_name", "timezone")}}
+
+
+def _form_errors(form: dict, old_fields: dict | None) -> tuple[dict, dict[str, list[str]]]:
+    """The parsed custom fields, and every problem of the form at once (the domain's rules,
+    as the API applies them)."""
+    fields, problems = _parse_fields(form["fields"], old_fields)
+    errors = contacts.contact_problems(_attributes(form))
+    if problems:
+        errors["fields"] = problems
+    return fields, errors
+
+
 @bp.route("/contacts/new", methods=["GET", "POST"])
 @login_required
 def contact_new():
@@ -153,18 +168,15 @@ def contact_new():
     form = _contact_form() if request.method == "POST" else {}
     errors: dict[str, list[str]] = {}
     if request.method == "POST":
-        fields, problems = _parse_fields(form["fields"], None)
-        if problems:
-            errors["fields"] = problems
-        existing = None if contacts.email_problem(form["email"]) else contacts.find_contact(
-            db, g.workspace_id, form["email"])
+        fields, errors = _form_errors(form, None)
+        existing = None if "email" in errors else contacts.find_contact(db, g.workspace_id, form["email"])
         if existing is not None:
             errors["email"] = ["a contact with this address already exists"]
         if not errors:
             try:
-                contact, _ = contacts.upsert_contact(
-                    db, g.workspace_id, form["email"], first_name=form["first_name"] or None,
-                    last_name=form["last_name"] or None, timezone=form["timezone"] or None, fields=fields)
+                attributes = _attributes(form)
+                contact, _ = contacts.upsert_contact(db, g.workspace_id, attributes.pop("email"), fields=fields,
+                                                     **attributes)
                 db.commit()
             except HeraldError as exc:
                 db.rollback()
@@ -220,15 +232,10 @@ def contact_page(contact_id: int):
         return render_template("contact_form.html", contact=contact, form=form, errors={},
                                **_contact_context(contact))
     form = _contact_form()
-    errors: dict[str, list[str]] = {}
-    fields, problems = _parse_fields(form["fields"], contact.fields)
-    if problems:
-        errors["fields"] = problems
+    fields, errors = _form_errors(form, contact.fields)
     if not errors:
         try:
-            contacts.update_contact(db, g.workspace_id, contact.id, email=form["email"],
-                                    first_name=form["first_name"] or None, last_name=form["last_name"] or None,
-                                    timezone=form["timezone"] or None)
+            contacts.update_contact(db, g.workspace_id, contact.id, **_attributes(form))
             # The form shows every custom field, so what it sends is the whole set (a field
             # taken out of the box is removed; the API's PATCH merges instead).
             contact.fields = fields
