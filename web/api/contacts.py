@@ -44,41 +44,33 @@ class ServiceUnavailable(HeraldError):
 # --- schemas: request bodies -------------------------------------------------------------------
 
 
-def _check(problem_of):
-    def validator(value):
-        problem = problem_of(value)
-        if problem:
-            raise ValidationError(problem)
-
-    return validator
-
-
-def _timezone_problem(value):
-    return None if value is None or not value.strip() else contacts.timezone_problem(value.strip())
-
-
-def _fields_problem(value):
-    problems = contacts.fields_problems(value)
-    return "; ".join(f"{k}: {', '.join(v)}" for k, v in problems.items()) or None
-
-
 class _Strict(Schema):
     class Meta:
         unknown = RAISE
 
 
 class ContactIn(_Strict):
-    email = mf.String(required=True, validate=_check(contacts.email_problem))
-    first_name = mf.String(allow_none=True, validate=Length(max=contacts.NAME_MAX))
-    last_name = mf.String(allow_none=True, validate=Length(max=contacts.NAME_MAX))
-    timezone = mf.String(allow_none=True, validate=_check(_timezone_problem))
-    fields = mf.Dict(
-        keys=mf.String(), values=mf.Raw(allow_none=True), allow_none=True, validate=_check(_fields_problem)
-    )
+    """Types here; what a valid contact is, the domain says (``contacts.contact_problems``, as
+    for the UI's form): every problem at once, by field."""
+
+    email = mf.String(required=True)
+    first_name = mf.String(allow_none=True, metadata={"maxLength": contacts.NAME_MAX})
+    last_name = mf.String(allow_none=True, metadata={"maxLength": contacts.NAME_MAX})
+    timezone = mf.String(allow_none=True, metadata={"description": "an IANA time zone, e.g. Europe/Paris"})
+    fields = mf.Dict(keys=mf.String(), values=mf.Raw(allow_none=True), allow_none=True, metadata={
+        "description": f"at most {contacts.MAX_FIELDS} custom fields, names of 1-{contacts.FIELD_KEY_MAX} characters, "
+                       f"text values of at most {contacts.FIELD_VALUE_MAX:,} characters, "
+                       f"{contacts.FIELDS_TOTAL_MAX:,} in all"})
+
+    @validates_schema
+    def _contact_rules(self, data, **kwargs):
+        problems = contacts.contact_problems(data, partial=True)  # which fields are required: the schema's
+        if problems:
+            raise ValidationError(problems)
 
 
 class ContactPatch(ContactIn):
-    email = mf.String(validate=_check(contacts.email_problem))
+    email = mf.String()
 
 
 class ListIn(_Strict):
