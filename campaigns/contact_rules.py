@@ -154,6 +154,19 @@ def check_name(value, what: str = "name") -> str | None:
     return value or None
 
 
+def sort_addresses(raw: list) -> tuple[list[str], list[dict]]:
+    """Typed addresses -> ``(the valid ones normalised, in order, [{"email", "reason"}] for the rest)``."""
+    valid: list[str] = []
+    invalid: list[dict] = []
+    for email in raw:
+        problem = email_problem(email)
+        if problem:
+            invalid.append({"email": email, "reason": problem})
+        else:
+            valid.append(email.strip().lower())
+    return valid, invalid
+
+
 def name_problem(value) -> str | None:
     if value is None:
         return None

@@ -50,6 +50,7 @@ from .contact_rules import (  # noqa: F401  (the validation's names, as callers 
     fields_size,
     is_timezone,
     normalize_email,
+    sort_addresses,
     text_problem,
     timezone_problem,
 )
@@ -501,13 +502,7 @@ def add_members(
     wanted: set[int] = set()
     contacts_created = 0
     if emails:
-        good = []
-        for raw in emails:
-            problem = email_problem(raw)
-            if problem:
-                invalid.append({"email": raw, "reason": problem})
-            else:
-                good.append(raw.strip().lower())
+        good, invalid = sort_addresses(emails)
         ids, contacts_created = ensure_contacts(session, workspace_id, good)
         wanted.update(ids.values())
     if contact_ids:

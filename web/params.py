@@ -29,12 +29,12 @@ def iso(dt: datetime | None, timespec: str = "seconds") -> str | None:
     return None if dt is None else dt.isoformat(timespec=timespec) + "Z"
 
 
-def int_arg(name: str, *, strict: bool = False) -> int | None:
+def int_arg(name: str, *, strict: bool = True) -> int | None:
     """A whole number from the query string; None when it is missing or empty.
 
-    Not strict (the UI's filters and pages): anything but an id (1..MAX_ID) is None, so a bad
-    filter is ignored. ``strict`` (the API): anything but a whole number in BIGINT's range is
-    a 400 naming the argument.
+    ``strict`` (the API): anything but a whole number in BIGINT's range is a 400 naming the
+    argument. Not strict (the UI's filters and pages): anything but an id (1..MAX_ID) is None,
+    so a bad filter is ignored.
     """
     raw = request.args.get(name)
     if not strict:
@@ -101,4 +101,4 @@ def paginate(session, stmt, model, serialize, limit: int | None = None) -> dict:
 def keyset_page(session, stmt, model, limit: int = PAGE_SIZE):
     """The UI's page, newest first, ``?before=<id>`` for the next (older) one:
     ``(rows, next_before | None)``."""
-    return keyset(session, stmt, model, limit=limit, start=int_arg("before"), newest_first=True)
+    return keyset(session, stmt, model, limit=limit, start=int_arg("before", strict=False), newest_first=True)

@@ -311,7 +311,7 @@ def create_contact():
 def list_contacts():
     s = get_db()
     email = request.args.get("email") or None  # "?email=" is no filter
-    stmt = contacts.contacts_query(s, g.workspace_id, email=email, list_id=int_arg("list_id", strict=True))
+    stmt = contacts.contacts_query(s, g.workspace_id, email=email, list_id=int_arg("list_id"))
     return jsonify(_contact_page(s, stmt))
 
 
@@ -445,13 +445,8 @@ def list_suppressions():
      request=SuppressionsIn, response=SuppressionsResult, tags=["suppressions"])
 def add_suppressions():
     data = SuppressionsIn().load(_body())
-    valid, invalid = set(), []
-    for raw in data["emails"]:
-        problem = contacts.email_problem(raw)
-        if problem:
-            invalid.append({"email": raw, "reason": problem})
-        else:
-            valid.add(raw.strip().lower())
+    valid, invalid = contacts.sort_addresses(data["emails"])
+    valid = set(valid)
     s = get_db()
     added = contacts.suppress(s, g.workspace_id, valid, data["reason"])
     s.commit()
@@ -518,7 +513,7 @@ def import_contacts():
     if charset not in ("utf-8", "utf8", "us-ascii", "ascii"):
         raise UnsupportedMediaType(f"the CSV must be UTF-8 (got charset={charset}); save it as CSV UTF-8")
     s = get_db()
-    list_id = int_arg("list_id", strict=True)
+    list_id = int_arg("list_id")
     if list_id is not None:
         contacts.get_list(s, g.workspace_id, list_id)
     asynchronous = _async_flag()

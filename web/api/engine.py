@@ -283,7 +283,7 @@ def campaign_stream(campaign_id):
      response=MessagePage)
 def list_messages():
     stmt = select(Message).where(Message.workspace_id == g.workspace_id)
-    campaign_id = int_arg("campaign_id", strict=True)
+    campaign_id = int_arg("campaign_id")
     if campaign_id is not None:
         stmt = stmt.where(Message.campaign_id == campaign_id)
     status = request.args.get("status")
@@ -295,7 +295,7 @@ def list_messages():
     if email:  # an address no row can hold (NUL, lone surrogates) matches nothing, as for contacts
         bad = contacts.text_problem(email)
         stmt = stmt.where(false()) if bad else stmt.where(Message.email == email.strip().lower())
-    step_id = int_arg("step_id", strict=True)
+    step_id = int_arg("step_id")
     if step_id is not None:
         stmt = stmt.where(Message.step_id == step_id)
     return paginate(get_db(), stmt, Message, message_json)

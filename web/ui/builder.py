@@ -301,7 +301,7 @@ def _previews(c: Campaign, state: dict, contact) -> dict[int, dict]:
 def _render_builder(c: Campaign, state: dict, errors: dict, status: int = 200, focus: int | None = None):
     db = get_db()
     options = _preview_contacts(db, c)
-    chosen_id = int_arg("preview_contact") or parse_id(request.form.get("preview_contact"))
+    chosen_id = int_arg("preview_contact", strict=False) or parse_id(request.form.get("preview_contact"))
     chosen = next((o for o in options if o.id == chosen_id), None)
     if chosen is None and chosen_id is None and options:
         chosen = options[0]

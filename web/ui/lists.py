@@ -267,13 +267,8 @@ def suppressions_add():
         return _suppressions_view(
             typed, error=(f"{len(raw):,} addresses: at most {contacts.MAX_BULK:,} can be suppressed at once. "
                           "Nothing was suppressed; split the list and send it in parts."), status=422)
-    valid, invalid = set(), []
-    for email in raw:
-        problem = contacts.email_problem(email)
-        if problem:
-            invalid.append((email, problem))
-        else:
-            valid.add(email.strip().lower())
+    valid, invalid = contacts.sort_addresses(raw)
+    valid = set(valid)
     if not raw:
         flash("Type at least one address to suppress.", "error")
         return redirect(url_for("ui.suppressions_page")), 303
@@ -282,8 +277,8 @@ def suppressions_add():
     already = len(valid) - added
     flash(f"{added} address{'es' if added != 1 else ''} suppressed"
           + (f", {already} already on the list" if already else "") + ".", "success")
-    for email, problem in invalid[:10]:
-        flash(f"Not suppressed: {email} ({problem}).", "error")
+    for bad in invalid[:10]:
+        flash(f"Not suppressed: {bad['email']} ({bad['reason']}).", "error")
     return redirect(url_for("ui.suppressions_page")), 303
 
 

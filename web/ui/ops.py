@@ -51,8 +51,8 @@ def _labels(db, rows: list[Message]) -> tuple[dict, dict]:
 @login_required
 def messages_page():
     db = get_db()
-    campaign_id = int_arg("campaign_id")
-    step_id = int_arg("step_id")
+    campaign_id = int_arg("campaign_id", strict=False)
+    step_id = int_arg("step_id", strict=False)
     status = request.args.get("status") or ""
     email = (request.args.get("email") or "").strip().lower()
     stmt = select(Message).where(Message.workspace_id == g.workspace_id)
@@ -137,7 +137,7 @@ def message_replay(message_id: int):
 @login_required
 def dead_letters_page():
     db = get_db()
-    campaign_id = int_arg("campaign_id")
+    campaign_id = int_arg("campaign_id", strict=False)
     stmt = select(Message).where(Message.workspace_id == g.workspace_id, Message.status == "failed")
     if campaign_id is not None:
         stmt = stmt.where(Message.campaign_id == campaign_id)
