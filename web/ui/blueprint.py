@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -75,6 +76,29 @@ def form_action(back: Callable[..., str], failed: str = "", form_back: bool = Fa
         return wrapped
 
     return decorate
+
+
+class Refusal:
+    """What :func:`refused` caught: the domain error (None when the action went through)."""
+
+    exc: HeraldError | None = None
+
+    def errors(self, key: str = "_") -> dict[str, list[str]]:
+        """The error by field, for a form shown again (``{key: [sentence]}`` when it names none)."""
+        return field_errors(self.exc) or {key: [error_text(self.exc)]}
+
+
+@contextmanager
+def refused(*kinds: type[HeraldError]) -> Iterator[Refusal]:
+    """For a form shown again with its errors: a domain error (of ``kinds``, all by default)
+    raised in the block rolls the session back and is kept in the :class:`Refusal` yielded."""
+    refusal = Refusal()
+    caught = kinds or (HeraldError,)
+    try:
+        yield refusal
+    except caught as exc:
+        get_db().rollback()
+        refusal.exc = exc
 
 
 @bp.app_template_global("page_url")

@@ -17,14 +17,14 @@ from sqlalchemy import select
 
 from campaigns import campaign_rules as rules
 from campaigns import engine, templating
-from campaigns.errors import HeraldError, InvalidInput
+from campaigns.errors import InvalidInput
 from campaigns.ids import is_digits, parse_id
 from campaigns.models import Campaign, Contact, ListMember
 
 from ..auth import login_required
 from ..db import get_db
 from ..params import int_arg
-from .blueprint import bp, error_text, form_action, safe_next
+from .blueprint import bp, error_text, form_action, refused, safe_next
 from .campaigns import STATUS_ACTIONS, _campaign, _lists
 from .summaries import DAY_LABELS, describe_limits, describe_stop_on, describe_window, launch_summary
 
@@ -87,15 +87,13 @@ def campaign_new():
         if not form["list_id"]:
             errors["list_id"] = ["choose the list to send to"]
         else:
-            try:
+            with refused(InvalidInput) as refusal:
                 campaign = rules.create_campaign(db, g.workspace_id, payload)
                 db.commit()
-            except InvalidInput as exc:
-                db.rollback()
-                errors = dict(exc.details or {"_schema": [error_text(exc)]})
-            else:
+            if refusal.exc is None:
                 flash("Draft created. Write the emails, then review and launch.", "success")
                 return redirect(url_for("ui.campaign_edit", campaign_id=campaign.id)), 303
+            errors = dict(refusal.exc.details or {"_schema": [error_text(refusal.exc)]})
     else:
         form["list_id"] = request.args.get("list_id", "")
     return render_template("campaign_new.html", lists=lists, form=form, errors=errors), (422 if errors else 200)
@@ -335,12 +333,12 @@ def campaign_edit(campaign_id: int):
     except InvalidInput as exc:
         errors = {**(exc.details or {"_": [error_text(exc)]}), **errors}
     if not errors:
-        try:
+        with refused() as refusal:
             c = _campaign(campaign_id, for_update=True)
             rules.update_campaign(db, c, payload)
             db.commit()
-        except HeraldError as exc:
-            db.rollback()
+        exc = refusal.exc
+        if exc is not None:
             errors = dict(exc.details) if isinstance(exc, InvalidInput) and exc.details else {"_": [error_text(exc)]}
     if errors:
         db.rollback()

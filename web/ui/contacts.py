@@ -10,13 +10,12 @@ from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
 from campaigns import contacts
-from campaigns.errors import HeraldError
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Suppression
 
 from ..auth import login_required
 from ..db import get_db
 from ..params import keyset_page, parse_id
-from .blueprint import bp, error_text, field_errors, form_action
+from .blueprint import bp, form_action, refused
 
 log = logging.getLogger(__name__)
 CONTACT_STATUSES = ("active", "unsubscribed", "bounced", "complained")
@@ -173,17 +172,15 @@ def contact_new():
         if existing is not None:
             errors["email"] = ["a contact with this address already exists"]
         if not errors:
-            try:
+            with refused() as refusal:
                 attributes = _attributes(form)
                 contact, _ = contacts.upsert_contact(db, g.workspace_id, attributes.pop("email"), fields=fields,
                                                      **attributes)
                 db.commit()
-            except HeraldError as exc:
-                db.rollback()
-                errors = field_errors(exc) or {"_": [error_text(exc)]}
-            else:
+            if refusal.exc is None:
                 flash(f"Contact {contact.email} added.", "success")
                 return redirect(url_for("ui.contact_page", contact_id=contact.id)), 303
+            errors = refusal.errors()
         return render_template("contact_form.html", contact=None, form=form, errors=errors,
                                existing=existing), 422
     return render_template("contact_form.html", contact=None, form=form, errors=errors, existing=None)
@@ -234,18 +231,16 @@ def contact_page(contact_id: int):
     form = _contact_form()
     fields, errors = _form_errors(form, contact.fields)
     if not errors:
-        try:
+        with refused() as refusal:
             contacts.update_contact(db, g.workspace_id, contact.id, **_attributes(form))
             # The form shows every custom field, so what it sends is the whole set (a field
             # taken out of the box is removed; the API's PATCH merges instead).
             contact.fields = fields
             db.commit()
-        except HeraldError as exc:
-            db.rollback()
-            errors = field_errors(exc) or {"_": [error_text(exc)]}
-        else:
+        if refusal.exc is None:
             flash("Contact saved.", "success")
             return redirect(url_for("ui.contact_page", contact_id=contact.id)), 303
+        errors = refusal.errors()
     contact = _contact(contact_id)
     return render_template("contact_form.html", contact=contact, form=form, errors=errors,
                            **_contact_context(contact)), 422

@@ -9,13 +9,13 @@ from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
 from campaigns import contacts, engine, importer
-from campaigns.errors import BadRequest, HeraldError, NotFound
+from campaigns.errors import BadRequest, NotFound
 from campaigns.models import Campaign, Contact, ContactList, Import, Suppression
 
 from ..auth import login_required
 from ..db import get_db
 from ..params import keyset_page, parse_id
-from .blueprint import bp, error_text, form_action, safe_next, settings
+from .blueprint import bp, error_text, form_action, refused, safe_next, settings
 from .contacts import SEARCH_MAX, all_lists, emails_from_text, notify_list_changed, search_text
 
 # --------------------------------------------------------------------------- CSV import
@@ -49,7 +49,7 @@ def import_page():
                                error_totals=_error_totals(imports), form={"list_id": request.args.get("list_id", "")})
     form = {"list_id": request.form.get("list_id", ""), "new_list": (request.form.get("new_list") or "").strip()}
     upload = request.files.get("file")
-    try:
+    with refused() as refusal:
         if upload is None or not upload.filename:
             raise importer.CsvUnusable("choose a CSV file to import")
         list_id = None
@@ -62,11 +62,10 @@ def import_page():
                 raise BadRequest("choose a list from the menu (or no list)", {"list_id": ["not a list id"]})
             list_id = contacts.get_list(db, g.workspace_id, chosen).id
         job = _queue_import(db, upload, list_id)
-    except HeraldError as exc:
-        db.rollback()
+    if refusal.exc is not None:
         imports = _imports(db)
-        return render_template("import.html", lists=all_lists(db), imports=imports, error=error_text(exc),
-                               error_totals=_error_totals(imports), form=form), exc.status
+        return render_template("import.html", lists=all_lists(db), imports=imports, error=error_text(refusal.exc),
+                               error_totals=_error_totals(imports), form=form), refusal.exc.status
     return redirect(url_for("ui.import_status", import_id=job.id)), 303
 
 
@@ -114,15 +113,13 @@ def lists_page():
     error, name = None, ""
     if request.method == "POST":
         name = request.form.get("name") or ""
-        try:
+        with refused() as refusal:
             row = contacts.create_list(db, g.workspace_id, name)
             db.commit()
-        except HeraldError as exc:
-            db.rollback()
-            error = error_text(exc)
-        else:
+        if refusal.exc is None:
             flash(f"List {row.name} created.", "success")
             return redirect(url_for("ui.list_page", list_id=row.id)), 303
+        error = error_text(refusal.exc)
     rows = all_lists(db)
     counts = contacts.member_counts(db, (r.id for r in rows))
     return render_template("lists.html", rows=rows, counts=counts, error=error, name=name), (422 if error else 200)
