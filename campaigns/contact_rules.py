@@ -19,7 +19,6 @@ MAX_FIELDS = 100  # custom fields per contact
 FIELD_KEY_MAX = 100  # characters in a custom field's name
 FIELD_VALUE_MAX = 8_192  # characters in a custom field's text value
 FIELDS_TOTAL_MAX = 65_536  # characters in all of a contact's field names and text values together
-CONTACT_KEYS = ("email", "first_name", "last_name", "timezone", "fields")
 
 
 def text_problem(value: str) -> str | None:
@@ -139,19 +138,21 @@ def check_fields(fields) -> dict:
     return dict(fields)
 
 
-def check_name(value, what: str = "name") -> str | None:
-    """A first/last name: None or '' clears it; at most NAME_MAX characters."""
+def name_problem(value) -> str | None:
+    """Why a first/last name cannot be stored, or None (None clears it)."""
     if value is None:
         return None
     if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be a string", {what: ["not a string"]})
-    problem = text_problem(value)
+        return "not a string"
+    return text_problem(value) or (f"at most {NAME_MAX} characters" if len(value.strip()) > NAME_MAX else None)
+
+
+def check_name(value, what: str = "name") -> str | None:
+    """A first/last name, stripped: None or '' clears it; InvalidInput saying what is wrong."""
+    problem = name_problem(value)
     if problem:
-        raise InvalidInput(f"{what} {problem}", {what: [problem]})
-    value = value.strip()
-    if len(value) > NAME_MAX:
-        raise InvalidInput(f"{what} is too long", {what: [f"at most {NAME_MAX} characters"]})
-    return value or None
+        raise InvalidInput(f"{what}: {problem}", {what: [problem]})
+    return None if value is None else value.strip() or None
 
 
 def sort_addresses(raw: list) -> tuple[list[str], list[dict]]:
@@ -167,34 +168,37 @@ def sort_addresses(raw: list) -> tuple[list[str], list[dict]]:
     return valid, invalid
 
 
-def name_problem(value) -> str | None:
+def _optional_timezone_problem(value) -> str | None:
+    """A blank time zone clears it; anything else must be an IANA name."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return timezone_problem(value.strip() if isinstance(value, str) else value)
+
+
+def _fields_problem(value) -> str | None:
+    """The custom fields' problems in one sentence, or None."""
     if value is None:
         return None
-    if not isinstance(value, str):
-        return "not a string"
-    problem = text_problem(value)
-    if problem:
-        return problem
-    return f"at most {NAME_MAX} characters" if len(value.strip()) > NAME_MAX else None
+    return "; ".join(f"{k}: {', '.join(p)}" for k, p in fields_problems(value).items()) or None
+
+
+_CHECKS = {
+    "email": email_problem,
+    "first_name": name_problem,
+    "last_name": name_problem,
+    "timezone": _optional_timezone_problem,
+    "fields": _fields_problem,
+}
 
 
 def contact_problems(data: dict, partial: bool = False) -> dict[str, list[str]]:
     """Every problem of a contact's attributes at once, by attribute (``{"email": [...]}``);
     ``partial``: a change, where the address may be left out. Empty when it is valid."""
-    checks = {
-        "email": email_problem,
-        "first_name": name_problem,
-        "last_name": name_problem,
-        "timezone": lambda v: None if v is None or (isinstance(v, str) and not v.strip()) else timezone_problem(
-            v.strip() if isinstance(v, str) else v),
-        "fields": lambda v: None if v is None else "; ".join(
-            f"{k}: {', '.join(p)}" for k, p in fields_problems(v).items()) or None,
-    }
     problems: dict[str, list[str]] = {}
     if not partial and "email" not in data:
         problems["email"] = ["Missing data for required field."]
     for key, value in data.items():
-        problem = checks[key](value) if key in checks else "Unknown field."
+        problem = _CHECKS[key](value) if key in _CHECKS else "Unknown field."
         if problem:
             problems[key] = [problem]
     return problems
