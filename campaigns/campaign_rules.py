@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session, selectinload
 from . import templating
 from .contacts import text_problem
 from .errors import BadRequest, Conflict, InvalidInput, NotFound
+from .ids import MAX_ID, valid_id
 from .models import Campaign, Contact, ContactList, Step
 
 STATUSES = ("draft", "running", "paused", "completed", "cancelled")
@@ -55,7 +56,6 @@ MAX_TEMPLATE_CHARS = 1_000_000
 MAX_SUBJECT_CHARS = 2_000
 MAX_RATE = 10_000_000
 MAX_GAP_SECONDS = 24 * 3600
-MAX_ID = 2**63 - 1  # BIGINT
 HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
@@ -389,7 +389,7 @@ def create_campaign(session: Session, workspace_id: int, data) -> Campaign:
 def get_campaign(session: Session, workspace_id: int, campaign_id: int, for_update: bool = False) -> Campaign:
     """The workspace's campaign, or ``NotFound`` (also for another workspace's campaign)."""
     campaign = None
-    if 0 < campaign_id <= MAX_ID:  # a larger number is no id, and PostgreSQL would refuse it
+    if valid_id(campaign_id):  # a larger number is no id, and PostgreSQL would refuse it
         stmt = select(Campaign).where(Campaign.id == campaign_id, Campaign.workspace_id == workspace_id)
         if for_update:
             stmt = stmt.with_for_update()

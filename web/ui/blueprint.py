@@ -1,5 +1,6 @@
 """The UI's blueprint ``ui`` and what its pages share: safe redirect targets, the error
-handlers and the ``form_action`` decorator, template filters and the layout's context.
+handlers, ``form_action`` (flash and redirect) and ``refused`` (show the form again), template
+filters and the layout's context.
 
 Route modules (``account``, ``campaigns``, ``contacts``, ``ops``...) import ``bp`` from here;
 ``web.ui`` imports them, so there is no import circle.
