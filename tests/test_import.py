@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-from campaigns import contacts, importer
+from campaigns import contacts, csv_reading, importer
 from campaigns.config import get_settings
 from campaigns.db import session_scope
 from campaigns.models import Contact, Import, ListMember, Suppression
@@ -267,7 +267,7 @@ def test_a_quote_left_open_in_a_semicolon_file_is_read_past_on_semicolons(api):
     # The reader gives up at csv.field_size_limit(); what it reads past (up to where the quote
     # closes) must follow the file's delimiter, or the rows after it would be misnumbered.
     filler = "".join(f"f{i}@example.com;F{i}\n" for i in range(6_000))
-    assert len(filler) > importer.csv.field_size_limit()
+    assert len(filler) > csv_reading.csv.field_size_limit()
     after = "".join(f"after{i}@example.com;A{i}\n" for i in range(5))
     body = ("email;first_name\nok@example.com;A\nbroken@example.com;\"Oops\n" + filler
             + "stray@example.com;\"Q\"\n" + after + "bad-address;X\n")
@@ -371,7 +371,7 @@ def test_a_quote_left_open_past_the_field_size_limit(api, other_api):
     # Never closed: the reader gives up at csv.field_size_limit() on the way; nothing after the
     # broken row is read (nor counted), the rows before it are imported.
     filler = _filler("f", 6_000)
-    assert len(filler) > importer.csv.field_size_limit()
+    assert len(filler) > csv_reading.csv.field_size_limit()
     body = ("email,first_name\nok0@example.com,A\nok1@example.com,B\nbroken@example.com,\"Oops\n" + filler
             + "not-an-address,X\n")
     r = post_csv(api, body.encode()).json
