@@ -1,4 +1,4 @@
-"""The local SendGrid sink (web/sink.py): wire format, recording, failure modes, signed events.
+"""The local SendGrid sink (sendgrid_sink/): wire format, recording, failure modes, signed events.
 
 The sink is standalone, so these tests need no database or queue: the conftest's autouse
 ``database`` and ``clean_state`` fixtures are replaced by no-ops for this module.
@@ -20,7 +20,7 @@ import sendgrid
 from sendgrid.helpers.eventwebhook import EventWebhook
 from sendgrid.helpers.mail import CustomArg, Header, Mail
 
-from web.sink import (
+from sendgrid_sink import (
     MAX_BODY_BYTES,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -791,10 +791,10 @@ def test_nothing_listens_before_run():
     ("HERALD_SINK_EVENT_PRIVATE_KEY_PEM", "junk", "HERALD_SINK_EVENT_PRIVATE_KEY_PEM: not a usable key"),
 ])
 def test_a_bad_sink_setting_is_one_line_naming_it(monkeypatch, app, name, value, message):
-    from web.sink import SinkConfigError
+    from sendgrid_sink import SinkConfigError
 
     monkeypatch.setenv(name, value)
-    from web.sink import SinkState
+    from sendgrid_sink import SinkState
 
     with pytest.raises(SinkConfigError, match=re.escape(message)):
         SinkState()
