@@ -6,7 +6,7 @@ beside it and add their routes to the same blueprint:
 
 - ``ui_contacts``: contacts, CSV import with progress, lists, the suppression list;
 - ``ui_campaigns``: campaigns, the builder with live preview, launch, the live campaign page;
-- ``ui_ops``: the message log and details, dead letters and replay, queue health, the outbox.
+- ``ui_ops``: the message log and details, dead letters and replay, queue health.
 
 Views call the domain layer (``campaigns.*``) directly and queue work through ``tasks``, like
 the JSON API does. Every form carries the CSRF token (``CSRFProtect`` refuses a form without
@@ -185,7 +185,6 @@ def _layout_context():
         "user_email": user_email,
         # the test-send forms' default "To": the user's own address, when a test could go there
         "test_email_default": user_email if user_email and not email_problem(user_email) else "",
-        "uses_sink": settings().uses_sink,
     }
 
 
