@@ -1,7 +1,8 @@
 """The sink's own HTML outbox: every call it received, newest first, and each one's details.
 
 Self-contained pages (inline CSS, no script) under a strict Content-Security-Policy; an email's
-HTML is shown in a sandboxed frame whose links open in a new tab.
+HTML is shown in a sandboxed frame whose links open in a new tab. Also the request helpers the
+JSON endpoints share (``sink_state``, ``int_arg``, ``BadInput``).
 """
 
 from __future__ import annotations
