@@ -800,3 +800,14 @@ def test_a_bad_sink_setting_is_one_line_naming_it(monkeypatch, app, name, value,
         SinkState()
     result = app.test_cli_runner().invoke(args=["sendgrid-sink", "--port", "1"])
     assert isinstance(result.exception, SystemExit) and str(result.exception.code).startswith(f"error: {message}")
+
+
+def test_the_sink_imports_nothing_of_herald():
+    """A standalone dev tool: importing it (and building an app) loads no campaigns, web or tasks."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sendgrid_sink; sendgrid_sink.create_sink_app().extensions['sendgrid_sink'].close(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('campaigns', 'web', 'tasks')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
