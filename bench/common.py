@@ -107,7 +107,7 @@ def spawn(cmd: list[str], log_name: str) -> subprocess.Popen:
 
 def start_sink() -> str:
     port = int(os.environ["HERALD_SINK_PORT"])
-    spawn([sys.executable, "-c", f"from web.sink import run_sink; run_sink(port={port})"], "sink")
+    spawn([sys.executable, "-c", f"from sendgrid_sink import run_sink; run_sink(port={port})"], "sink")
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:

@@ -30,8 +30,9 @@ from bench import common  # noqa: E402
 
 def _client_proc(args):
     host, start, count, threads, library = args
+    from bench.library_transport import LibraryTransportMailer
     from bench.naive_tasks import email_for
-    from campaigns.providers.sendgrid import LibraryTransportMailer, SendGridMailer
+    from campaigns.providers.sendgrid import SendGridMailer
 
     mailer = LibraryTransportMailer("bench", host) if library else SendGridMailer("bench", host)
     with ThreadPoolExecutor(threads) as pool:

@@ -138,7 +138,7 @@ def floor(bodies: list[bytes], private_key, public_key: str) -> tuple[float, lis
     """verify + parse + map + one bulk insert + commit, in this process; (events/s, per-batch seconds)."""
     from campaigns import events
     from campaigns.db import new_session
-    from web.sink import sign_events
+    from sendgrid_sink import sign_events
     from web.webhooks import signature_ok
 
     signed = []
@@ -188,7 +188,7 @@ class Poster:
 
 def through_endpoint(port: int, bodies: list[bytes], private_key, clients: int) -> tuple[float, list[float], int]:
     """(events/s, per-batch seconds, non-2xx answers) for posting ``bodies`` with ``clients`` at once."""
-    from web.sink import sign_events
+    from sendgrid_sink import sign_events
 
     ts = str(int(time.time()))
     signed = [(b, sign_events(private_key, b, ts), ts) for b in bodies]
@@ -239,7 +239,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
 
-    from web.sink import generate_key_pair
+    from sendgrid_sink import generate_key_pair
 
     started = time.perf_counter()
     common.setup_environment("events")

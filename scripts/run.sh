@@ -27,7 +27,7 @@ export HERALD_SINK_EVENT_PRIVATE_KEY_PEM="$(cat "$SINK_KEY")"
 if [ -z "${SENDGRID_API_KEY:-}" ] && [ -z "${SENDGRID_WEBHOOK_PUBLIC_KEY:-}" ]; then
   SENDGRID_WEBHOOK_PUBLIC_KEY="$(python -c 'import os
 from cryptography.hazmat.primitives import serialization as s
-from web.sink import public_key_b64
+from sendgrid_sink import public_key_b64
 print(public_key_b64(s.load_pem_private_key(os.environ["HERALD_SINK_EVENT_PRIVATE_KEY_PEM"].encode(), None)))')"
   export SENDGRID_WEBHOOK_PUBLIC_KEY
 fi

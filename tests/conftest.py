@@ -158,7 +158,7 @@ def clean_state(database):
 @pytest.fixture(scope="session")
 def sink_server():
     """The local SendGrid sink, on the port SENDGRID_API_HOST names, for the whole run."""
-    from web.sink import SinkServer
+    from sendgrid_sink import SinkServer
 
     server = SinkServer("127.0.0.1", SINK_PORT).start()
     yield server

@@ -37,7 +37,7 @@ def _p384_key() -> str:
 
 
 def _p256_key() -> str:
-    from web.sink import generate_key_pair
+    from sendgrid_sink import generate_key_pair
 
     return generate_key_pair()[1]
 

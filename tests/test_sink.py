@@ -1,4 +1,4 @@
-"""The local SendGrid sink (web/sink.py): wire format, recording, failure modes, signed events.
+"""The local SendGrid sink (sendgrid_sink/): wire format, recording, failure modes, signed events.
 
 The sink is standalone, so these tests need no database or queue: the conftest's autouse
 ``database`` and ``clean_state`` fixtures are replaced by no-ops for this module.
@@ -20,7 +20,7 @@ import sendgrid
 from sendgrid.helpers.eventwebhook import EventWebhook
 from sendgrid.helpers.mail import CustomArg, Header, Mail
 
-from web.sink import (
+from sendgrid_sink import (
     MAX_BODY_BYTES,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -791,12 +791,23 @@ def test_nothing_listens_before_run():
     ("HERALD_SINK_EVENT_PRIVATE_KEY_PEM", "junk", "HERALD_SINK_EVENT_PRIVATE_KEY_PEM: not a usable key"),
 ])
 def test_a_bad_sink_setting_is_one_line_naming_it(monkeypatch, app, name, value, message):
-    from web.sink import SinkConfigError
+    from sendgrid_sink import SinkConfigError
 
     monkeypatch.setenv(name, value)
-    from web.sink import SinkState
+    from sendgrid_sink import SinkState
 
     with pytest.raises(SinkConfigError, match=re.escape(message)):
         SinkState()
     result = app.test_cli_runner().invoke(args=["sendgrid-sink", "--port", "1"])
     assert isinstance(result.exception, SystemExit) and str(result.exception.code).startswith(f"error: {message}")
+
+
+def test_the_sink_imports_nothing_of_herald():
+    """A standalone dev tool: importing it (and building an app) loads no campaigns, web or tasks."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sendgrid_sink; sendgrid_sink.create_sink_app().extensions['sendgrid_sink'].close(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('campaigns', 'web', 'tasks')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

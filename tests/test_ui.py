@@ -896,16 +896,29 @@ def test_outbox_lists_what_the_sink_received_for_this_workspace(ui, sink, app, m
     assert ui.get("/outbox/3").status_code == 404  # the other tool's call
     assert ui.get("/outbox/999").status_code == 404
 
-    import web.ui.ops as ui_ops
+    import web.outbox as outbox
 
     settings = app.config["HERALD_SETTINGS"]
     down = dataclasses.replace(settings, sendgrid_api_host=f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setattr(ui_ops, "settings", lambda: down)
+    monkeypatch.setattr(outbox, "settings", lambda: down)
     resp = ui.get("/outbox")
     assert resp.status_code == 503 and "The local SendGrid sink is not running" in resp.get_data(as_text=True)
-    real = dataclasses.replace(settings, sendgrid_api_key="SG.real")
-    monkeypatch.setattr(ui_ops, "settings", lambda: real)
-    assert "Mail goes to SendGrid" in ui.text("/outbox")
+
+
+def test_the_outbox_exists_only_when_mail_goes_to_the_local_sink(ui, monkeypatch):
+    nav_link = 'href="/outbox"'
+    assert ui.get("/outbox").status_code == 200 and nav_link in ui.text("/settings")
+
+    from web import create_app
+
+    monkeypatch.setenv("SENDGRID_API_KEY", "SG.real")
+    real = create_app({"TESTING": True})
+    ws_id, name, key, email = make_workspace(password="correct horse")
+    signed_in = UiClient(real, email, "correct horse", ws_id, key, name)
+    assert signed_in.get("/outbox").status_code == 404
+    assert signed_in.get("/outbox/1").status_code == 404
+    page = signed_in.text("/settings")
+    assert nav_link not in page and "Open the outbox" not in page and "SendGrid at" in page
 
 
 def test_another_workspaces_ids_are_not_found(ui, other_api, sink):

@@ -19,10 +19,10 @@ from campaigns import engine
 from campaigns import events as ev
 from campaigns.db import session_scope
 from campaigns.models import Contact, Enrollment, Event, Message, Suppression
+from sendgrid_sink import generate_key_pair, sign_events
 from tasks import huey
 from tests.helpers import drain, launched_campaign, make_contacts
 from web import webhooks
-from web.sink import generate_key_pair, sign_events
 
 URL = "/webhooks/sendgrid/events"
 SIG = "X-Twilio-Email-Event-Webhook-Signature"

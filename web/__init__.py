@@ -36,7 +36,7 @@ def create_app(test_config: dict | None = None, serving: bool = False) -> Flask:
     if test_config:
         app.config.update(test_config)
 
-    from . import api, db, errors, ops, ui, unsubscribe, webhooks
+    from . import api, db, errors, ops, outbox, ui, unsubscribe, webhooks
     from .cli import register_commands
 
     db.init_app(app)
@@ -47,6 +47,7 @@ def create_app(test_config: dict | None = None, serving: bool = False) -> Flask:
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(unsubscribe.bp)
+    outbox.init_app(app)  # only when mail goes to the local sink
     # The webhooks and Bearer API calls are exempt; the API checks CSRF itself for session callers.
     csrf.exempt(webhooks.bp)
     csrf.exempt(api.bp)

@@ -117,7 +117,7 @@ def register_commands(app: Flask) -> None:
     @click.option("--host", default="127.0.0.1", show_default=True)
     def sendgrid_sink(port, host):
         """Run the local SendGrid sink (the /v3/mail/send wire format, a local outbox)."""
-        from .sink import SinkConfigError, run_sink
+        from sendgrid_sink import SinkConfigError, run_sink
 
         try:
             run_sink(host=host, port=port)

@@ -6,7 +6,7 @@ request headers on the client object, shared by every thread that uses it, so a 
 ``Idempotency-Key`` header is not safe to set there. Herald therefore keeps the library's
 payload helpers and posts with one ``urllib3`` connection pool per process: thread-safe,
 keep-alive connections, explicit connect/read timeouts. ``bench/send_throughput.py`` measures
-both paths side by side (``LibraryTransportMailer`` below is the library's own path).
+both paths side by side (the library's own path is ``bench/library_transport.py``).
 """
 
 from __future__ import annotations
@@ -115,22 +115,3 @@ class SendGridMailer(Mailer):
             raise AmbiguousSendError(f"connection lost mid-call: {exc}") from None
         return classify(resp.status, resp.data.decode("utf-8", "replace"), resp.headers)
 
-
-class LibraryTransportMailer(Mailer):
-    """The library's own HTTP path (for the benchmark only: new connection per call, and the
-    shared header dict makes a per-call Idempotency-Key unsafe across threads)."""
-
-    def __init__(self, api_key: str, host: str, timeout: float = 10.0):
-        import sendgrid
-
-        self.client = sendgrid.SendGridAPIClient(api_key=api_key, host=host)
-        self.client.client.timeout = timeout
-
-    def send(self, email: OutgoingEmail) -> SendResult:
-        from python_http_client import exceptions as http_exc
-
-        try:
-            resp = self.client.client.mail.send.post(request_body=build_payload(email))
-        except http_exc.HTTPError as exc:
-            return classify(exc.status_code, (exc.body or b"").decode("utf-8", "replace"), exc.headers or {})
-        return classify(resp.status_code, resp.body.decode() if resp.body else "", resp.headers)

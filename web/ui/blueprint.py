@@ -189,7 +189,6 @@ def _layout_context():
         "user_email": user_email,
         # the test-send forms' default "To": the user's own address, when a test could go there
         "test_email_default": user_email if user_email and not email_problem(user_email) else "",
-        "uses_sink": settings().uses_sink,
     }
 
 

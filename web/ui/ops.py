@@ -1,14 +1,10 @@
-"""UI pages: the message log and each message's details, dead letters (replay, delete), queue health,
-and the development outbox (what the local SendGrid sink received)."""
+"""UI pages: the message log and each message's details, dead letters (replay, delete), queue health.
+The development outbox is in ``web/outbox.py``."""
 
 from __future__ import annotations
 
 import json
 import logging
-import urllib.error
-import urllib.parse
-import urllib.request
-from datetime import UTC, datetime
 
 from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
@@ -25,8 +21,6 @@ from .blueprint import bp, form_action, safe_next, settings
 log = logging.getLogger(__name__)
 MESSAGE_STATUSES = ("scheduled", "queued", "sending", "sent", "delivered", "bounced", "dropped", "ambiguous",
                     "failed", "cancelled")
-SINK_TIMEOUT = 3.0
-OUTBOX_PAGE = 50
 
 
 def _campaign_options(db) -> list[tuple[int, str]]:
@@ -230,82 +224,3 @@ def queue_page():
                                 Campaign.status.in_(("running", "paused")))
                          .order_by(Campaign.id.desc()).limit(20)).all()
     return render_template("queue.html", snap=snap, running=running)
-
-
-# --------------------------------------------------------------------------- development outbox
-
-
-class SinkUnavailable(Exception):
-    pass
-
-
-def _sink_get(path: str, **params):
-    """GET a JSON document from the local sink (server-side, so the browser needs no access)."""
-    host = settings().sendgrid_api_host.rstrip("/")
-    query = ("?" + urllib.parse.urlencode(params)) if params else ""
-    try:
-        with urllib.request.urlopen(host + path + query, timeout=SINK_TIMEOUT) as resp:  # noqa: S310 - our own URL
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            exc.close()
-            return None
-        exc.close()
-        raise SinkUnavailable(f"the sink answered {exc.code}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise SinkUnavailable(str(getattr(exc, "reason", exc))) from None
-
-
-def _ledger_for_keys(db, keys: set[str]) -> dict[str, Message]:
-    if not keys:
-        return {}
-    rows = db.scalars(select(Message).where(Message.workspace_id == g.workspace_id,
-                                            contacts.one_of(db, Message.message_key, sorted(keys))))
-    return {m.message_key: m for m in rows}
-
-
-@bp.get("/outbox")
-@login_required
-def outbox_page():
-    db = get_db()
-    host = settings().sendgrid_api_host.rstrip("/")
-    context = {"sink_url": host, "rows": [], "error": None, "hidden": 0, "older": None, "calls": 0}
-    if not settings().uses_sink:
-        return render_template("outbox.html", enabled=False, **context)
-    before = int_arg("before")
-    try:
-        calls = int((_sink_get("/_sink/stats") or {}).get("calls", 0))
-        end = calls if before is None else min(calls, before - 1)
-        since = max(0, end - OUTBOX_PAGE)
-        data = _sink_get("/_sink/messages", fields="summary", since=since, limit=end - since) if end > 0 else None
-    except SinkUnavailable as exc:
-        context["error"] = str(exc)
-        return render_template("outbox.html", enabled=True, **context), 503
-    recs = list(reversed((data or {}).get("messages") or []))
-    for r in recs:
-        r["time_text"] = datetime.fromtimestamp(r.get("time") or 0, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    ledger = _ledger_for_keys(db, {r["key"] for r in recs if r.get("key")})
-    names, steps = _labels(db, list(ledger.values()))
-    rows = [(r, ledger[r["key"]]) for r in recs if r.get("key") in ledger]
-    context.update(rows=rows, hidden=len(recs) - len(rows), calls=calls, names=names, steps=steps,
-                   older=since if since > 0 else None)
-    return render_template("outbox.html", enabled=True, **context)
-
-
-@bp.get("/outbox/<int:seq>")
-@login_required
-def outbox_message(seq: int):
-    db = get_db()
-    if not settings().uses_sink:
-        return redirect(url_for("ui.outbox_page"))
-    host = settings().sendgrid_api_host.rstrip("/")
-    try:
-        rec = _sink_get(f"/_sink/messages/{seq}") if seq < 2**31 else None
-    except SinkUnavailable as exc:
-        return render_template("outbox.html", enabled=True, sink_url=host, rows=[], error=str(exc), hidden=0,
-                               older=None, calls=0), 503
-    message = _ledger_for_keys(db, {rec["key"]}).get(rec["key"]) if rec and rec.get("key") else None
-    if message is None:  # not this workspace's (or not Herald's) email
-        raise NotFound(f"The outbox has no message #{seq} of this workspace.")
-    campaign = db.get(Campaign, message.campaign_id)
-    return render_template("outbox_message.html", rec=rec, m=message, campaign=campaign, sink_url=host)
