@@ -16,7 +16,7 @@ from campaigns.models import Campaign, Contact, Event, Message, MessageAttempt, 
 from ..auth import login_required
 from ..db import get_db
 from ..params import int_arg, keyset_page, valid_id
-from .blueprint import bp, form_action, safe_next, settings
+from .blueprint import bp, form_action, safe_next
 
 log = logging.getLogger(__name__)
 MESSAGE_STATUSES = ("scheduled", "queued", "sending", "sent", "delivered", "bounced", "dropped", "ambiguous",
