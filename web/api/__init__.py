@@ -12,7 +12,7 @@ import binascii
 from flask import Blueprint, g, request
 from flask_wtf.csrf import CSRFError
 
-from campaigns.errors import BadRequest
+from campaigns.errors import BadRequest, HeraldError
 
 from ..auth import api_workspace
 from ..errors import error_response
@@ -21,6 +21,15 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 PUBLIC_ENDPOINTS = {"api.openapi"}
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+class UnsupportedMediaType(HeraldError):
+    code = "unsupported_media_type"
+    status = 415
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
 
 
 @bp.before_request
@@ -42,13 +51,17 @@ def _authenticate():
 
 
 def json_body() -> dict:
-    """The request's JSON object, or a 400 that says what is wrong with it."""
+    """The request's JSON object, or a 400 that says what is wrong with it (a 415 when the body
+    came as another media type: text/plain, XML...)."""
     if not request.data:
         if request.mimetype and request.mimetype != "application/json":
             # curl -d without a Content-Type sends a form: Werkzeug parses it as one, no body is left
             raise BadRequest(f"the request needs a JSON body sent as Content-Type: application/json "
                              f"(this one came as {request.mimetype[:100]})")
         raise BadRequest("the request needs a JSON body")
+    if request.mimetype and not _is_json(request.mimetype):
+        raise UnsupportedMediaType(f"send the body as JSON with Content-Type: application/json "
+                                   f"(this one came as {request.mimetype[:100]})")
     try:
         data = request.get_json(silent=True, force=True)
     except RecursionError:  # absurdly nested JSON

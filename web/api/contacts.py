@@ -24,16 +24,11 @@ from campaigns.errors import BadRequest, HeraldError, NotFound
 from campaigns.models import Contact, ContactList, Import, Suppression
 
 from ..db import get_db
-from . import bp, decode_cursor, int_arg, json_body, paginate
+from . import UnsupportedMediaType, bp, decode_cursor, int_arg, json_body, paginate
 from .fields import DictOr, ListOr, Out, Rounded, Timestamp, With, page_of
 from .openapi import doc
 
 log = logging.getLogger(__name__)
-
-
-class UnsupportedMediaType(HeraldError):
-    code = "unsupported_media_type"
-    status = 415
 
 
 class ServiceUnavailable(HeraldError):

@@ -1,15 +1,7 @@
-"""The OpenAPI document, generated from the marshmallow schemas the routes declare with ``doc``.
+"""The OpenAPI document, built from the marshmallow schemas routes declare with ``doc(...)``.
 
-``build_spec(app)`` walks the app's url map: every ``api.*`` endpoint becomes an operation,
-documented by its view's ``doc(...)`` metadata when it has some, else by the first line of its
-docstring, so a route nobody documented still shows up (and the coverage test catches it).
-Flask rules become OpenAPI paths (``<int:campaign_id>`` -> ``{campaign_id}``, an integer path
-parameter). 4xx answers use the contract's error shape; everything but ``PUBLIC_ENDPOINTS``
-needs ``bearerAuth`` (or the UI's session cookie).
-
-``doc(request=..., response=...)`` takes marshmallow schema classes or instances (JSON bodies),
-or a media-type string for anything else, e.g. ``request="text/csv"`` or
-``response="text/event-stream"``.
+Every ``api.*`` rule is an operation (a view without ``doc`` still shows up, by its docstring),
+with the error answers it can give; the ``*Out`` response schemas are also what handlers dump.
 """
 
 from __future__ import annotations
@@ -24,13 +16,15 @@ from apispec.ext.marshmallow.common import make_schema_key, resolve_schema_cls, 
 from flask import current_app, jsonify
 from marshmallow import Schema, fields
 
+from ..errors import MAX_URL_BYTES
 from . import PUBLIC_ENDPOINTS, bp
 
 
 def doc(summary: str, request=None, response=None, status: int = 200, query=None, tags=None, errors=(),
         responses=None):
     """Attach OpenAPI metadata to a view: request/response are marshmallow schema classes
-    (or instances, e.g. ``Schema(many=True)``), query is a schema for the query string.
+    (or instances, e.g. ``Schema(many=True)``), a plain JSON schema (a dict) or a media-type
+    string; query is a schema for the query string.
 
     ``errors``: statuses of :data:`ERROR_RESPONSES` the view answers beyond the ones every
     operation of its kind gets (e.g. ``(409,)`` for a state that refuses the action, ``404`` for
@@ -71,6 +65,7 @@ ERROR_RESPONSES = {
     "404": ("NotFound", "No such resource in this workspace"),
     "409": ("Conflict", "The resource's state does not allow this"),
     "413": ("PayloadTooLarge", "The request body is larger than the server accepts (MAX_CONTENT_LENGTH, 64 MiB)"),
+    "414": ("URITooLong", f"The URL (path and query string) is longer than {MAX_URL_BYTES:,} bytes"),
     "415": ("UnsupportedMediaType", "The request body's media type (or charset) is not one this operation reads"),
     "422": ("Invalid", "The body is well-formed but not acceptable; details name each field"),
     "503": ("Unavailable", "A service Herald needs (the database or the task queue) did not answer; try again "
@@ -136,7 +131,21 @@ def _name_resolver():
 def _content(obj) -> dict:
     if isinstance(obj, str):
         return {obj: {"schema": {"type": "string"}}}
-    return {"application/json": {"schema": obj}}
+    return {"application/json": {"schema": obj}}  # a marshmallow schema, or a plain JSON schema dict
+
+
+def _only_null(node):
+    """apispec documents a nullable nested object as ``anyOf: [{type: object, nullable: true},
+    {$ref}]``, whose first branch takes any object: that branch is made to take only null."""
+    if isinstance(node, dict):
+        for branch in node.get("anyOf", ()):
+            if branch == {"type": "object", "nullable": True}:
+                branch["enum"] = [None]
+        for value in node.values():
+            _only_null(value)
+    elif isinstance(node, list):
+        for value in node:
+            _only_null(value)
 
 
 def _view_doc(view) -> tuple[str, str]:
@@ -179,7 +188,9 @@ def _operation(endpoint: str, method: str, view, path_params: list, public: bool
         responses["409"] = ERROR_RESPONSES["409"][0]
     if meta.get("request") is not None:
         responses["413"] = ERROR_RESPONSES["413"][0]  # a body past MAX_CONTENT_LENGTH
+        responses["415"] = ERROR_RESPONSES["415"][0]  # a body sent as another media type
         responses["422"] = ERROR_RESPONSES["422"][0]
+    responses["414"] = ERROR_RESPONSES["414"][0]  # any operation: a URL past MAX_URL_BYTES
     responses["503"] = ERROR_RESPONSES["503"][0]  # any operation, while the database or the queue store is away
     for extra in meta.get("errors") or ():
         responses[str(extra)] = ERROR_RESPONSES[str(extra)][0]
@@ -236,7 +247,9 @@ def build_spec(app) -> dict:
                 )
     for path, entry in paths.items():
         spec.path(path=path, parameters=entry["parameters"] or None, operations=entry["operations"])
-    return spec.to_dict()
+    document = spec.to_dict()
+    _only_null(document)
+    return document
 
 
 _lock = threading.Lock()
@@ -254,7 +267,7 @@ def get_spec(app) -> dict:
 
 
 @bp.get("/openapi.json", endpoint="openapi")
-@doc("This OpenAPI 3.0 document (public)", tags=["meta"])
+@doc("This OpenAPI 3.0 document (public)", response={"type": "object"}, tags=["meta"])
 def openapi_document():
     """The OpenAPI document of the JSON API."""
     return jsonify(get_spec(current_app))
