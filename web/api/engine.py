@@ -12,6 +12,7 @@ from flask import Response, g, request, stream_with_context
 from marshmallow import Schema, fields, validate
 from sqlalchemy import false, select
 
+from campaigns import campaign_rules as rules
 from campaigns import contacts, engine, queue_health
 from campaigns.db import TRANSIENT_ERRORS, new_session
 from campaigns.errors import BadRequest
@@ -19,8 +20,9 @@ from campaigns.models import Message, MessageAttempt
 
 from ..db import get_db
 from . import bp, int_arg, json_body, paginate
+from .campaigns import CampaignStatsOut, StepStatsOut
 from .fields import Out, Rounded, Timestamp, With, page_of
-from .openapi import doc
+from .openapi import EventStream, doc
 
 MESSAGE_STATUSES = ("scheduled", "queued", "sending", "sent", "delivered", "bounced", "dropped", "ambiguous",
                     "failed", "cancelled")
@@ -101,6 +103,22 @@ class MessageDetailOut(MessageOut):
 
 class ReplayedOut(Out):
     replayed = fields.Integer(metadata={"description": "how many dead letters were queued again"})
+
+
+class StreamProgressOut(Out):
+    """The data of a stream's ``progress`` event: the campaign's counts, and each step's by step id."""
+
+    id = fields.Integer()
+    status = fields.String(metadata={"enum": list(rules.STATUSES)})
+    status_reason = fields.String(allow_none=True)
+    stats = fields.Nested(CampaignStatsOut)
+    steps = fields.Dict(keys=fields.String(), values=fields.Nested(StepStatsOut))
+
+
+class StreamEndOut(Out):
+    """The data of a stream's last event, ``end``, once the campaign has ended."""
+
+    status = fields.String(metadata={"enum": ["completed", "cancelled"]})
 
 
 class StreamQuery(Schema):
@@ -202,7 +220,7 @@ def test_send(campaign_id):
 
 @bp.get("/campaigns/<int:campaign_id>/stream")
 @doc("Server-sent events: the campaign's counts as they change; closes within 60 s (reconnect with Last-Event-ID)",
-     query=StreamQuery, response="text/event-stream")
+     query=StreamQuery, response=EventStream({"progress": StreamProgressOut, "end": StreamEndOut}))
 def campaign_stream(campaign_id):
     from campaigns.stats import shared_campaign_stats
 

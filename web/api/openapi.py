@@ -128,9 +128,33 @@ def _name_resolver():
 # --------------------------------------------------------------------------- building
 
 
+class EventStream:
+    """A ``text/event-stream`` answer; ``events``: each event type's data (JSON) as a schema class.
+    Documented as OpenAPI 3.0 tools read a stream: the schema of one event (``event``, ``id``,
+    ``data``), its data's JSON schema under ``contentSchema``."""
+
+    def __init__(self, events: dict[str, type[Schema]]):
+        self.events = events
+
+    def schema(self) -> dict:
+        data = [{"$ref": f"#/components/schemas/{cls.__name__}"} for cls in self.events.values()]
+        return {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": list(self.events)},
+                "id": {"type": "string", "description": "send it back as Last-Event-ID to go on from there"},
+                "retry": {"type": "integer", "description": "milliseconds to wait before reconnecting"},
+                "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"oneOf": data}},
+            },
+        }
+
+
 def _content(obj) -> dict:
     if isinstance(obj, str):
         return {obj: {"schema": {"type": "string"}}}
+    if isinstance(obj, EventStream):
+        return {"text/event-stream": {"schema": obj.schema()}}
     return {"application/json": {"schema": obj}}  # a marshmallow schema, or a plain JSON schema dict
 
 
@@ -236,6 +260,11 @@ def build_spec(app) -> dict:
         if not rule.endpoint.startswith("api."):
             continue
         view = app.view_functions[rule.endpoint]
+        stream = (getattr(view, "__openapi__", None) or {}).get("response")
+        if isinstance(stream, EventStream):  # its data schemas are named by their class (EventStream.schema)
+            for cls in stream.events.values():
+                if cls.__name__ not in spec.components.schemas:
+                    spec.components.schema(cls.__name__, schema=cls)
         path, params = openapi_path(rule.rule)
         methods = sorted(m.lower() for m in (rule.methods or ()) if m not in ("HEAD", "OPTIONS"))
         entry = paths.setdefault(path, {"parameters": params, "operations": {}})
