@@ -49,7 +49,7 @@ def ids(api):
 
 @pytest.fixture
 def no_upload_left():
-    """Asynchronous imports the fuzzer queues leave their uploads; they go with the test."""
+    """Asynchronous imports (seeded and fuzzed) are queued, never run: their uploads go with the test."""
     folder = Path(get_settings().instance_dir) / "imports"
     before = set(folder.glob("*")) if folder.exists() else set()
     yield
@@ -58,7 +58,7 @@ def no_upload_left():
 
 
 @pytest.mark.timeout(240)  # ~30 s on an idle machine, a minute with 2 cores shared 6 ways
-def test_the_api_survives_schemathesis(app, api, ids, no_upload_left):
+def test_the_api_survives_schemathesis(app, no_upload_left, api, ids):
     schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", app)
     headers = {"Authorization": f"Bearer {api.key}"}
     operations = [result.ok() for result in schema.get_all_operations()]
