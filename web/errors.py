@@ -6,7 +6,7 @@ import logging
 
 from flask import jsonify, make_response, render_template, request
 from marshmallow import ValidationError
-from werkzeug.exceptions import HTTPException, RequestURITooLarge
+from werkzeug.exceptions import HTTPException
 
 from campaigns.db import TRANSIENT_ERRORS, error_reason
 from campaigns.errors import HeraldError
@@ -14,17 +14,6 @@ from tasks import STORE_ERRORS
 
 log = logging.getLogger("herald.web")
 RETRY_AFTER = 5  # seconds a 503 asks the client to wait
-# The longest URL (path and query string, as sent) Herald reads. gunicorn's limit_request_line is
-# above it (gunicorn.conf.py), so a longer URL gets this app's 414, JSON on the API, not
-# gunicorn's own HTML page.
-MAX_URL_BYTES = 4096
-
-
-def _url_bytes() -> int:
-    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
-    if raw is None:
-        return len(request.full_path.encode())
-    return len(raw)
 
 
 def error_response(status: int, code: str, message: str, details: dict | None = None):
@@ -78,10 +67,3 @@ def init_app(app) -> None:
             if name.lower() != "content-type":
                 resp.headers[name] = value
         return resp
-
-    @app.before_request
-    def _url_length():
-        size = _url_bytes()
-        if size > MAX_URL_BYTES:
-            raise RequestURITooLarge(f"the URL is {size:,} bytes long; Herald reads URLs of up to "
-                                     f"{MAX_URL_BYTES:,} bytes (path and query string)")

@@ -11,6 +11,7 @@ import binascii
 
 from flask import Blueprint, g, request
 from flask_wtf.csrf import CSRFError
+from werkzeug.exceptions import RequestURITooLarge
 
 from campaigns.errors import BadRequest, HeraldError
 
@@ -21,6 +22,9 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 PUBLIC_ENDPOINTS = {"api.openapi"}
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+# The longest URL (path and query string, as sent) the API reads. gunicorn's limit_request_line
+# is above it (gunicorn.conf.py), so a longer URL gets this JSON 414, not gunicorn's HTML page.
+MAX_URL_BYTES = 4096
 
 
 class UnsupportedMediaType(HeraldError):
@@ -30,6 +34,14 @@ class UnsupportedMediaType(HeraldError):
 
 def _is_json(mimetype: str) -> bool:
     return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+@bp.before_request
+def _url_length():  # first: before authentication
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or request.full_path
+    if len(raw) > MAX_URL_BYTES:
+        raise RequestURITooLarge(f"the URL is {len(raw):,} bytes long; the API reads URLs of up to "
+                                 f"{MAX_URL_BYTES:,} bytes (path and query string)")
 
 
 @bp.before_request

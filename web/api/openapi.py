@@ -16,8 +16,7 @@ from apispec.ext.marshmallow.common import make_schema_key, resolve_schema_cls, 
 from flask import current_app, jsonify
 from marshmallow import Schema, fields
 
-from ..errors import MAX_URL_BYTES
-from . import PUBLIC_ENDPOINTS, bp
+from . import MAX_URL_BYTES, PUBLIC_ENDPOINTS, bp
 
 
 def doc(summary: str, request=None, response=None, status: int = 200, query=None, tags=None, errors=(),
