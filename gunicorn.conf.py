@@ -17,3 +17,7 @@ def on_starting(server):
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(4) from None  # gunicorn's own status for "App failed to load"
+
+# gunicorn's largest request line: the API answers URLs over its own limit (web.api.MAX_URL_BYTES,
+# 4096 bytes) with a JSON 414 of its own instead of gunicorn's HTML one.
+limit_request_line = 8190

@@ -23,72 +23,13 @@ from sqlalchemy import func, select
 
 from campaigns.models import Message
 from tasks import huey
+from tests.apidoc import assert_documented
 from tests.helpers import drain
-
-# --------------------------------------------------------------------------- a small validator
-# (no jsonschema here: the document uses a small part of OpenAPI 3.0's schema language)
-
-
-def _resolve(spec: dict, node: dict) -> dict:
-    while "$ref" in node:
-        target = spec
-        for part in node["$ref"].removeprefix("#/").split("/"):
-            target = target[part]
-        node = target
-    return node
-
-
-def _check(spec: dict, schema: dict, value, where: str = "body") -> None:
-    schema = _resolve(spec, schema)
-    if value is None:
-        assert schema.get("nullable") or not schema, f"{where} is null, which the document does not allow"
-        return
-    if "enum" in schema:
-        assert value in schema["enum"], f"{where} = {value!r} is not one of {schema['enum']}"
-    kind = schema.get("type")
-    if kind == "object":
-        assert isinstance(value, dict), f"{where} is not an object"
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        if extra is False:
-            assert set(value) <= set(props), f"{where} has keys the document does not name: {set(value) - set(props)}"
-        for key, item in value.items():
-            if key in props:
-                _check(spec, props[key], item, f"{where}.{key}")
-            elif isinstance(extra, dict):
-                _check(spec, extra, item, f"{where}.{key}")
-    elif kind == "array":
-        assert isinstance(value, list), f"{where} is not an array"
-        for i, item in enumerate(value):
-            _check(spec, schema.get("items", {}), item, f"{where}[{i}]")
-    elif kind == "integer":
-        assert isinstance(value, int) and not isinstance(value, bool), f"{where} is not an integer"
-    elif kind == "number":
-        assert isinstance(value, int | float) and not isinstance(value, bool), f"{where} is not a number"
-    elif kind == "string":
-        assert isinstance(value, str), f"{where} is not a string"
-    elif kind == "boolean":
-        assert isinstance(value, bool), f"{where} is not a boolean"
 
 
 @pytest.fixture
 def spec(client):
     return client.get("/api/v1/openapi.json").json
-
-
-def assert_documented(spec: dict, method: str, path: str, resp) -> None:
-    """The answer's status is documented for the operation, and its JSON body fits the schema."""
-    operation = spec["paths"][path][method]
-    status = str(resp.status_code)
-    assert status in operation["responses"], (
-        f"{method.upper()} {path} answered {status}, the document names {sorted(operation['responses'])}: "
-        f"{resp.get_data(as_text=True)[:300]}"
-    )
-    answer = _resolve(spec, operation["responses"][status])
-    content = answer.get("content", {})
-    if resp.mimetype == "application/json":
-        assert "application/json" in content, f"{method.upper()} {path} {status}: no JSON body documented"
-        _check(spec, content["application/json"]["schema"], resp.json, f"{method.upper()} {path} {status}")
 
 
 def campaign_body(list_id: int, **overrides) -> dict:

@@ -8,72 +8,22 @@ from __future__ import annotations
 
 from flask import current_app, g, request
 from marshmallow import Schema, fields
+from sqlalchemy.orm import selectinload
 
 from campaigns import campaign_rules as rules
-from campaigns.errors import BadRequest
 from campaigns.models import Campaign
-from campaigns.stats import campaign_stats, empty_step_stats
+from campaigns.stats import campaign_stats, empty_step_stats, shared_campaigns_stats
 
 from ..db import get_db
-from ..params import iso, paginate
+from ..params import paginate
 from .blueprint import bp, json_body
+from .fields import ListOr, NestedOr, Out, Timestamp, With, page_of
 from .openapi import doc
 
-# --------------------------------------------------------------------------- JSON
+# --------------------------------------------------------------------------- response schemas (the serializers)
 
 
-def _body() -> dict:
-    # json_body() lets the json module's RecursionError through ('[' * 100000 is a 500 there).
-    try:
-        return json_body()
-    except RecursionError:
-        raise BadRequest("the request body is nested too deeply") from None
-
-
-
-def step_json(step, stats: dict | None = None) -> dict:
-    return {
-        "id": step.id,
-        "position": step.position,
-        "type": step.type,
-        "subject": step.subject,
-        "html": step.html,
-        "text": step.text,
-        "seconds": step.wait_seconds,
-        "stats": stats,
-    }
-
-
-def campaign_json(session, campaign: Campaign) -> dict:
-    """The contract's campaign object, with its stats and each step's."""
-    totals, per_step = campaign_stats(session, campaign.id)
-    empty = empty_step_stats()
-    return {
-        "id": campaign.id,
-        "name": campaign.name,
-        "status": campaign.status,
-        "status_reason": campaign.status_reason,
-        "list_id": campaign.list_id,
-        "from_email": campaign.from_email,
-        "from_name": campaign.from_name,
-        "reply_to": campaign.reply_to,
-        "send_window": campaign.send_window,
-        "limits": campaign.limits or {},
-        "stop_on": campaign.stop_on if campaign.stop_on is not None else ["reply"],
-        "tracking": campaign.tracking or {"opens": True, "clicks": True},
-        "max_attempts": campaign.max_attempts,
-        "created_at": iso(campaign.created_at),
-        "launched_at": iso(campaign.launched_at),
-        "finished_at": iso(campaign.finished_at),
-        "stats": totals,
-        "steps": [step_json(s, per_step.get(s.id) or empty) for s in campaign.steps],
-    }
-
-
-# --------------------------------------------------------------------------- schemas (for the OpenAPI document)
-
-
-class RatesOut(Schema):
+class RatesOut(Out):
     delivered = fields.Float()
     opened = fields.Float()
     clicked = fields.Float()
@@ -82,7 +32,7 @@ class RatesOut(Schema):
     unsubscribed = fields.Float()
 
 
-class StepStatsOut(Schema):
+class StepStatsOut(Out):
     sent = fields.Integer()
     delivered = fields.Integer()
     opened = fields.Integer()
@@ -110,18 +60,19 @@ class CampaignStatsOut(StepStatsOut):
                                                      "- skipped"})
 
 
-class StepOut(Schema):
+class StepOut(Out):
     id = fields.Integer()
     position = fields.Integer()
     type = fields.String(metadata={"enum": ["email", "wait"]})
     subject = fields.String(allow_none=True)
     html = fields.String(allow_none=True)
     text = fields.String(allow_none=True)
-    seconds = fields.Integer(allow_none=True, metadata={"description": "the wait of a wait step"})
+    seconds = fields.Integer(attribute="wait_seconds", allow_none=True,
+                             metadata={"description": "the wait of a wait step"})
     stats = fields.Nested(StepStatsOut)
 
 
-class CampaignOut(Schema):
+class CampaignOut(Out):
     id = fields.Integer()
     name = fields.String()
     status = fields.String(metadata={"enum": list(rules.STATUSES)})
@@ -131,20 +82,18 @@ class CampaignOut(Schema):
     from_name = fields.String(allow_none=True)
     reply_to = fields.String(allow_none=True)
     send_window = fields.Nested(rules.SendWindowSchema, allow_none=True)
-    limits = fields.Nested(rules.LimitsSchema)
-    stop_on = fields.List(fields.String(metadata={"enum": list(rules.STOP_ON)}))
-    tracking = fields.Nested(rules.TrackingSchema)
+    limits = NestedOr(rules.LimitsSchema, none_as={})
+    stop_on = ListOr(fields.String(metadata={"enum": list(rules.STOP_ON)}), none_as=["reply"])
+    tracking = NestedOr(rules.TrackingSchema, none_as={"opens": True, "clicks": True})
     max_attempts = fields.Integer()
-    created_at = fields.String(metadata={"format": "date-time"})
-    launched_at = fields.String(allow_none=True, metadata={"format": "date-time"})
-    finished_at = fields.String(allow_none=True, metadata={"format": "date-time"})
+    created_at = Timestamp()
+    launched_at = Timestamp(allow_none=True)
+    finished_at = Timestamp(allow_none=True)
     stats = fields.Nested(CampaignStatsOut)
     steps = fields.List(fields.Nested(StepOut))
 
 
-class CampaignPage(Schema):
-    items = fields.List(fields.Nested(CampaignOut))
-    next_cursor = fields.String(allow_none=True, metadata={"description": "pass as ?cursor= for the next page"})
+CampaignPage = page_of(CampaignOut, "CampaignPage")
 
 
 class CampaignListQuery(Schema):
@@ -153,12 +102,12 @@ class CampaignListQuery(Schema):
     limit = fields.Integer(metadata={"minimum": 1, "maximum": 500})
 
 
-class PreviewContactOut(Schema):
+class PreviewContactOut(Out):
     id = fields.Integer(allow_none=True, metadata={"description": "null for a sample contact"})
     email = fields.String()
 
 
-class PreviewOut(Schema):
+class PreviewOut(Out):
     step = fields.Integer(allow_none=True)
     contact = fields.Nested(PreviewContactOut)
     subject = fields.String(allow_none=True)
@@ -171,6 +120,17 @@ class PreviewOut(Schema):
     )
 
 
+def _with_stats(campaign: Campaign, stats: tuple[dict, dict]) -> With:
+    totals, per_step = stats
+    empty = empty_step_stats()
+    return With(campaign, stats=totals, steps=[With(s, stats=per_step.get(s.id) or empty) for s in campaign.steps])
+
+
+def _campaign(session, campaign: Campaign) -> dict:
+    """The contract's campaign object, with its stats (counted now) and each step's."""
+    return CampaignOut().dump(_with_stats(campaign, campaign_stats(session, campaign.id)))
+
+
 # --------------------------------------------------------------------------- routes
 
 
@@ -179,25 +139,29 @@ class PreviewOut(Schema):
      tags=["campaigns"])
 def create_campaign():
     session = get_db()
-    campaign = rules.create_campaign(session, g.workspace_id, _body())
+    campaign = rules.create_campaign(session, g.workspace_id, json_body())
     session.commit()
-    return campaign_json(session, campaign), 201, {"Location": f"{bp.url_prefix}/campaigns/{campaign.id}"}
+    return _campaign(session, campaign), 201, {"Location": f"{bp.url_prefix}/campaigns/{campaign.id}"}
 
 
 @bp.get("/campaigns")
-@doc("List campaigns, newest last (keyset pages)", query=CampaignListQuery, response=CampaignPage,
+@doc("List campaigns, newest last (keyset pages); their stats may be a few seconds old (shared with the "
+     "live views), a campaign's own page counts afresh", query=CampaignListQuery, response=CampaignPage,
      tags=["campaigns"])
 def list_campaigns():
     session = get_db()
     stmt = rules.campaigns_query(g.workspace_id, request.args.get("status") or None)
-    return paginate(session, stmt, Campaign, lambda c: campaign_json(session, c))
+    page = paginate(session, stmt.options(selectinload(Campaign.steps)), Campaign, lambda c: c)
+    stats = shared_campaigns_stats(session, [c.id for c in page["items"]], max_age=5.0)
+    page["items"] = [_with_stats(c, stats[c.id]) for c in page["items"]]
+    return CampaignPage().dump(page)
 
 
 @bp.get("/campaigns/<int:campaign_id>")
 @doc("A campaign with its steps and stats", response=CampaignOut, tags=["campaigns"])
 def get_campaign(campaign_id: int):
     session = get_db()
-    return campaign_json(session, rules.get_campaign(session, g.workspace_id, campaign_id))
+    return _campaign(session, rules.get_campaign(session, g.workspace_id, campaign_id))
 
 
 @bp.patch("/campaigns/<int:campaign_id>")
@@ -205,11 +169,11 @@ def get_campaign(campaign_id: int):
      request=rules.CampaignUpdateSchema, response=CampaignOut, tags=["campaigns"])
 def update_campaign(campaign_id: int):
     session = get_db()
-    data = _body()
+    data = json_body()
     campaign = rules.get_campaign(session, g.workspace_id, campaign_id, for_update=True)
     rules.update_campaign(session, campaign, data)
     session.commit()
-    return campaign_json(session, campaign)
+    return _campaign(session, campaign)
 
 
 @bp.delete("/campaigns/<int:campaign_id>")
@@ -227,7 +191,7 @@ def delete_campaign(campaign_id: int):
      request=rules.PreviewSchema, response=PreviewOut, tags=["campaigns"])
 def preview_campaign(campaign_id: int):
     session = get_db()
-    data = _body()
+    data = json_body()
     campaign = rules.get_campaign(session, g.workspace_id, campaign_id)
     public_url = current_app.config["HERALD_SETTINGS"].public_url.rstrip("/")
-    return rules.preview_step(session, campaign, data, f"{public_url}/u/preview")
+    return PreviewOut().dump(rules.preview_step(session, campaign, data, f"{public_url}/u/preview"))

@@ -12,7 +12,7 @@ import logging
 import os
 import uuid
 
-from flask import g, jsonify, request
+from flask import g, request
 from marshmallow import RAISE, Schema, ValidationError, validates_schema
 from marshmallow import fields as mf
 from marshmallow.validate import Length, OneOf, Range
@@ -24,16 +24,12 @@ from campaigns.errors import BadRequest, HeraldError, NotFound
 from campaigns.models import Contact, ContactList, Import, Suppression
 
 from ..db import get_db
-from ..params import int_arg, iso, paginate
-from .blueprint import bp, json_body
+from ..params import int_arg, paginate
+from .blueprint import UnsupportedMediaType, bp, json_body
+from .fields import DictOr, ListOr, Out, Rounded, Timestamp, With, page_of
 from .openapi import doc
 
 log = logging.getLogger(__name__)
-
-
-class UnsupportedMediaType(HeraldError):
-    code = "unsupported_media_type"
-    status = 415
 
 
 class ServiceUnavailable(HeraldError):
@@ -110,169 +106,131 @@ class ImportQuery(Schema):
     async_ = mf.Boolean(data_key="async", metadata={"description": "1: queue it, answer 202 with import_id"})
 
 
-# --- schemas: responses ------------------------------------------------------------------------
+# --- schemas: responses (the serializers) ------------------------------------------------------
 
 
-class ContactOut(Schema):
+class ContactOut(Out):
     id = mf.Integer()
     email = mf.String()
     first_name = mf.String(allow_none=True)
     last_name = mf.String(allow_none=True)
     timezone = mf.String(allow_none=True)
-    fields = mf.Dict()
+    fields = DictOr(none_as={})
     status = mf.String(metadata={"enum": ["active", "unsubscribed", "bounced", "complained"]})
     suppressed = mf.Boolean()
-    created_at = mf.String()
-    updated_at = mf.String()
+    created_at = Timestamp()
+    updated_at = Timestamp()
 
 
-class ContactPage(Schema):
-    items = mf.List(mf.Nested(ContactOut))
-    next_cursor = mf.String(allow_none=True)
+ContactPage = page_of(ContactOut, "ContactPage")
 
 
-class ListOut(Schema):
+class ListOut(Out):
     id = mf.Integer()
     name = mf.String()
     member_count = mf.Integer()
-    created_at = mf.String()
+    created_at = Timestamp()
 
 
-class ListPage(Schema):
-    items = mf.List(mf.Nested(ListOut))
-    next_cursor = mf.String(allow_none=True)
+ListPage = page_of(ListOut, "ListPage")
 
 
 class InvalidItem(Schema):
+    """An address or a contact id that was not taken: one of ``email`` or ``contact_id``, and why."""
+
     email = mf.Raw()
     contact_id = mf.Raw()
-    reason = mf.String()
+    reason = mf.String(required=True)
 
 
-class MembersResult(Schema):
+class MembersResult(Out):
     added = mf.Integer()
     already = mf.Integer()
     contacts_created = mf.Integer()
     invalid = mf.List(mf.Nested(InvalidItem))
 
 
-class SuppressionOut(Schema):
+class SuppressionOut(Out):
     id = mf.Integer()
     email = mf.String()
     reason = mf.String()
-    created_at = mf.String()
+    created_at = Timestamp()
 
 
-class SuppressionPage(Schema):
-    items = mf.List(mf.Nested(SuppressionOut))
-    next_cursor = mf.String(allow_none=True)
+SuppressionPage = page_of(SuppressionOut, "SuppressionPage")
 
 
-class SuppressionsResult(Schema):
+class SuppressionsResult(Out):
     added = mf.Integer()
     already = mf.Integer()
     invalid = mf.List(mf.Nested(InvalidItem))
 
 
-class RowError(Schema):
+class RowError(Out):
     row = mf.Integer(metadata={"description": "spreadsheet line: the header is row 1, the first data row 2"})
     error = mf.String()
 
 
-class ImportReportOut(Schema):
+class ImportReportOut(Out):
     created = mf.Integer()
     updated = mf.Integer()
     skipped = mf.Integer()
     rows = mf.Integer()
-    errors = mf.List(mf.Nested(RowError))
+    errors = ListOr(mf.Nested(RowError), none_as=[])
     errors_truncated = mf.Integer()
 
 
-class ImportAccepted(Schema):
+class ImportAccepted(Out):
     import_id = mf.Integer()
 
 
 class ImportOut(ImportReportOut):
     id = mf.Integer()
     status = mf.String(metadata={"enum": ["pending", "running", "done", "failed"]})
-    progress = mf.Float()
+    progress = Rounded(places=4)
     rows_done = mf.Integer()
     list_id = mf.Integer(allow_none=True)
     error = mf.String(allow_none=True)
-    created_at = mf.String()
-    finished_at = mf.String(allow_none=True)
+    created_at = Timestamp()
+    finished_at = Timestamp(allow_none=True)
 
 
-class ImportPage(Schema):
-    items = mf.List(mf.Nested(ImportOut))
-    next_cursor = mf.String(allow_none=True)
+ImportPage = page_of(ImportOut, "ImportPage")
 
 
-# --- JSON --------------------------------------------------------------------------------------
+# --- answers -------------------------------------------------------------------------------------
 
 
-def contact_json(c: Contact, suppressed: bool) -> dict:
-    return {
-        "id": c.id,
-        "email": c.email,
-        "first_name": c.first_name,
-        "last_name": c.last_name,
-        "timezone": c.timezone,
-        "fields": c.fields or {},
-        "status": c.status,
-        "suppressed": suppressed,
-        "created_at": iso(c.created_at),
-        "updated_at": iso(c.updated_at),
-    }
+def _contacts(session, rows: list[Contact]) -> list[With]:
+    suppressed = contacts.suppressed_emails(session, g.workspace_id, (c.email for c in rows))
+    return [With(c, suppressed=c.email in suppressed) for c in rows]
 
 
 def _contact_page(session, stmt) -> dict:
-    page = paginate(session, stmt, Contact, lambda c: c)
-    suppressed = contacts.suppressed_emails(session, g.workspace_id, (c.email for c in page["items"]))
-    page["items"] = [contact_json(c, c.email in suppressed) for c in page["items"]]
-    return page
+    page = _paginate(session, stmt, Contact)
+    page["items"] = _contacts(session, page["items"])
+    return ContactPage().dump(page)
 
 
 def _one_contact(session, c: Contact) -> dict:
-    return contact_json(c, contacts.is_suppressed(session, g.workspace_id, c.email))
+    return ContactOut().dump(With(c, suppressed=contacts.is_suppressed(session, g.workspace_id, c.email)))
 
 
-def list_json(row: ContactList, member_count: int) -> dict:
-    return {"id": row.id, "name": row.name, "member_count": member_count, "created_at": iso(row.created_at)}
+def _one_list(session, row: ContactList) -> dict:
+    return ListOut().dump(With(row, member_count=contacts.member_counts(session, [row.id])[row.id]))
 
 
-def suppression_json(row: Suppression) -> dict:
-    return {"id": row.id, "email": row.email, "reason": row.reason, "created_at": iso(row.created_at)}
-
-
-def import_json(row: Import) -> dict:
+def _import(row: Import) -> With:
     accounted = row.created + row.updated + row.skipped + len(row.errors or [])
-    return {
-        "id": row.id,
-        "status": row.status,
-        "progress": round(importer.import_progress(row), 4),
-        "rows_done": row.rows_done,
-        "rows": row.rows_done,
-        "created": row.created,
-        "updated": row.updated,
-        "skipped": row.skipped,
-        "errors": row.errors or [],
-        # Every data row is exactly one of created/updated/skipped/error, so the errors not
-        # listed are what the other counts leave over.
-        "errors_truncated": max(0, row.rows_done - accounted),
-        "list_id": row.list_id,
-        "error": row.error,
-        "created_at": iso(row.created_at),
-        "finished_at": iso(row.finished_at),
-    }
+    # Every data row is exactly one of created/updated/skipped/error, so the errors not
+    # listed are what the other counts leave over.
+    return With(row, progress=importer.import_progress(row), rows=row.rows_done,
+                errors_truncated=max(0, row.rows_done - accounted))
 
 
-def _body() -> dict:
-    """The JSON object of the request (400 when it is not one, however deeply nested)."""
-    try:
-        return json_body()
-    except RecursionError:
-        raise BadRequest("the request body is nested too deeply") from None
+def _paginate(session, stmt, model) -> dict:
+    """``paginate`` whose page items are the rows themselves (dumped by the caller's schema)."""
+    return paginate(session, stmt, model, lambda row: row)
 
 
 def _no_content():
@@ -297,12 +255,12 @@ def _notify_list_changed(list_id: int) -> None:
 @doc("Create or update a contact (upsert by email); 201 when created, 200 when updated",
      request=ContactIn, response=ContactOut, status=201, responses={200: ContactOut}, tags=["contacts"])
 def create_contact():
-    data = ContactIn().load(_body())
+    data = ContactIn().load(json_body())
     s = get_db()
     attrs = {k: data[k] for k in ("first_name", "last_name", "timezone", "fields") if k in data}
     contact, created = contacts.upsert_contact(s, g.workspace_id, data["email"], **attrs)
     s.commit()
-    return jsonify(_one_contact(s, contact)), 201 if created else 200
+    return _one_contact(s, contact), 201 if created else 200
 
 
 @bp.route("/contacts", methods=["GET"])
@@ -312,14 +270,14 @@ def list_contacts():
     s = get_db()
     email = request.args.get("email") or None  # "?email=" is no filter
     stmt = contacts.contacts_query(s, g.workspace_id, email=email, list_id=int_arg("list_id"))
-    return jsonify(_contact_page(s, stmt))
+    return _contact_page(s, stmt)
 
 
 @bp.route("/contacts/<int:contact_id>", methods=["GET"])
 @doc("Read a contact", response=ContactOut, tags=["contacts"])
 def get_contact(contact_id: int):
     s = get_db()
-    return jsonify(_one_contact(s, contacts.get_contact(s, g.workspace_id, contact_id)))
+    return _one_contact(s, contacts.get_contact(s, g.workspace_id, contact_id))
 
 
 @bp.route("/contacts/<int:contact_id>", methods=["PATCH"])
@@ -328,10 +286,10 @@ def get_contact(contact_id: int):
 def patch_contact(contact_id: int):
     s = get_db()
     contacts.get_contact(s, g.workspace_id, contact_id)
-    data = ContactPatch().load(_body())
+    data = ContactPatch().load(json_body())
     contact = contacts.update_contact(s, g.workspace_id, contact_id, **data)
     s.commit()
-    return jsonify(_one_contact(s, contact))
+    return _one_contact(s, contact)
 
 
 @bp.route("/contacts/<int:contact_id>", methods=["DELETE"])
@@ -351,29 +309,28 @@ def delete_contact(contact_id: int):
 @doc("Create a list (409 when the name is taken)", request=ListIn, response=ListOut, status=201, errors=(409,),
      tags=["lists"])
 def create_list():
-    data = ListIn().load(_body())
+    data = ListIn().load(json_body())
     s = get_db()
     row = contacts.create_list(s, g.workspace_id, data["name"])
     s.commit()
-    return jsonify(list_json(row, 0)), 201
+    return ListOut().dump(With(row, member_count=0)), 201
 
 
 @bp.route("/lists", methods=["GET"])
 @doc("List the lists, paged by cursor", query=PageQuery, response=ListPage, tags=["lists"])
 def list_lists():
     s = get_db()
-    page = paginate(s, contacts.lists_query(g.workspace_id), ContactList, lambda r: r)
+    page = _paginate(s, contacts.lists_query(g.workspace_id), ContactList)
     counts = contacts.member_counts(s, (r.id for r in page["items"]))
-    page["items"] = [list_json(r, counts.get(r.id, 0)) for r in page["items"]]
-    return jsonify(page)
+    page["items"] = [With(r, member_count=counts.get(r.id, 0)) for r in page["items"]]
+    return ListPage().dump(page)
 
 
 @bp.route("/lists/<int:list_id>", methods=["GET"])
 @doc("Read a list, with its member count", response=ListOut, tags=["lists"])
 def get_list(list_id: int):
     s = get_db()
-    row = contacts.get_list(s, g.workspace_id, list_id)
-    return jsonify(list_json(row, contacts.member_counts(s, [row.id])[row.id]))
+    return _one_list(s, contacts.get_list(s, g.workspace_id, list_id))
 
 
 @bp.route("/lists/<int:list_id>", methods=["PATCH"])
@@ -381,10 +338,10 @@ def get_list(list_id: int):
 def patch_list(list_id: int):
     s = get_db()
     contacts.get_list(s, g.workspace_id, list_id)
-    data = ListIn().load(_body())
+    data = ListIn().load(json_body())
     row = contacts.rename_list(s, g.workspace_id, list_id, data["name"])
     s.commit()
-    return jsonify(list_json(row, contacts.member_counts(s, [row.id])[row.id]))
+    return _one_list(s, row)
 
 
 @bp.route("/lists/<int:list_id>", methods=["DELETE"])
@@ -404,21 +361,21 @@ def delete_list(list_id: int):
 def add_members(list_id: int):
     s = get_db()
     contacts.get_list(s, g.workspace_id, list_id)
-    data = MembersIn().load(_body())
+    data = MembersIn().load(json_body())
     result = contacts.add_members(
         s, g.workspace_id, list_id, emails=data.get("emails"), contact_ids=data.get("contact_ids")
     )
     s.commit()
     if result["added"]:
         _notify_list_changed(list_id)
-    return jsonify(result)
+    return MembersResult().dump(result)
 
 
 @bp.route("/lists/<int:list_id>/members", methods=["GET"])
 @doc("The list's members (contacts), paged by cursor", query=PageQuery, response=ContactPage, tags=["lists"])
 def list_members(list_id: int):
     s = get_db()
-    return jsonify(_contact_page(s, contacts.members_query(s, g.workspace_id, list_id)))
+    return _contact_page(s, contacts.members_query(s, g.workspace_id, list_id))
 
 
 @bp.route("/lists/<int:list_id>/members/<int:contact_id>", methods=["DELETE"])
@@ -437,20 +394,25 @@ def remove_member(list_id: int, contact_id: int):
 @doc("The suppression list, paged by cursor", query=PageQuery, response=SuppressionPage, tags=["suppressions"])
 def list_suppressions():
     s = get_db()
-    return jsonify(paginate(s, contacts.suppressions_query(g.workspace_id), Suppression, suppression_json))
+    return SuppressionPage().dump(_paginate(s, contacts.suppressions_query(g.workspace_id), Suppression))
 
 
 @bp.route("/suppressions", methods=["POST"])
 @doc(f"Suppress addresses in bulk (up to {contacts.MAX_BULK:,}); invalid ones are reported, existing ones kept",
      request=SuppressionsIn, response=SuppressionsResult, tags=["suppressions"])
 def add_suppressions():
-    data = SuppressionsIn().load(_body())
-    valid, invalid = contacts.sort_addresses(data["emails"])
-    valid = set(valid)
+    data = SuppressionsIn().load(json_body())
+    valid, invalid = set(), []
+    for raw in data["emails"]:
+        problem = contacts.email_problem(raw)
+        if problem:
+            invalid.append({"email": raw, "reason": problem})
+        else:
+            valid.add(raw.strip().lower())
     s = get_db()
     added = contacts.suppress(s, g.workspace_id, valid, data["reason"])
     s.commit()
-    return jsonify({"added": added, "already": len(valid) - added, "invalid": invalid})
+    return SuppressionsResult().dump({"added": added, "already": len(valid) - added, "invalid": invalid})
 
 
 @bp.route("/suppressions/<path:email>", methods=["DELETE"])
@@ -526,7 +488,7 @@ def import_contacts():
     s.commit()
     if report.members_added:
         _notify_list_changed(list_id)
-    return jsonify(report.as_dict())
+    return ImportReportOut().dump(report.as_dict())
 
 
 def _queue_import(s, list_id: int | None):
@@ -536,7 +498,7 @@ def _queue_import(s, list_id: int | None):
     job, queued = importer.queue_import(s, g.workspace_id, list_id, path, size, run_import)
     if not queued:
         raise ServiceUnavailable("the task queue did not answer; try again")
-    return jsonify({"import_id": job.id}), 202
+    return ImportAccepted().dump({"import_id": job.id}), 202
 
 
 @bp.route("/imports", methods=["GET"])
@@ -544,7 +506,9 @@ def _queue_import(s, list_id: int | None):
 def list_imports():
     s = get_db()
     stmt = select(Import).where(Import.workspace_id == g.workspace_id)
-    return jsonify(paginate(s, stmt, Import, import_json))
+    page = _paginate(s, stmt, Import)
+    page["items"] = [_import(row) for row in page["items"]]
+    return ImportPage().dump(page)
 
 
 @bp.route("/imports/<int:import_id>", methods=["GET"])
@@ -555,4 +519,4 @@ def get_import(import_id: int):
     row = s.get(Import, import_id) if contacts.valid_id(import_id) else None
     if row is None or row.workspace_id != g.workspace_id:
         raise NotFound(f"no import with id {import_id}")
-    return jsonify(import_json(row))
+    return ImportOut().dump(_import(row))

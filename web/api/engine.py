@@ -12,22 +12,21 @@ from flask import Response, g, request, stream_with_context
 from marshmallow import Schema, fields, validate
 from sqlalchemy import false, select
 
+from campaigns import campaign_rules as rules
 from campaigns import contacts, engine, queue_health
 from campaigns.db import TRANSIENT_ERRORS, new_session
 from campaigns.errors import BadRequest
 from campaigns.models import Message, MessageAttempt
 
 from ..db import get_db
-from ..params import int_arg, iso, paginate
+from ..params import int_arg, paginate
 from .blueprint import bp, json_body
-from .openapi import doc
+from .campaigns import CampaignStatsOut, StepStatsOut
+from .fields import Out, Rounded, Timestamp, With, page_of
+from .openapi import EventStream, doc
 
 MESSAGE_STATUSES = ("scheduled", "queued", "sending", "sent", "delivered", "bounced", "dropped", "ambiguous",
                     "failed", "cancelled")
-
-
-def _iso(dt):  # a message's times keep their microseconds
-    return iso(dt, timespec="auto")
 
 
 class TestSendIn(Schema):
@@ -36,14 +35,14 @@ class TestSendIn(Schema):
     step = fields.Integer(load_default=None, allow_none=True, strict=True, validate=validate.Range(min=0))
 
 
-class CampaignStatusOut(Schema):
+class CampaignStatusOut(Out):
     id = fields.Integer()
     status = fields.String()
     status_reason = fields.String(allow_none=True)
 
 
-class MessageOut(Schema):
-    """What ``message_json`` answers (every key of it: the document's objects are closed)."""
+class MessageOut(Out):
+    """A message of the log; its times keep the stored microseconds."""
 
     id = fields.Integer()
     campaign_id = fields.Integer()
@@ -57,20 +56,18 @@ class MessageOut(Schema):
     attempts = fields.Integer()
     max_attempts = fields.Integer()
     resends = fields.Integer(metadata={"description": "times it was sent again after an ambiguous outcome"})
-    due_at = fields.String(allow_none=True)
-    sent_at = fields.String(allow_none=True)
-    failed_at = fields.String(allow_none=True)
-    delivered_at = fields.String(allow_none=True)
-    opened_at = fields.String(allow_none=True)
-    clicked_at = fields.String(allow_none=True)
-    replied_at = fields.String(allow_none=True)
+    due_at = Timestamp(seconds=False, allow_none=True)
+    sent_at = Timestamp(seconds=False, allow_none=True)
+    failed_at = Timestamp(seconds=False, allow_none=True)
+    delivered_at = Timestamp(seconds=False, allow_none=True)
+    opened_at = Timestamp(seconds=False, allow_none=True)
+    clicked_at = Timestamp(seconds=False, allow_none=True)
+    replied_at = Timestamp(seconds=False, allow_none=True)
     last_error = fields.String(allow_none=True)
     provider_message_id = fields.String(allow_none=True)
 
 
-class MessagePage(Schema):
-    items = fields.List(fields.Nested(MessageOut))
-    next_cursor = fields.String(allow_none=True, metadata={"description": "pass as ?cursor= for the next page"})
+MessagePage = page_of(MessageOut, "MessagePage")
 
 
 class MessageQuery(Schema):
@@ -82,21 +79,21 @@ class MessageQuery(Schema):
     limit = fields.Integer(validate=validate.Range(1, 500), metadata={"description": "page size (default 50)"})
 
 
-class AttemptOut(Schema):
+class AttemptOut(Out):
     number = fields.Integer()
-    started_at = fields.String(allow_none=True)
-    duration_ms = fields.Float()
+    started_at = Timestamp(seconds=False, allow_none=True)
+    duration_ms = Rounded(places=1)
     outcome = fields.String()
     http_status = fields.Integer(allow_none=True)
     error = fields.String(allow_none=True)
-    retry_at = fields.String(allow_none=True)
+    retry_at = Timestamp(seconds=False, allow_none=True)
 
 
-class MessageEventOut(Schema):
+class MessageEventOut(Out):
     event = fields.String()
-    timestamp = fields.String(allow_none=True)
+    timestamp = Timestamp(seconds=False, allow_none=True)
     url = fields.String(allow_none=True)
-    received_at = fields.String(allow_none=True)
+    received_at = Timestamp(seconds=False, allow_none=True)
 
 
 class MessageDetailOut(MessageOut):
@@ -105,8 +102,24 @@ class MessageDetailOut(MessageOut):
     events = fields.List(fields.Nested(MessageEventOut))
 
 
-class ReplayedOut(Schema):
+class ReplayedOut(Out):
     replayed = fields.Integer(metadata={"description": "how many dead letters were queued again"})
+
+
+class StreamProgressOut(Out):
+    """The data of a stream's ``progress`` event: the campaign's counts, and each step's by step id."""
+
+    id = fields.Integer()
+    status = fields.String(metadata={"enum": list(rules.STATUSES)})
+    status_reason = fields.String(allow_none=True)
+    stats = fields.Nested(CampaignStatsOut)
+    steps = fields.Dict(keys=fields.String(), values=fields.Nested(StepStatsOut))
+
+
+class StreamEndOut(Out):
+    """The data of a stream's last event, ``end``, once the campaign has ended."""
+
+    status = fields.String(metadata={"enum": ["completed", "cancelled"]})
 
 
 class StreamQuery(Schema):
@@ -115,16 +128,16 @@ class StreamQuery(Schema):
     last_event_id = fields.String(metadata={"description": "as the Last-Event-ID header: the id to go on from"})
 
 
-class DeletedOut(Schema):
+class DeletedOut(Out):
     deleted = fields.Integer(metadata={"description": "how many dead letters were deleted"})
 
 
-class DurationsOut(Schema):
+class DurationsOut(Out):
     p50 = fields.Float(allow_none=True, metadata={"description": "milliseconds; null without attempts in 5 minutes"})
     p95 = fields.Float(allow_none=True)
 
 
-class QueueOut(Schema):
+class QueueOut(Out):
     depth = fields.Integer()
     scheduled = fields.Integer()
     in_flight = fields.Integer()
@@ -139,23 +152,12 @@ class QueueOut(Schema):
     waiting = fields.Dict(keys=fields.String(), values=fields.Integer())
 
 
-def _status(c):
-    return {"id": c.id, "status": c.status, "status_reason": c.status_reason}
+def _status(c) -> dict:
+    return CampaignStatusOut().dump(c)
 
 
-def message_json(m: Message, detail: bool = False) -> dict:
-    out = {
-        "id": m.id, "campaign_id": m.campaign_id, "step_id": m.step_id, "enrollment_id": m.enrollment_id,
-        "email": m.email, "message_key": m.message_key, "status": m.status, "is_test": m.is_test,
-        "attempts": m.attempts, "max_attempts": m.max_attempts, "resends": m.resends,
-        "due_at": _iso(m.due_at), "sent_at": _iso(m.sent_at), "failed_at": _iso(m.failed_at),
-        "delivered_at": _iso(m.delivered_at), "opened_at": _iso(m.opened_at), "clicked_at": _iso(m.clicked_at),
-        "replied_at": _iso(m.replied_at), "last_error": m.last_error,
-        "provider_message_id": m.provider_message_id,
-    }
-    if detail:
-        out["last_response"] = m.last_response
-    return out
+def _message(m: Message) -> dict:
+    return MessageOut().dump(m)
 
 
 def _tasks():
@@ -214,12 +216,12 @@ def test_send(campaign_id):
     db.commit()
     t = _tasks()
     t.HOOKS.enqueue_send([msg.id], t.PRIORITY_TEST)
-    return message_json(msg), 202
+    return _message(msg), 202
 
 
 @bp.get("/campaigns/<int:campaign_id>/stream")
 @doc("Server-sent events: the campaign's counts as they change; closes within 60 s (reconnect with Last-Event-ID)",
-     query=StreamQuery, response="text/event-stream")
+     query=StreamQuery, response=EventStream({"progress": StreamProgressOut, "end": StreamEndOut}))
 def campaign_stream(campaign_id):
     from campaigns.stats import shared_campaign_stats
 
@@ -298,7 +300,7 @@ def list_messages():
     step_id = int_arg("step_id")
     if step_id is not None:
         stmt = stmt.where(Message.step_id == step_id)
-    return paginate(get_db(), stmt, Message, message_json)
+    return MessagePage().dump(paginate(get_db(), stmt, Message, lambda m: m))
 
 
 def _own_message(message_id) -> Message:
@@ -317,17 +319,9 @@ def get_message(message_id):
 
     m = _own_message(message_id)
     db = get_db()
-    out = message_json(m, detail=True)
-    out["attempts_log"] = [
-        {"number": a.number, "started_at": _iso(a.started_at), "duration_ms": round(a.duration_ms, 1),
-         "outcome": a.outcome, "http_status": a.http_status, "error": a.error, "retry_at": _iso(a.retry_at)}
-        for a in db.scalars(select(MessageAttempt).where(MessageAttempt.message_id == m.id).order_by(MessageAttempt.id))
-    ]
-    out["events"] = [
-        {"event": e.event, "timestamp": _iso(e.timestamp), "url": e.url, "received_at": _iso(e.received_at)}
-        for e in db.scalars(select(Event).where(Event.message_id == m.id).order_by(Event.id))
-    ]
-    return out
+    attempts = db.scalars(select(MessageAttempt).where(MessageAttempt.message_id == m.id).order_by(MessageAttempt.id))
+    events = db.scalars(select(Event).where(Event.message_id == m.id).order_by(Event.id))
+    return MessageDetailOut().dump(With(m, attempts_log=list(attempts), events=list(events)))
 
 
 @bp.post("/messages/<int:message_id>/replay")
@@ -342,7 +336,7 @@ def replay_message(message_id):
         t.HOOKS.enqueue_send([m.id], t.PRIORITY_TEST)
     else:
         t.wake_dispatcher(None)
-    return message_json(m), 202
+    return _message(m), 202
 
 
 @bp.post("/campaigns/<int:campaign_id>/replay-failed")
@@ -353,7 +347,7 @@ def replay_failed(campaign_id):
     n = engine.replay_failed(db, g.workspace_id, campaign_id)
     db.commit()
     _tasks().wake_dispatcher(None)
-    return {"replayed": n}, 202
+    return ReplayedOut().dump({"replayed": n}), 202
 
 
 @bp.delete("/messages/<int:message_id>")
@@ -371,7 +365,7 @@ def delete_failed(campaign_id):
     db = get_db()
     n = engine.delete_failed(db, g.workspace_id, campaign_id)
     db.commit()
-    return {"deleted": n}
+    return DeletedOut().dump({"deleted": n})
 
 
 @bp.get("/queue")
@@ -379,4 +373,4 @@ def delete_failed(campaign_id):
 def queue():
     from tasks import huey
 
-    return queue_health.snapshot(get_db(), huey, workspace_id=g.workspace_id)
+    return QueueOut().dump(queue_health.snapshot(get_db(), huey, workspace_id=g.workspace_id))

@@ -1,15 +1,7 @@
-"""The OpenAPI document, generated from the marshmallow schemas the routes declare with ``doc``.
+"""The OpenAPI document, built from the marshmallow schemas routes declare with ``doc(...)``.
 
-``build_spec(app)`` walks the app's url map: every ``api.*`` endpoint becomes an operation,
-documented by its view's ``doc(...)`` metadata when it has some, else by the first line of its
-docstring, so a route nobody documented still shows up (and the coverage test catches it).
-Flask rules become OpenAPI paths (``<int:campaign_id>`` -> ``{campaign_id}``, an integer path
-parameter). 4xx answers use the contract's error shape; everything but ``PUBLIC_ENDPOINTS``
-needs ``bearerAuth`` (or the UI's session cookie).
-
-``doc(request=..., response=...)`` takes marshmallow schema classes or instances (JSON bodies),
-or a media-type string for anything else, e.g. ``request="text/csv"`` or
-``response="text/event-stream"``.
+Every ``api.*`` rule is an operation (a view without ``doc`` still shows up, by its docstring),
+with the error answers it can give; the ``*Out`` response schemas are also what handlers dump.
 """
 
 from __future__ import annotations
@@ -24,13 +16,14 @@ from apispec.ext.marshmallow.common import make_schema_key, resolve_schema_cls, 
 from flask import current_app, jsonify
 from marshmallow import Schema, fields
 
-from .blueprint import PUBLIC_ENDPOINTS, bp
+from .blueprint import MAX_URL_BYTES, PUBLIC_ENDPOINTS, bp
 
 
 def doc(summary: str, request=None, response=None, status: int = 200, query=None, tags=None, errors=(),
         responses=None):
     """Attach OpenAPI metadata to a view: request/response are marshmallow schema classes
-    (or instances, e.g. ``Schema(many=True)``), query is a schema for the query string.
+    (or instances, e.g. ``Schema(many=True)``), a plain JSON schema (a dict) or a media-type
+    string; query is a schema for the query string.
 
     ``errors``: statuses of :data:`ERROR_RESPONSES` the view answers beyond the ones every
     operation of its kind gets (e.g. ``(409,)`` for a state that refuses the action, ``404`` for
@@ -71,6 +64,7 @@ ERROR_RESPONSES = {
     "404": ("NotFound", "No such resource in this workspace"),
     "409": ("Conflict", "The resource's state does not allow this"),
     "413": ("PayloadTooLarge", "The request body is larger than the server accepts (MAX_CONTENT_LENGTH, 64 MiB)"),
+    "414": ("URITooLong", f"The URL (path and query string) is longer than {MAX_URL_BYTES:,} bytes"),
     "415": ("UnsupportedMediaType", "The request body's media type (or charset) is not one this operation reads"),
     "422": ("Invalid", "The body is well-formed but not acceptable; details name each field"),
     "503": ("Unavailable", "A service Herald needs (the database or the task queue) did not answer; try again "
@@ -133,10 +127,48 @@ def _name_resolver():
 # --------------------------------------------------------------------------- building
 
 
+class EventStream:
+    """A ``text/event-stream`` answer; ``events``: each event type's data (JSON) as a schema class.
+    Documented as OpenAPI 3.0 tools read a stream: the schema of one event (``event``, ``id``,
+    ``data``), its data's JSON schema under ``contentSchema``."""
+
+    def __init__(self, events: dict[str, type[Schema]]):
+        self.events = events
+
+    def schema(self) -> dict:
+        data = [{"$ref": f"#/components/schemas/{cls.__name__}"} for cls in self.events.values()]
+        return {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": list(self.events)},
+                "id": {"type": "string", "description": "send it back as Last-Event-ID to go on from there"},
+                "retry": {"type": "integer", "description": "milliseconds to wait before reconnecting"},
+                "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"oneOf": data}},
+            },
+        }
+
+
 def _content(obj) -> dict:
     if isinstance(obj, str):
         return {obj: {"schema": {"type": "string"}}}
-    return {"application/json": {"schema": obj}}
+    if isinstance(obj, EventStream):
+        return {"text/event-stream": {"schema": obj.schema()}}
+    return {"application/json": {"schema": obj}}  # a marshmallow schema, or a plain JSON schema dict
+
+
+def _only_null(node):
+    """apispec documents a nullable nested object as ``anyOf: [{type: object, nullable: true},
+    {$ref}]``, whose first branch takes any object: that branch is made to take only null."""
+    if isinstance(node, dict):
+        for branch in node.get("anyOf", ()):
+            if branch == {"type": "object", "nullable": True}:
+                branch["enum"] = [None]
+        for value in node.values():
+            _only_null(value)
+    elif isinstance(node, list):
+        for value in node:
+            _only_null(value)
 
 
 def _view_doc(view) -> tuple[str, str]:
@@ -179,7 +211,9 @@ def _operation(endpoint: str, method: str, view, path_params: list, public: bool
         responses["409"] = ERROR_RESPONSES["409"][0]
     if meta.get("request") is not None:
         responses["413"] = ERROR_RESPONSES["413"][0]  # a body past MAX_CONTENT_LENGTH
+        responses["415"] = ERROR_RESPONSES["415"][0]  # a body sent as another media type
         responses["422"] = ERROR_RESPONSES["422"][0]
+    responses["414"] = ERROR_RESPONSES["414"][0]  # any operation: a URL past MAX_URL_BYTES
     responses["503"] = ERROR_RESPONSES["503"][0]  # any operation, while the database or the queue store is away
     for extra in meta.get("errors") or ():
         responses[str(extra)] = ERROR_RESPONSES[str(extra)][0]
@@ -225,6 +259,11 @@ def build_spec(app) -> dict:
         if not rule.endpoint.startswith("api."):
             continue
         view = app.view_functions[rule.endpoint]
+        stream = (getattr(view, "__openapi__", None) or {}).get("response")
+        if isinstance(stream, EventStream):  # its data schemas are named by their class (EventStream.schema)
+            for cls in stream.events.values():
+                if cls.__name__ not in spec.components.schemas:
+                    spec.components.schema(cls.__name__, schema=cls)
         path, params = openapi_path(rule.rule)
         methods = sorted(m.lower() for m in (rule.methods or ()) if m not in ("HEAD", "OPTIONS"))
         entry = paths.setdefault(path, {"parameters": params, "operations": {}})
@@ -236,7 +275,9 @@ def build_spec(app) -> dict:
                 )
     for path, entry in paths.items():
         spec.path(path=path, parameters=entry["parameters"] or None, operations=entry["operations"])
-    return spec.to_dict()
+    document = spec.to_dict()
+    _only_null(document)
+    return document
 
 
 _lock = threading.Lock()
@@ -254,7 +295,7 @@ def get_spec(app) -> dict:
 
 
 @bp.get("/openapi.json", endpoint="openapi")
-@doc("This OpenAPI 3.0 document (public)", tags=["meta"])
+@doc("This OpenAPI 3.0 document (public)", response={"type": "object"}, tags=["meta"])
 def openapi_document():
     """The OpenAPI document of the JSON API."""
     return jsonify(get_spec(current_app))
