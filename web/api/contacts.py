@@ -402,13 +402,8 @@ def list_suppressions():
      request=SuppressionsIn, response=SuppressionsResult, tags=["suppressions"])
 def add_suppressions():
     data = SuppressionsIn().load(json_body())
-    valid, invalid = set(), []
-    for raw in data["emails"]:
-        problem = contacts.email_problem(raw)
-        if problem:
-            invalid.append({"email": raw, "reason": problem})
-        else:
-            valid.add(raw.strip().lower())
+    valid, invalid = contacts.sort_addresses(data["emails"])
+    valid = set(valid)
     s = get_db()
     added = contacts.suppress(s, g.workspace_id, valid, data["reason"])
     s.commit()
