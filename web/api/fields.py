@@ -12,6 +12,8 @@ from datetime import datetime
 
 from marshmallow import Schema, fields
 
+from ..params import iso
+
 
 class Out(Schema):
     """A response object. ``dump`` writes every declared field, so each is documented as required
@@ -33,7 +35,7 @@ class Timestamp(fields.String):
         self.timespec = "seconds" if seconds else "auto"
 
     def _serialize(self, value: datetime | None, attr, obj, **kwargs):
-        return None if value is None else value.isoformat(timespec=self.timespec) + "Z"
+        return iso(value, self.timespec)
 
 
 class _NoneAs:
