@@ -125,6 +125,21 @@ def _node_problem(node, assigned: set) -> str | None:
     return None
 
 
+MAX_TOKENS = 10_000  # names, operators, literals... in one template's tags (compiling costs ~0.1 ms each)
+
+
+def too_complex(env, source: str) -> str | None:
+    """Refused before parsing: parsing and compiling cost CPU in proportion to the tags' tokens
+    (the text around the tags costs next to nothing). Lexes at most MAX_TOKENS + 1 tokens."""
+    count = 0
+    for _, kind, _ in env.lex(source):
+        if kind not in ("data", "whitespace"):
+            count += 1
+            if count > MAX_TOKENS:
+                return f"the template is too complex (more than {MAX_TOKENS:,} names, operators and values in its tags)"
+    return None
+
+
 def problems(ast: nodes.Template) -> list[tuple[int, str]]:
     """``[(line, message)]`` for what a template may not use, in line order."""
     found: list[tuple[int, str]] = []
@@ -151,7 +166,8 @@ def problems(ast: nodes.Template) -> list[tuple[int, str]]:
 
 
 class _Prepare(NodeTransformer):
-    """Route the steps Jinja's generated code runs directly through the budget."""
+    """Route the steps Jinja's generated code runs directly through the budget: every statement
+    a loop can repeat (an output, an ``if``, a ``set``, a ``with``, an item) is at least one step."""
 
     @staticmethod
     def _through(name: str, node) -> nodes.Filter:
@@ -171,6 +187,21 @@ class _Prepare(NodeTransformer):
     def visit_Tuple(self, node):
         node = self.generic_visit(node)
         return self._through("herald.literal", node) if node.ctx == "load" else node
+
+    def visit_If(self, node):
+        node = self.generic_visit(node)
+        node.test = self._through("herald.counted", node.test)
+        return node
+
+    def visit_Assign(self, node):
+        node = self.generic_visit(node)
+        node.node = self._through("herald.counted", node.node)
+        return node
+
+    def visit_With(self, node):
+        node = self.generic_visit(node)
+        node.values = [self._through("herald.counted", value) for value in node.values]
+        return node
 
     def visit_For(self, node):
         node = self.generic_visit(node)

@@ -54,6 +54,9 @@ def _compiled(kind: str, source: str):
     """The compiled template for this source (compile once, render many), or the first of its
     problems as a ``TemplateSyntaxError``."""
     env = _ENVS[kind]
+    too_complex = language.too_complex(env, source)
+    if too_complex:
+        raise TemplateSyntaxError(too_complex, 1)
     ast = env.parse(source)
     found = language.problems(ast)
     if found:
@@ -106,6 +109,9 @@ def check_template(source: str | None, kind: str = "plain") -> list[str]:
         return []
     env = _ENVS[kind]
     try:
+        too_complex = language.too_complex(env, source)
+        if too_complex:
+            return [f"line 1: {too_complex}"]
         found = language.problems(env.parse(source))
         if found:
             return [f"line {line}: {message}" for line, message in found]

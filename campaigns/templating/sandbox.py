@@ -25,8 +25,8 @@ from .views import Fields, UnknownAttribute, View, unknown_attribute_message
 
 MAX_VALUE_SIZE = 1_000_000  # characters (or list items) in one value a step reads or builds
 MAX_OUTPUT_CHARS = 2_000_000  # one rendered field
-MAX_STEPS = 100_000  # loop iterations, filters, operations... while rendering one field
-MAX_WORK_CHARS = 20_000_000  # characters those steps read or build, in all
+MAX_STEPS = 50_000  # loop iterations, filters, operations... while rendering one field
+MAX_WORK_CHARS = 10_000_000  # characters those steps read or build, in all
 MAX_INT_BITS = 4_096  # one integer a template computes
 MAX_DATE_FORMAT = 100  # characters in a |date format
 # Seconds of the rendering thread's own CPU time (not wall-clock: a busy machine, or the GIL held
@@ -235,7 +235,8 @@ def _literal(context, value):
 
 @pass_context
 def _counted(context, value):
-    """A comparison (strings compare in time linear in their length)."""
+    """A comparison (strings compare in time linear in their length), an ``if``'s test, a value
+    ``set``."""
     _step()
     return value
 
@@ -283,6 +284,7 @@ class Sandbox(ImmutableSandboxedEnvironment):
         return self.getitem(obj, attribute)
 
     def getitem(self, obj, argument):
+        _step()
         if isinstance(obj, View):
             return obj.lookup(argument)
         if isinstance(obj, (Fields, dict)):
