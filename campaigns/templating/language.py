@@ -2,9 +2,10 @@
 
 ``problems(ast)`` walks Jinja's parsed tree with allow-lists (statements and expressions in
 ``ALLOWED_NODES``, ``FILTERS``, ``TESTS``, the names and attributes of ``views.VARIABLES``) and
-names everything else with its line. ``prepare(ast)`` rewrites an accepted tree so that the steps
-Jinja would run directly (``~``, comparisons, list literals, loop items) go through the
-sandbox's budget (``sandbox.INTERNAL_FILTERS``). The language for users: docs/templates.md.
+names everything else with its line. ``prepare(ast)`` rewrites an accepted tree so that what
+Jinja's generated code would run directly (``~``, comparisons, list literals, ``if`` tests,
+``set`` values, loop items) goes through the sandbox's budget (``sandbox.INTERNAL_FILTERS``).
+The language for users: docs/templates.md.
 """
 
 from __future__ import annotations
