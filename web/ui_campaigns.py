@@ -491,8 +491,6 @@ def campaign_edit(campaign_id: int):
 @bp.post("/campaigns/<int:campaign_id>/test-send")
 @login_required
 def campaign_test_send(campaign_id: int):
-    from tasks import engine as task_engine
-
     db = get_db()
     c = _campaign(campaign_id)
     back = safe_next(request.form.get("back"), url_for("ui.campaign_edit", campaign_id=c.id))
@@ -505,7 +503,6 @@ def campaign_test_send(campaign_id: int):
         db.rollback()
         flash(f"Test not sent: {error_text(exc)}", "error")
         return redirect(back), 303
-    task_engine.HOOKS.enqueue_send([msg.id], task_engine.PRIORITY_TEST)
     flash(f"Test email queued for {msg.email}, ahead of campaign sends (kept out of the statistics).", "success")
     return redirect(back), 303
 
@@ -527,8 +524,6 @@ def campaign_launch_confirm(campaign_id: int):
 
 
 def _operate(campaign_id: int, verb: str):
-    from tasks import engine as task_engine
-
     db = get_db()
     c = _campaign(campaign_id)
     try:
@@ -540,15 +535,11 @@ def _operate(campaign_id: int, verb: str):
             engine.resume(db, g.workspace_id, c.id)
         elif verb == "cancel":
             engine.cancel(db, g.workspace_id, c.id)
-        db.commit()
+        db.commit()  # a launch's fan-out, a resume's wake follow the commit (campaigns.effects)
     except HeraldError as exc:
         db.rollback()
         flash(f"Could not {verb} the campaign: {error_text(exc)}", "error")
         return redirect(url_for("ui.campaign_page", campaign_id=c.id)), 303
-    if verb == "launch":
-        task_engine.fanout_campaign(c.id)
-    elif verb == "resume":
-        task_engine.wake_dispatcher(None)
     done = {"launch": "Launched: contacts are being enrolled.", "pause": "Paused: no new send starts.",
             "resume": "Resumed.", "cancel": "Cancelled: pending emails will not be sent."}
     flash(done[verb], "success")
@@ -629,8 +620,6 @@ def campaign_delete(campaign_id: int):
 @bp.post("/campaigns/<int:campaign_id>/replay-failed")
 @login_required
 def campaign_replay_failed(campaign_id: int):
-    from tasks import engine as task_engine
-
     db = get_db()
     c = _campaign(campaign_id)
     back = safe_next(request.form.get("back"), url_for("ui.campaign_page", campaign_id=c.id))
@@ -641,8 +630,6 @@ def campaign_replay_failed(campaign_id: int):
         db.rollback()
         flash(f"Not replayed: {error_text(exc)}", "error")
         return redirect(back), 303
-    if n:
-        task_engine.wake_dispatcher(None)
     flash(f"{n} dead letter{'s' if n != 1 else ''} of {c.name} queued again (same message keys).", "success")
     return redirect(back), 303
 

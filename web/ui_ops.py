@@ -108,15 +108,6 @@ def message_page(message_id: int):
                            contact=contact, last_response=_pretty(m.last_response))
 
 
-def _requeue(message: Message) -> None:
-    from tasks import engine as task_engine
-
-    if message.is_test:
-        task_engine.HOOKS.enqueue_send([message.id], task_engine.PRIORITY_TEST)
-    else:
-        task_engine.wake_dispatcher(None)
-
-
 @bp.post("/messages/<int:message_id>/replay")
 @login_required
 def message_replay(message_id: int):
@@ -130,7 +121,6 @@ def message_replay(message_id: int):
         db.rollback()
         flash(f"Not replayed: {error_text(exc)}", "error")
         return redirect(back), 303
-    _requeue(m)
     flash(f"Message to {m.email} queued again (same message key).", "success")
     return redirect(back), 303
 
