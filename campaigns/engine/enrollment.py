@@ -17,25 +17,16 @@ from ..models import Campaign, Contact, Enrollment, ListMember, Message, Suppres
 from .common import Hooks, _insert, _random_key_sql, log, worker_id
 from .sequence import _first_email
 
+# A first message's columns: every one given (the Python-side defaults are not applied to an
+# INSERT fed by a DML CTE).
+_MESSAGE_COLUMNS = ["workspace_id", "campaign_id", "enrollment_id", "step_id", "contact_id", "email", "message_key",
+                    "status", "due_at", "max_attempts", "created_at", "updated_at", "is_test", "priority", "attempts",
+                    "resends"]
 
-def fanout(session: Session, campaign_id: int, since: datetime | None = None,
-           contacts: tuple[int | None, int | None] | None = None) -> int:
-    """Enroll the campaign's list (set-based) and schedule each new enrollment's first email.
 
-    Suppressed addresses and contacts that are not active are skipped. Safe to run again: the
-    unique (campaign, contact) and (enrollment, step) constraints make repeats do nothing.
-    ``since`` limits the look to list members added after that time (the reconciler's sweep).
-    ``contacts`` = (after, upto) limits it to contact ids in that range (None: open), one part
-    of a fan-out in parts (``fanout_in_parts``); the part with no upper end finishes it.
-    Returns how many contacts were enrolled now.
-    """
-    c = session.get(Campaign, campaign_id)
-    if c is None or c.status not in ("running", "paused") or c.list_id is None:
-        return 0
-    step, wait = _first_email(c)
-    if step is None:
-        return 0
-    now = utcnow()
+def _members(c: Campaign, now: datetime, since: datetime | None, after: int | None, upto: int | None):
+    """The enrollment rows of the campaign's list members that may be enrolled: active, not
+    suppressed, added since ``since``, contact ids in (after, upto] (None: open)."""
     members = (
         select(
             Contact.workspace_id,
@@ -55,18 +46,36 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None,
     )
     if since is not None:
         members = members.where(ListMember.added_at >= since)
-    after, upto = contacts or (None, None)
     if after is not None:
         members = members.where(ListMember.contact_id > after)
     if upto is not None:
         members = members.where(ListMember.contact_id <= upto)
+    return members
+
+
+def fanout(session: Session, campaign_id: int, since: datetime | None = None,
+           contacts: tuple[int | None, int | None] | None = None) -> int:
+    """Enroll the campaign's list (set-based) and schedule each new enrollment's first email.
+
+    Suppressed addresses and contacts that are not active are skipped. Safe to run again: the
+    unique (campaign, contact) and (enrollment, step) constraints make repeats do nothing.
+    ``since`` limits the look to list members added after that time (the reconciler's sweep).
+    ``contacts`` = (after, upto) limits it to contact ids in that range (None: open), one part
+    of a fan-out in parts (``fanout_in_parts``); the part with no upper end finishes it.
+    Returns how many contacts were enrolled now.
+    """
+    c = session.get(Campaign, campaign_id)
+    if c is None or c.status not in ("running", "paused") or c.list_id is None:
+        return 0
+    step, wait = _first_email(c)
+    if step is None:
+        return 0
+    now = utcnow()
+    after, upto = contacts or (None, None)
+    members = _members(c, now, since, after, upto)
     ins = _insert(session, Enrollment.__table__).from_select(
         ["workspace_id", "campaign_id", "contact_id", "status", "created_at"], members
     ).on_conflict_do_nothing()
-    message_columns = ["workspace_id", "campaign_id", "enrollment_id", "step_id", "contact_id", "email",
-                       "message_key", "status", "due_at", "max_attempts", "created_at", "updated_at", "is_test",
-                       "priority", "attempts", "resends"]
-    # Every column given: the Python-side defaults are not applied to an INSERT fed by a DML CTE.
     rest = (_random_key_sql(session), literal("scheduled"), literal(now + timedelta(seconds=wait)),
             literal(c.max_attempts), literal(now), literal(now), literal(False), literal(0), literal(0), literal(0))
     if is_postgres(session):
@@ -81,7 +90,7 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None,
             .join(Contact, Contact.id == new.c.contact_id)
         )
         enrolled = session.execute(
-            _insert(session, Message.__table__).from_select(message_columns, first).on_conflict_do_nothing(),
+            _insert(session, Message.__table__).from_select(_MESSAGE_COLUMNS, first).on_conflict_do_nothing(),
             execution_options={"preserve_rowcount": True},
         ).rowcount or 0
         _refresh_statistics(session, enrolled)
@@ -105,7 +114,7 @@ def fanout(session: Session, campaign_id: int, since: datetime | None = None,
     if upto is not None:
         first = first.where(Enrollment.contact_id <= upto)
     session.execute(
-        _insert(session, Message.__table__).from_select(message_columns, first).on_conflict_do_nothing()
+        _insert(session, Message.__table__).from_select(_MESSAGE_COLUMNS, first).on_conflict_do_nothing()
     )
     return _finish_fanout(c, now, enrolled, last=upto is None)
 

@@ -32,7 +32,7 @@ class _WaitCounter:
     def __init__(self):
         self.lock = threading.Lock()
         self.pending: dict[str, int] = defaultdict(int)
-        self.flushed = time.monotonic()
+        self.flushed = float("-inf")  # the first wait is counted at once
 
     def add(self, limiter: Limiter, name: str, n: int = 1) -> None:
         with self.lock:
@@ -47,7 +47,14 @@ class _WaitCounter:
             log.exception("could not count rate-limit waits")
 
 
-_wait_counter = _WaitCounter()
+
+
+def _waits(limiter: Limiter) -> _WaitCounter:
+    """The wait counter of this process, kept with the limiter."""
+    counter = limiter.local.get("wait_counter")
+    if counter is None:
+        counter = limiter.local.setdefault("wait_counter", _WaitCounter())
+    return counter
 
 
 def _limit_kind(key: str | None) -> str:
@@ -95,7 +102,7 @@ def pace(limiter: Limiter, campaign: Campaign, n: int, guard: _StopGuard | None 
         mono = time.monotonic()
         blocked = next((r.key for r in rules if shut.get(r.key, 0.0) > mono), None)
         if blocked:
-            _wait_counter.add(limiter, f"rate_limit_released:{_limit_kind(blocked)}", n)
+            _waits(limiter).add(limiter, f"rate_limit_released:{_limit_kind(blocked)}", n)
             return 0
         try:
             g = limiter.take(rules, n, watch=watch)
@@ -106,7 +113,7 @@ def pace(limiter: Limiter, campaign: Campaign, n: int, guard: _StopGuard | None 
             guard.observe(g.watched)
         if g.granted:
             if waited:
-                _wait_counter.add(limiter, f"rate_limit_waits:{_limit_kind(waited)}", g.granted)
+                _waits(limiter).add(limiter, f"rate_limit_waits:{_limit_kind(waited)}", g.granted)
             if urgent and waited:
                 limiter.release(PRIORITY_GATE)
             if not urgent:
@@ -116,7 +123,7 @@ def pace(limiter: Limiter, campaign: Campaign, n: int, guard: _StopGuard | None 
         if g.wait > max_wait or mono + g.wait > deadline:
             if g.blocked_by and g.wait > max_wait:
                 shut[g.blocked_by] = mono + min(g.wait, 5.0) - 0.05
-            _wait_counter.add(limiter, f"rate_limit_released:{_limit_kind(g.blocked_by)}", n)
+            _waits(limiter).add(limiter, f"rate_limit_released:{_limit_kind(g.blocked_by)}", n)
             return 0
         if urgent:
             limiter.hold(PRIORITY_GATE, time.time() + g.wait + 0.1)

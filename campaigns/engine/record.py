@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
 
@@ -21,6 +21,7 @@ from .planning import backoff_delay
 from .sequence import _ADVANCE_COLUMNS, _advance_rows
 
 CONSECUTIVE_FAILURES_PAUSE = 20
+RESET_SPREAD = 1.0  # seconds over which messages a 429 pushed back come due again
 
 
 @dataclass
@@ -125,110 +126,127 @@ def _record_once(outcomes: list[Outcome], owner: str, again: bool = False) -> tu
     """One try of ``_record``: the campaigns that may have finished, and when to wake the
     dispatcher. Safe to run again: each change is conditional on the message still being in
     flight, and ``again`` keeps attempt rows a lost answer hid from being stored twice."""
-    Session_ = session_factory()
     now = utcnow()
-    wake_at: datetime | None = None
-    pause: dict[int, str] = {}
-    touched: set[int] = set()
-    finished: set[int] = set()
-    with Session_() as s, s.begin():
-        attempts = []
-        released = []
+    t = _Tally()
+    with session_factory()() as s, s.begin():
+        released = [o.message_id for o in outcomes if o.kind == "released"]
+        attempts = [_attempt_row(o) for o in outcomes if o.kind != "released"]
         for o in outcomes:
-            if o.kind == "released":
-                released.append(o.message_id)
-                continue
-            attempts.append(dict(
-                workspace_id=o.workspace_id, campaign_id=o.campaign_id, message_id=o.message_id,
-                number=o.attempt, started_at=o.started, finished_at=o.finished,
-                duration_ms=(o.finished - o.started).total_seconds() * 1000.0,
-                outcome=o.kind, http_status=o.status, error=(o.error or None) and o.error[:2000],
-                retry_at=o.retry_at,
-            ))
-            if o.kind == "sent":
-                continue  # recorded together below
-            elif o.kind in ("retry", "rate_limited"):
-                row = s.get(Message, o.message_id)
-                if row is None or row.status not in ("sending", "ambiguous"):
-                    continue
-                if o.kind == "rate_limited":
-                    # Provider pushback is not a failure of this message: no attempt spent.
-                    row.attempts = max(0, row.attempts - 1)
-                    due = o.retry_at or (now + timedelta(seconds=1))
-                    due = max(due, now) + timedelta(seconds=random.uniform(0, 1.0))  # no herd at the reset
-                elif row.attempts >= row.max_attempts:
-                    _fail(s, row, o, now)
-                    finished.add(o.campaign_id)
-                    continue
-                else:
-                    due = now + timedelta(seconds=backoff_delay(row.attempts))
-                row.status = "scheduled"
-                row.due_at = due
-                row.queued_at = None
-                row.lease_owner = None
-                row.lease_expires_at = None
-                row.last_error = o.error
-                row.last_response = o.body
-                row.updated_at = now
-                wake_at = due if wake_at is None else min(wake_at, due)
-            elif o.kind == "failed":
-                row = s.get(Message, o.message_id)
-                if row is not None and row.status in ("sending", "ambiguous"):
-                    _fail(s, row, o, now)
-                    finished.add(o.campaign_id)
-            elif o.kind == "account":
-                s.execute(
-                    update(Message).where(_mine(o))
-                    .values(status="scheduled", queued_at=None, lease_owner=None, lease_expires_at=None,
-                            attempts=Message.attempts - 1, last_error=o.error, last_response=o.body)
-                )
-                pause[o.campaign_id] = f"the provider refused the account: {o.error}"
-            elif o.kind == "ambiguous":
-                s.execute(
-                    update(Message).where(_mine(o))
-                    .values(status="ambiguous", ambiguous_at=now, lease_owner=None, lease_expires_at=None,
-                            last_error=o.error, updated_at=now)
-                )
+            if o.kind not in ("released", "sent"):
+                _apply(s, o, now, t)
         if released:  # handed back unspent: the dispatcher queues them again
             s.connection().execute(_release_stmt(is_postgres(s)), {"ids": released, "owner": owner})
         # Back to scheduled (released, retried, rate-limited, account pause) but stopped, suppressed
         # or cancelled meanwhile: cancelled now, or they would wait for ever.
         back = released + [o.message_id for o in outcomes if o.kind in ("retry", "rate_limited", "account")]
-        finished |= _retire_unsendable(s, back)
+        t.finished |= _retire_unsendable(s, back)
         sent = [o for o in outcomes if o.kind == "sent"]
         if sent:
-            nxt = _record_sent(s, sent, now)
-            if nxt is not None:
-                wake_at = nxt if wake_at is None else min(wake_at, nxt)
-            touched.update(o.campaign_id for o in sent)
+            t.wake(_record_sent(s, sent, now))
         if attempts and again:
             attempts = _new_attempts(s, attempts)
         if attempts:
             _insert_attempts(s, attempts)
-        failing = {o.campaign_id for o in outcomes if o.kind in ("retry", "failed", "ambiguous")}
-        for cid in failing - set(pause):
-            recent = s.scalars(
-                select(MessageAttempt.outcome).where(MessageAttempt.campaign_id == cid)
-                .order_by(MessageAttempt.id.desc()).limit(CONSECUTIVE_FAILURES_PAUSE)
-            ).all()
-            if len(recent) >= CONSECUTIVE_FAILURES_PAUSE and all(x in ("retry", "failed", "ambiguous") for x in recent):
-                pause[cid] = f"{CONSECUTIVE_FAILURES_PAUSE} consecutive send failures; last: " + (
-                    next((o.error for o in outcomes if o.campaign_id == cid and o.error), "") or "")[:300]
-        for cid, reason in pause.items():
-            c = s.get(Campaign, cid)
-            if c is not None and c.status == "running":
-                c.status = "paused"
-                c.status_reason = reason
-                s.execute(
-                    update(Message)
-                    .where(Message.campaign_id == cid, Message.status == "queued", Message.is_test.is_(False))
-                    .values(status="scheduled", queued_at=None)
-                )
-                log.warning("campaign %s paused: %s", cid, reason)
+        _pause_failing(s, outcomes, t.pause)
         # Only a completed or failed sequence can finish a campaign.
         if s.info.pop("herald_completed", False):
-            finished |= touched
-    return finished, wake_at
+            t.finished |= {o.campaign_id for o in sent}
+    return t.finished, t.wake_at
+
+
+@dataclass
+class _Tally:
+    """What a recording found: campaigns that may have finished, campaigns to pause (and why),
+    and the earliest time work it put back falls due."""
+
+    finished: set[int] = field(default_factory=set)
+    pause: dict[int, str] = field(default_factory=dict)
+    wake_at: datetime | None = None
+
+    def wake(self, at: datetime | None) -> None:
+        if at is not None:
+            self.wake_at = at if self.wake_at is None else min(self.wake_at, at)
+
+
+def _attempt_row(o: Outcome) -> dict:
+    return dict(
+        workspace_id=o.workspace_id, campaign_id=o.campaign_id, message_id=o.message_id,
+        number=o.attempt, started_at=o.started, finished_at=o.finished,
+        duration_ms=(o.finished - o.started).total_seconds() * 1000.0,
+        outcome=o.kind, http_status=o.status, error=(o.error or None) and o.error[:2000],
+        retry_at=o.retry_at,
+    )
+
+
+def _apply(s: Session, o: Outcome, now: datetime, t: _Tally) -> None:
+    """Record one outcome other than sent or released (those are recorded together)."""
+    if o.kind in ("retry", "rate_limited"):
+        row = s.get(Message, o.message_id)
+        if row is None or row.status not in ("sending", "ambiguous"):
+            return
+        if o.kind == "rate_limited":
+            # Provider pushback is not a failure of this message: no attempt spent.
+            row.attempts = max(0, row.attempts - 1)
+            due = o.retry_at or (now + timedelta(seconds=1))
+            due = max(due, now) + timedelta(seconds=random.uniform(0, RESET_SPREAD))  # no herd at the reset
+        elif row.attempts >= row.max_attempts:
+            _fail(s, row, o, now)
+            t.finished.add(o.campaign_id)
+            return
+        else:
+            due = now + timedelta(seconds=backoff_delay(row.attempts))
+        row.status = "scheduled"
+        row.due_at = due
+        row.queued_at = None
+        row.lease_owner = None
+        row.lease_expires_at = None
+        row.last_error = o.error
+        row.last_response = o.body
+        row.updated_at = now
+        t.wake(due)
+    elif o.kind == "failed":
+        row = s.get(Message, o.message_id)
+        if row is not None and row.status in ("sending", "ambiguous"):
+            _fail(s, row, o, now)
+            t.finished.add(o.campaign_id)
+    elif o.kind == "account":
+        s.execute(
+            update(Message).where(_mine(o))
+            .values(status="scheduled", queued_at=None, lease_owner=None, lease_expires_at=None,
+                    attempts=Message.attempts - 1, last_error=o.error, last_response=o.body)
+        )
+        t.pause[o.campaign_id] = f"the provider refused the account: {o.error}"
+    elif o.kind == "ambiguous":
+        s.execute(
+            update(Message).where(_mine(o))
+            .values(status="ambiguous", ambiguous_at=now, lease_owner=None, lease_expires_at=None,
+                    last_error=o.error, updated_at=now)
+        )
+
+
+def _pause_failing(s: Session, outcomes: list[Outcome], pause: dict[int, str]) -> None:
+    """Pause the running campaigns the provider refused the account for, or whose last
+    CONSECUTIVE_FAILURES_PAUSE attempts all failed; their queued work goes back to the ledger."""
+    failing = {o.campaign_id for o in outcomes if o.kind in ("retry", "failed", "ambiguous")}
+    for cid in failing - set(pause):
+        recent = s.scalars(
+            select(MessageAttempt.outcome).where(MessageAttempt.campaign_id == cid)
+            .order_by(MessageAttempt.id.desc()).limit(CONSECUTIVE_FAILURES_PAUSE)
+        ).all()
+        if len(recent) >= CONSECUTIVE_FAILURES_PAUSE and all(x in ("retry", "failed", "ambiguous") for x in recent):
+            pause[cid] = f"{CONSECUTIVE_FAILURES_PAUSE} consecutive send failures; last: " + (
+                next((o.error for o in outcomes if o.campaign_id == cid and o.error), "") or "")[:300]
+    for cid, reason in pause.items():
+        c = s.get(Campaign, cid)
+        if c is not None and c.status == "running":
+            c.status = "paused"
+            c.status_reason = reason
+            s.execute(
+                update(Message)
+                .where(Message.campaign_id == cid, Message.status == "queued", Message.is_test.is_(False))
+                .values(status="scheduled", queued_at=None)
+            )
+            log.warning("campaign %s paused: %s", cid, reason)
 
 
 def _mine(o: Outcome):

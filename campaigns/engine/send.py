@@ -85,13 +85,9 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
     Outcomes are recorded in small groups, so a consumer killed mid-batch leaves at most a few
     sends unrecorded; those, still ``sending`` when their lease runs out, become ``ambiguous``.
     """
-    settings = get_settings()
     mailer = mailer or get_mailer()
     limiter = limiter or get_limiter()
     owner = owner or worker_id()
-    Session_ = session_factory()
-    now = utcnow()
-    lease_until = now + timedelta(seconds=settings.lease_seconds)
     try:
         generation = stopgen.current()  # before the claim: a stop committed after the claim's check bumps it
     except Exception:
@@ -99,18 +95,7 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
         # safely. Back to the ledger now, for the dispatcher, rather than after the stale-queue sweep.
         _hand_back(list(ids))
         raise
-    params = {"ids": list(ids), "owner": owner, "lease_until": lease_until, "now": now}
-
-    def claim(tries: int) -> tuple[bool, list]:
-        with Session_() as s, s.begin():
-            pg = is_postgres(s)
-            # an earlier try's COMMIT may have gone through unanswered: what it claimed is ours
-            before = s.connection().execute(_claimed_before_stmt(pg), params).all() if tries else []
-            return pg, before + s.connection().execute(_claim_stmt(pg), params).all()
-
-    # A database that stops answering is waited for (a while): what it did not claim stays
-    # queued for the reconciler, but what it claimed would wait for its lease, then be resent.
-    pg, claimed = retry_transient(claim, "claiming messages to send", settings.lease_seconds / 2)
+    pg, claimed = _claim(ids, owner)
     counts: dict[str, int] = defaultdict(int)
     refused = set(ids) - {r.id for r in claimed}
     if refused:
@@ -118,48 +103,13 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
     if not claimed:
         return dict(counts)
     claimed.sort(key=lambda r: (-r.priority, r.id))
-
-    def read(_tries: int) -> tuple[dict, dict, dict]:
-        with Session_() as s:
-            contact_ids = sorted({r.contact_id for r in claimed if r.contact_id is not None})
-            contacts = {c.id: c for c in s.connection().execute(_contacts_stmt(pg), {"ids": contact_ids})}
-            campaigns = {c.id: c for c in s.scalars(select(Campaign).where(
-                Campaign.id.in_(sorted({r.campaign_id for r in claimed}))))}
-            steps = _steps_of(s, claimed, campaigns)
-            s.expunge_all()
-            s.rollback()
-            return contacts, campaigns, steps
-
-    contacts, campaigns, steps = retry_transient(read, "reading what the claimed messages need",
-                                                 settings.lease_seconds / 2)
-    check = Session_()
+    contacts, campaigns, steps = _read_needs(claimed, pg)
+    check = session_factory()()
     run = _BatchRun(hooks, owner, counts)
     guard = _StopGuard(check, [r.id for r in claimed], generation)
     try:
-        emails: dict[int, OutgoingEmail] = {}
-        for r in claimed:
-            if r.step_id is None:  # a test send whose step was edited away while it waited
-                guard.allows(r.id)
-                run.add(_outcome(r, "failed", error="its step was removed from the draft before it was sent"))
-                continue
-            try:
-                emails[r.id] = build_email(r, steps[r.step_id], campaigns[r.campaign_id], contacts.get(r.contact_id))
-            except Exception as exc:  # noqa: BLE001 - a template that cannot render fails the message
-                guard.allows(r.id)
-                run.add(_outcome(r, "failed", error=f"render: {exc}"))
-        for r in claimed:
-            if r.is_test and r.id in emails:  # the priority lane: one at a time, ahead of bulk
-                run.submit(_send_one, r, emails.pop(r.id), campaigns[r.campaign_id], guard, mailer, limiter)
-        group: list = []
-        for r in claimed:
-            if r.id not in emails:
-                continue
-            if group and group[0].campaign_id != r.campaign_id:
-                _send_group(group, campaigns[group[0].campaign_id], emails, guard, mailer, limiter, run)
-                group = []
-            group.append(r)
-        if group:
-            _send_group(group, campaigns[group[0].campaign_id], emails, guard, mailer, limiter, run)
+        emails = _render(claimed, contacts, campaigns, steps, guard, run)
+        _hand_over(claimed, emails, campaigns, guard, mailer, limiter, run)
     except BaseException:
         # (the limiter's store or the database gone for good, a SIGKILL-less shutdown...): what had
         # not reached the provider goes back to the ledger now, not once its lease has run out
@@ -174,6 +124,77 @@ def send_batch(ids: list[int], hooks: Hooks, mailer=None, limiter: Limiter | Non
         finally:
             check.close()
     return dict(counts)
+
+
+def _claim(ids: list[int], owner: str) -> tuple[bool, list]:
+    """queued -> sending under this owner's lease, for the ids still queued and sendable: whether
+    the database is PostgreSQL, and the claimed rows (what a send needs of each)."""
+    lease_seconds = get_settings().lease_seconds
+    now = utcnow()
+    params = {"ids": list(ids), "owner": owner, "lease_until": now + timedelta(seconds=lease_seconds), "now": now}
+
+    def claim(tries: int) -> tuple[bool, list]:
+        with session_factory()() as s, s.begin():
+            pg = is_postgres(s)
+            # an earlier try's COMMIT may have gone through unanswered: what it claimed is ours
+            before = s.connection().execute(_claimed_before_stmt(pg), params).all() if tries else []
+            return pg, before + s.connection().execute(_claim_stmt(pg), params).all()
+
+    # A database that stops answering is waited for (a while): what it did not claim stays
+    # queued for the reconciler, but what it claimed would wait for its lease, then be resent.
+    return retry_transient(claim, "claiming messages to send", lease_seconds / 2)
+
+
+def _read_needs(claimed: list, pg: bool) -> tuple[dict, dict, dict]:
+    """The claimed messages' contacts, campaigns and steps, detached from their session."""
+
+    def read(_tries: int) -> tuple[dict, dict, dict]:
+        with session_factory()() as s:
+            contact_ids = sorted({r.contact_id for r in claimed if r.contact_id is not None})
+            contacts = {c.id: c for c in s.connection().execute(_contacts_stmt(pg), {"ids": contact_ids})}
+            campaigns = {c.id: c for c in s.scalars(select(Campaign).where(
+                Campaign.id.in_(sorted({r.campaign_id for r in claimed}))))}
+            steps = _steps_of(s, claimed, campaigns)
+            s.expunge_all()
+            s.rollback()
+            return contacts, campaigns, steps
+
+    return retry_transient(read, "reading what the claimed messages need", get_settings().lease_seconds / 2)
+
+
+def _render(claimed: list, contacts: dict, campaigns: dict, steps: dict, guard: _StopGuard,
+            run: _BatchRun) -> dict[int, OutgoingEmail]:
+    """Each claimed message's email; one that cannot be rendered fails (a dead letter)."""
+    emails: dict[int, OutgoingEmail] = {}
+    for r in claimed:
+        if r.step_id is None:  # a test send whose step was edited away while it waited
+            guard.allows(r.id)
+            run.add(_outcome(r, "failed", error="its step was removed from the draft before it was sent"))
+            continue
+        try:
+            emails[r.id] = build_email(r, steps[r.step_id], campaigns[r.campaign_id], contacts.get(r.contact_id))
+        except Exception as exc:  # noqa: BLE001 - a template that cannot render fails the message
+            guard.allows(r.id)
+            run.add(_outcome(r, "failed", error=f"render: {exc}"))
+    return emails
+
+
+def _hand_over(claimed: list, emails: dict, campaigns: dict, guard: _StopGuard, mailer, limiter: Limiter,
+               run: _BatchRun) -> None:
+    """Test sends first, one at a time (the priority lane); then each campaign's part of the batch."""
+    for r in claimed:
+        if r.is_test and r.id in emails:
+            run.submit(_send_one, r, emails.pop(r.id), campaigns[r.campaign_id], guard, mailer, limiter)
+    group: list = []
+    for r in claimed:
+        if r.id not in emails:
+            continue
+        if group and group[0].campaign_id != r.campaign_id:
+            _send_group(group, campaigns[group[0].campaign_id], emails, guard, mailer, limiter, run)
+            group = []
+        group.append(r)
+    if group:
+        _send_group(group, campaigns[group[0].campaign_id], emails, guard, mailer, limiter, run)
 
 
 class _BatchRun:
