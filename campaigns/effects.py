@@ -41,11 +41,6 @@ def after_commit(session: Session, kind: str, *args) -> None:
         pending.append((kind, args))
 
 
-def pending(session: Session) -> list[tuple[str, tuple]]:
-    """The effects recorded on ``session`` and not run yet."""
-    return list(session.info.get(KEY, ()))
-
-
 @event.listens_for(Session, "after_commit")
 def _committed(session: Session) -> None:
     effects = session.info.pop(KEY, None)

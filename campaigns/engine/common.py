@@ -30,7 +30,6 @@ log = logging.getLogger("herald.engine")
 PENDING = ("scheduled", "queued")
 
 
-IN_FLIGHT = ("sending",)
 # A test send's priority, above bulk work's 0: its place in its batch (Message.priority, claimed
 # first) and its queue priority when the reconciler queues it again.
 TEST_PRIORITY = 10

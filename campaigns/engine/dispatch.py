@@ -25,6 +25,10 @@ from .planning import BATCH_SECONDS, INFLIGHT_POLL, _allocate, _jittered, _Limit
 
 FETCH_PER_CAMPAIGN = 500  # due messages looked at per campaign per dispatch pass
 CLAIM_CHUNK = 500  # ids per claim statement
+PASS_MAX = 2000  # messages one pass queues at most
+MAX_WAKE = 60.0  # seconds: a pass held by limits looks again at least this often
+LEASE_SLACK = 30  # seconds the dispatcher's lease outlives its budget (a pass in progress)
+IDLE_PAUSE = 0.05  # seconds between passes that found due work but queued none
 
 
 # Waits shorter than this are slept inside the dispatcher task. Longer ones become a delayed
@@ -53,7 +57,8 @@ class _Pass:
     fetched: dict[int, int]
 
 
-def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None, max_total: int = 2000) -> DispatchResult:
+def dispatch_once(limiter: Limiter, hooks: Hooks, now: datetime | None = None,
+                  max_total: int = PASS_MAX) -> DispatchResult:
     """One pass: queue the due work every limit lets into the next dispatch_horizon() seconds, fairly.
 
     Reads the limits (nothing is taken here: the sends take their units), fetches at most that
@@ -204,7 +209,7 @@ def _next_wake(now: datetime, plan: _Plan, lim: _Limits, queued: bool, more_now:
         waits.append(INFLIGHT_POLL)  # sends in flight free room (and may hand work back)
     if not waits:
         return _next_due(now)
-    wake = now + timedelta(seconds=_jittered(min(max(min(waits), 0.01), 60.0)))
+    wake = now + timedelta(seconds=_jittered(min(max(min(waits), 0.01), MAX_WAKE)))
     # Work that falls due before then is looked at when it falls due, not at the next poll.
     upcoming = _next_due(now, after=now)
     return upcoming if upcoming is not None and upcoming < wake else wake
@@ -267,9 +272,9 @@ def run_dispatcher(hooks: Hooks, limiter: Limiter | None = None, budget_seconds:
     limiter = limiter or get_limiter()
     owner = owner or worker_id()
     Session_ = session_factory()
-    if not leases.acquire(Session_, "dispatcher", owner, ttl=budget_seconds + 30):
+    if not leases.acquire(Session_, "dispatcher", owner, ttl=budget_seconds + LEASE_SLACK):
         if leases.request_rerun(Session_, "dispatcher") or not leases.acquire(
-            Session_, "dispatcher", owner, ttl=budget_seconds + 30
+            Session_, "dispatcher", owner, ttl=budget_seconds + LEASE_SLACK
         ):
             return None
     started = time.monotonic()
@@ -285,11 +290,11 @@ def run_dispatcher(hooks: Hooks, limiter: Limiter | None = None, budget_seconds:
             delay = (wake - utcnow()).total_seconds()
             elapsed = time.monotonic() - started
             if delay <= 0 and last.queued == 0 and not last.more_now:
-                delay = 0.05
+                delay = IDLE_PAUSE
             if elapsed + max(delay, 0) < budget_seconds and delay < SLEEP_BELOW:
                 if delay > 0:
                     time.sleep(delay)
-                leases.acquire(Session_, "dispatcher", owner, ttl=budget_seconds + 30)
+                leases.acquire(Session_, "dispatcher", owner, ttl=budget_seconds + LEASE_SLACK)
                 continue
             # Not worth holding a worker: come back later. A steady flow (a short wait) continues
             # in a new task at once, which sleeps the rest (no second lost to Huey's scheduler).

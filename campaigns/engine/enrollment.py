@@ -127,11 +127,11 @@ def _refresh_statistics(session: Session, added: int) -> None:
     (``_not_by_index``), but the dispatcher's reads and the joins plan better on fresh ones.
     Same threshold as autovacuum's: at least 1,000 rows and 10% of the table.
     """
-    if added < 1000:
+    if added < ANALYZE_MIN_ROWS:
         return
     known = session.execute(text(
         "SELECT COALESCE(max(reltuples), 0) FROM pg_class WHERE oid = CAST('messages' AS regclass)")).scalar() or 0
-    if added >= 0.1 * known:
+    if added >= ANALYZE_SHARE * known:
         session.execute(text("ANALYZE messages, enrollments"))
 
 
@@ -145,6 +145,7 @@ FANOUT_FIRST_PART = 1000  # contacts in a fan-out's first part: the first sends 
 
 
 FANOUT_PART = 20000  # contacts in each later part
+ANALYZE_MIN_ROWS, ANALYZE_SHARE = 1000, 0.1  # autovacuum's own threshold (see _refresh_statistics)
 
 
 def fanout_lease(campaign_id: int) -> str:

@@ -14,6 +14,8 @@ from ..errors import Conflict, InvalidInput
 from ..models import Campaign, Contact, Enrollment, Message
 from .common import PENDING, TEST_PRIORITY, _email_steps, get_campaign, new_message_key
 
+TEST_MAX_ATTEMPTS = 3  # a test send is tried this often before it becomes a dead letter
+
 
 def launch(session: Session, workspace_id: int, campaign_id: int) -> Campaign:
     """Draft -> running (fan-out follows in a task). Launching a running campaign changes nothing
@@ -123,7 +125,8 @@ def test_send(s: Session, workspace_id: int, campaign_id: int, email: str, posit
     now = utcnow()
     msg = Message(workspace_id=workspace_id, campaign_id=c.id, enrollment_id=None, step_id=step.id,
                   contact_id=contact.id if contact else None, email=email, message_key=new_message_key(),
-                  status="queued", is_test=True, priority=TEST_PRIORITY, due_at=now, queued_at=now, max_attempts=3)
+                  status="queued", is_test=True, priority=TEST_PRIORITY, due_at=now, queued_at=now,
+                  max_attempts=TEST_MAX_ATTEMPTS)
     s.add(msg)
     s.flush()
     effects.after_commit(s, effects.SEND_TEST, msg.id)
