@@ -22,8 +22,9 @@ from sqlalchemy.orm import Session
 from . import engine
 from .contacts import dialect_insert
 from .counters import METRICS, add_totals
-from .db import utcnow
+from .db import session_factory, utcnow
 from .models import Campaign, Counter, Message, MessageAttempt
+from .stats import shared
 
 # Fixed: the totals hold one count per bucket (migration 0009 has the same list; changing it
 # needs a migration that rolls the totals up again).
@@ -69,8 +70,6 @@ def roll_up(now: float | None = None) -> int:
     up to it go into the totals (``ROLLUP_CHUNK`` at most per call). Several web processes may
     call this at once: the watermark moves only from the value read (a conditional update), so
     one of them adds the attempts and the others change nothing."""
-    from .db import session_factory
-
     now = time.time() if now is None else now
     try:
         with session_factory()() as s:
@@ -209,8 +208,6 @@ def messages_by_status(s: Session, open_counts: dict[str, int] | None = None) ->
     whole history, come from a count shared by this process's scrapes and redone once it is
     ``SETTLED_MAX_AGE`` seconds old (or ``stats.REUSE_FACTOR`` times its own cost, on a ledger so
     large that the count is slow)."""
-    from .stats import shared
-
     def count(where) -> dict[str, int]:
         rows = s.execute(select(Message.status, func.count()).where(where).group_by(Message.status)).all()
         return {status: int(n) for status, n in rows}

@@ -74,7 +74,6 @@ HOOKS = engine.Hooks(
     enqueue_send=lambda ids, priority=PRIORITY_BULK: huey.enqueue(
         send_messages.s(ids, priority > PRIORITY_BULK, priority=priority)),
     wake_dispatcher=_wake_dispatcher,
-    enqueue_fanout=lambda campaign_id: fanout_campaign(campaign_id),
 )
 YIELD_SECONDS = 0.5  # a lone worker's dispatcher comes back at least this much later
 

@@ -8,6 +8,7 @@ from huey import PriorityRedisExpireHuey, SqliteHuey
 from huey.storage import SqliteStorage
 
 from campaigns.config import ConfigError, get_settings
+from campaigns.db import check_database, dispose_engines
 
 # The queue store (Redis) did not answer: a restart, a failover, a network cut.
 STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -68,8 +69,6 @@ def make_huey():
         raise SystemExit(f"error: {exc}") from None
     common = dict(results=False, store_none=False, utc=True)
     if settings.redis_url:
-        import redis
-
         pool = redis.ConnectionPool.from_url(
             settings.redis_url, health_check_interval=30, socket_connect_timeout=5, socket_keepalive=True
         )
@@ -92,8 +91,6 @@ def queue_store_ok() -> None:
 
 def check_services() -> None:
     """Connect once to the database and the queue store; stop the process with one line if either fails."""
-    from campaigns.db import check_database, dispose_engines
-
     try:
         check_database()
     except ConfigError as exc:

@@ -79,7 +79,6 @@ class Hooks:
 
     enqueue_send: Callable[[list[int], int], None]
     wake_dispatcher: Callable[[datetime | None], None]
-    enqueue_fanout: Callable[[int], None] = lambda campaign_id: None
 
 
 def worker_id() -> str:

@@ -283,12 +283,10 @@ class _Slots:
             self.cond.notify(n)
 
 
+# The process's send pool, made at its first send (its size is a setting): a process resource
+# like a connection pool, the one module-level state of the send path (tests swap it).
 _pool = None
-
-
 _pool_lock = threading.Lock()
-
-
 SEND_GROUP = 8  # calls started together after one limiter take
 
 

@@ -104,9 +104,9 @@ def _advance_rows(s: Session, rows: list, now: datetime, active_checked: bool) -
     return earliest
 
 
+# Per-process caches of what cannot change once a campaign is launched (its steps, its
+# sequence plan), bounded, forgotten by clear_caches(); the ledger stays the only truth.
 _plans: dict[int, dict[int, tuple[int | None, int, int]]] = {}
-
-
 _steps: dict[int, Step] = {}
 
 
