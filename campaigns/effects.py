@@ -48,17 +48,15 @@ def _committed(session: Session) -> None:
         session.info[DUE] = effects
 
 
-@event.listens_for(Session, "after_rollback")
-def _discard(session: Session) -> None:
-    session.info.pop(KEY, None)
-
-
 @event.listens_for(Session, "after_transaction_end")
 def _run(session: Session, transaction) -> None:
     # Run once the committed transaction has ended, not in ``after_commit``: an error raised
     # there would leave the session unusable ("in 'committed' state"); here it is closed.
+    # A rolled-back (or closed) transaction's effects are dropped; a savepoint's end is not the
+    # transaction's, so a savepoint rolled back inside it keeps the effects recorded before it.
     if transaction.parent is not None:
         return
+    session.info.pop(KEY, None)
     effects = session.info.pop(DUE, None)
     if not effects:
         return

@@ -104,3 +104,24 @@ def test_launch_and_test_send_through_the_api_queue_their_tasks(api):
     assert ("send_messages", ([msg_id], True)) in queued
     with new_session() as s:
         assert s.scalar(select(Message.status).where(Message.id == msg_id)) == "queued"
+
+
+def test_a_savepoint_rolled_back_keeps_the_transactions_effects(api, recorded):
+    """A savepoint's rollback is not the transaction's (contacts' upserts use savepoints)."""
+    cid = _draft(api)
+    with session_scope() as s:
+        engine.launch(s, api.workspace_id, cid)
+        with pytest.raises(RuntimeError), s.begin_nested():
+            s.execute(select(1))
+            raise RuntimeError("a failed upsert")
+    assert recorded == [(effects.FANOUT, (cid,), "running")]
+
+
+def test_a_session_closed_without_commit_drops_its_effects(api, recorded):
+    cid = _draft(api)
+    s = session_factory()()
+    engine.launch(s, api.workspace_id, cid)
+    s.close()
+    with session_scope() as s:
+        s.execute(select(1))
+    assert recorded == []
