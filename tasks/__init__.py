@@ -12,7 +12,7 @@ when either does not answer (``create_consumer`` is called only by ``huey_consum
 
 from __future__ import annotations
 
-from . import engine, events, imports, jobs  # noqa: E402,F401  (registers the tasks and the effects)
+from . import engine, events, imports, jobs  # noqa: F401  (registers the tasks and the effects' handlers)
 from .queue import (  # noqa: F401  (the package's interface: tasks.huey, tasks.STORE_ERRORS...)
     STORE_ERRORS,
     check_services,
