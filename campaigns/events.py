@@ -1,66 +1,6 @@
-"""Delivery events from SendGrid's Event Webhook: stored in the request, applied by a task.
-
-Storing is what the webhook does before it answers 2xx (so SendGrid retries anything that was
-not stored, for up to 24 hours)::
-
-    rows = parse_batch(raw_body, rejected=r)             # BadRequest (400) unless a JSON array
-    store_batch(session, rows, None if r else raw_body)  # map to messages + one bulk INSERT ... ON CONFLICT DO NOTHING
-
-An item of the array that is not an event object is skipped (logged, listed in ``r``) and the
-rest is stored: SendGrid would resend a refused batch unchanged, bad item included, for 24 hours.
-
-Deduplication works both ways, because SendGrid repeats events (3 times on average, sometimes
-dozens), sometimes under a new ``sg_event_id``:
-
-- ``sg_event_id`` has its own unique index (``uq_events_sg_event_id``; NULLs do not collide);
-- ``dedupe_key`` (unique) is sha256 of the fallback tuple (sg_message_id, message_key, email,
-  event, timestamp, url). ``email`` and ``message_key`` are in the tuple so that asynchronous
-  bounces, which may lack ``sg_message_id``, for two addresses in the same second stay two.
-
-The INSERT names no conflict target, so a row that collides on either key is skipped, also
-within one batch. One consequence, on purpose: two genuine events of one kind for one message
-in the same second (two opens) are stored once; statistics count unique opens and clicks.
-
-Mapping: ``message_key`` (custom_args come back flattened as top-level keys), else the
-X-Message-Id prefix of ``sg_message_id`` (before the first '.') against
-``messages.provider_message_id``. On PostgreSQL the mapping is part of the INSERT (joins), so a
-batch is one statement; on SQLite it is one lookup before it. Unmatched events are kept with
-``message_id`` NULL; the processor tries to map them again (the provider id is recorded a
-moment after the 202). An event naming a message that was never handed to the provider has
-no effect on that message.
-
-Effects (:func:`process_pending`, run by ``tasks.events``, under the ``events`` lease, oldest
-first, each batch in one transaction that also marks its events processed):
-
-================== ==============================================================================
-any event          proves the provider has the message: an ``ambiguous`` or ``sending`` message
-                   is settled as sent (``engine.settle_ambiguous``, never resent) and its
-                   sequence moves on; ``sent_at`` is set if it was not
-processed, deferred recorded only (besides the above)
-delivered          ``delivered_at`` once; status ``sent -> delivered``
-open, click        ``opened_at``/``clicked_at`` once; stops the contact's sequence in that
-                   campaign when ``stop_on`` names it (Apple-style machine opens,
-                   ``sg_machine_open: true``, count but never stop a sequence)
-bounce             status ``bounced``; suppressed (reason ``bounce``), except ``type: blocked``:
-                   a block is about the sender or content, not the address (SendGrid does not
-                   suppress blocks either)
-dropped            status ``dropped``; suppressed when the reason is about the address
-                   (:data:`DROP_SUPPRESSION`): "Bounced Address", "Invalid" (address),
-                   "Unsubscribed Address", "Spam Reporting Address". Not for "Spam Content",
-                   "Invalid SMTPAPI header", "Recipient List over Package Quota" and others
-spamreport         ``spam_reported_at`` once; suppressed (``spamreport``)
-unsubscribe,       ``unsubscribed_at`` once; suppressed (``unsubscribe``)
-group_unsubscribe
-================== ==============================================================================
-
-Status only moves forward (``sent < delivered < bounced | dropped``, by rank, in SQL, so a
-concurrent writer cannot be overwritten backwards); first-seen columns are set with COALESCE
-and never cleared, so the statistics (``campaigns.stats``) are exact under repeats and any
-order. Suppression (``contacts.suppress``) stops every sequence to the address in the
-workspace. A batch that fails on its data is applied event by event, and an event that fails
-alone is logged and marked processed, so it never blocks the events behind it; a database
-that is unavailable just fails the run (the task retries, the minute sweep catches up).
-"""
+"""Delivery events from SendGrid's Event Webhook: stored in the request (``parse_batch``,
+``store_batch``: deduplicated, mapped to messages), applied by a task (``process_pending``,
+under the ``events`` lease). What each event does: docs/architecture.md, "Delivery events"."""
 
 from __future__ import annotations
 

@@ -19,15 +19,17 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from . import engine
 from .contacts import dialect_insert
-from .db import utcnow
+from .counters import METRICS, add_totals
+from .db import session_factory, utcnow
 from .models import Campaign, Counter, Message, MessageAttempt
+from .stats import shared
 
 # Fixed: the totals hold one count per bucket (migration 0009 has the same list; changing it
 # needs a migration that rolls the totals up again).
 DURATION_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 FAILED_OUTCOMES = ("retry", "failed", "ambiguous", "account")
-METRICS = "metrics:"
 UPTO, PENDING, PENDING_AT = (METRICS + n for n in ("attempts_upto", "attempts_pending_id", "attempts_pending_at"))
 ROLLUP_AGE = 300.0  # seconds an attempt id waits before it is rolled up (tests set 0)
 ROLLUP_CHUNK = 200_000  # attempts rolled up by one scrape at most
@@ -56,15 +58,6 @@ def attempt_sums(s: Session, *where) -> dict[str, int]:
     return out
 
 
-def add_totals(s: Session, values: dict[str, int]) -> None:
-    """Add to the ``metrics:`` totals, in the caller's transaction."""
-    rows = [{"name": METRICS + k, "value": int(v)} for k, v in sorted(values.items()) if v]
-    if rows:
-        stmt = dialect_insert(s)(Counter)
-        s.execute(stmt.on_conflict_do_update(index_elements=["name"],
-                                             set_={"value": Counter.__table__.c.value + stmt.excluded.value}), rows)
-
-
 def _set(s: Session, values: dict[str, int]) -> None:
     stmt = dialect_insert(s)(Counter)
     s.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"value": stmt.excluded.value}),
@@ -77,8 +70,6 @@ def roll_up(now: float | None = None) -> int:
     up to it go into the totals (``ROLLUP_CHUNK`` at most per call). Several web processes may
     call this at once: the watermark moves only from the value read (a conditional update), so
     one of them adds the attempts and the others change nothing."""
-    from .db import session_factory
-
     now = time.time() if now is None else now
     try:
         with session_factory()() as s:
@@ -193,10 +184,8 @@ def waiting_on_limits(s: Session, workspace_id: int | None = None) -> dict[str, 
     """Due messages held back, per limit (``account``, ``campaign:<id>:minute|day``,
     ``sender:<workspace>:<address>:day|gap``, ``workspace:<id>:concurrency``), as the dispatcher
     sees them now: from the ledger and the limiter's shared store, not this process's memory."""
-    from .engine import waiting_on_limits as compute
-
     try:
-        return dict(sorted(compute(s, workspace_id=workspace_id).items()))
+        return dict(sorted(engine.waiting_on_limits(s, workspace_id=workspace_id).items()))
     except Exception:  # noqa: BLE001 - the limiter's store being down must not hide the rest
         log.exception("could not read the limits")
         return {}
@@ -219,8 +208,6 @@ def messages_by_status(s: Session, open_counts: dict[str, int] | None = None) ->
     whole history, come from a count shared by this process's scrapes and redone once it is
     ``SETTLED_MAX_AGE`` seconds old (or ``stats.REUSE_FACTOR`` times its own cost, on a ledger so
     large that the count is slow)."""
-    from .stats import shared
-
     def count(where) -> dict[str, int]:
         rows = s.execute(select(Message.status, func.count()).where(where).group_by(Message.status)).all()
         return {status: int(n) for status, n in rows}

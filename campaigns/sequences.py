@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from . import stopgen
+from .completion import maybe_complete
 from .db import utcnow
 from .models import Contact, Enrollment, Message
 
@@ -41,8 +42,6 @@ def stop_enrollments(session: Session, enrollment_ids: Iterable[int], reason: st
     )
     # The last sequence of a campaign may have ended here: it is completed now, not at the
     # reconciler's next minute.
-    from .engine import maybe_complete
-
     for campaign_id in sorted({r.campaign_id for r in stopped}):
         maybe_complete(session, campaign_id)
     return len(stopped)

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import threading
 
+import redis
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
+
+from .config import get_settings
+from .db import get_engine, session_factory
+from .models import Counter
 
 KEY = "stop_generation"
 _local = threading.local()
@@ -40,23 +45,17 @@ def _after_rollback(session: Session) -> None:
 
 def _client():
     global _redis
-    from .config import get_settings
-
     settings = get_settings()
     if not settings.redis_url:
         return None
     if _redis is None:
         with _lock:
             if _redis is None:
-                import redis
-
                 _redis = redis.Redis.from_url(settings.redis_url)
     return _redis
 
 
 def _redis_key() -> str:
-    from .config import get_settings
-
     return f"{get_settings().queue_name}:{KEY}"
 
 
@@ -65,9 +64,6 @@ def bump() -> None:
     if r is not None:
         r.incr(_redis_key())
         return
-    from .db import session_factory
-    from .models import Counter
-
     with session_factory()() as s, s.begin():
         if s.execute(update(Counter).where(Counter.name == KEY).values(value=Counter.value + 1)).rowcount == 0:
             s.add(Counter(name=KEY, value=1))
@@ -83,9 +79,6 @@ def current() -> int:
     r = _client()
     if r is not None:
         return int(r.get(_redis_key()) or 0)
-    from .db import get_engine
-    from .models import Counter
-
     # A plain read: no transaction, so no SQLite write lock (see campaigns.db._sqlite_begin).
     with get_engine().execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
         return int(conn.scalar(select(Counter.value).where(Counter.name == KEY)) or 0)

@@ -16,16 +16,17 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from huey import crontab
 from huey.constants import EmptyData
 
-from campaigns import engine
+from campaigns import effects, engine
 from campaigns.config import get_settings
 from campaigns.db import TRANSIENT_ERRORS, error_reason
 
-from . import STORE_ERRORS, huey
+from .queue import STORE_ERRORS, consumer_workers, huey
 
 log = logging.getLogger("herald.tasks")
 WAKE_KEY = "herald:dispatch-wake"
@@ -73,7 +74,6 @@ HOOKS = engine.Hooks(
     enqueue_send=lambda ids, priority=PRIORITY_BULK: huey.enqueue(
         send_messages.s(ids, priority > PRIORITY_BULK, priority=priority)),
     wake_dispatcher=_wake_dispatcher,
-    enqueue_fanout=lambda campaign_id: fanout_campaign(campaign_id),
 )
 YIELD_SECONDS = 0.5  # a lone worker's dispatcher comes back at least this much later
 
@@ -95,8 +95,6 @@ YIELDING_HOOKS = dataclasses.replace(HOOKS, wake_dispatcher=_yielding_wake)
 
 
 def _lone_worker() -> bool:
-    from . import consumer_workers
-
     return consumer_workers() == 1
 
 
@@ -186,14 +184,18 @@ def send_messages(ids: list[int], urgent: bool = False) -> None:
         engine.send_batch(ids, HOOKS)
 
 
+# Sweeps run after each reconcile this consumer held the lease for. The task modules above this
+# one add theirs at import (tasks.imports: imports whose run is gone), so this one imports none.
+RECONCILE_SWEEPS: list[Callable[[], object]] = []
+
+
 @huey.periodic_task(crontab(minute="*"), priority=PRIORITY_DISPATCH)
 def reconcile() -> None:
     report = engine.reconcile(HOOKS)
     if report is not None:  # this consumer held the reconciler's lease
         log.info("reconcile: %s", report)
-        from .imports import requeue_stale_imports
-
-        requeue_stale_imports()
+        for sweep in RECONCILE_SWEEPS:
+            sweep()
 
 
 _started = threading.Lock()
@@ -225,3 +227,10 @@ def _warm_up() -> None:
         get_mailer()
     except Exception:  # noqa: BLE001 - a bad setting shows at the first send, with its reason
         log.exception("warm-up failed")
+
+
+# What the domain queues after a commit (campaigns.effects): looked up when they run, so a
+# test that replaces a task replaces it here too.
+effects.register(effects.FANOUT, lambda campaign_id: fanout_campaign(campaign_id))
+effects.register(effects.WAKE_DISPATCHER, lambda: wake_dispatcher(None))
+effects.register(effects.SEND_TEST, lambda message_id: HOOKS.enqueue_send([message_id], PRIORITY_TEST))

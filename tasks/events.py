@@ -17,8 +17,8 @@ from huey import crontab
 
 from campaigns import events
 
-from . import huey
 from .engine import PRIORITY_DISPATCH, wake_dispatcher
+from .queue import huey
 
 log = logging.getLogger("herald.tasks.events")
 PENDING_KEY = "herald:events-pending"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from . import engine, events, imports  # noqa: F401
+from . import engine
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from campaigns.models import Event, Message, MessageAttempt
 from tasks import huey
 from tests.apidoc import assert_documented
 from tests.helpers import campaign_body, drain, make_contacts
-from web.api import MAX_URL_BYTES
+from web.api.blueprint import MAX_URL_BYTES
 
 CSV = b"email,first_name\nimported@example.com,Ann\nbad-address,Bo\n"
 

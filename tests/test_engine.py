@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 
 from campaigns import engine
 from campaigns.db import session_factory, session_scope, utcnow
+from campaigns.errors import Conflict
 from campaigns.models import Campaign, Enrollment, Event, JobLock, Message, MessageAttempt
 from tasks import huey
 from tasks.engine import HOOKS
@@ -204,7 +205,7 @@ def test_the_send_path_finds_its_rows_by_id_whatever_the_statistics(api, db, mon
 
     from campaigns.db import get_engine
 
-    monkeypatch.setattr(engine, "_refresh_statistics", lambda session, added: None)
+    monkeypatch.setattr(engine.enrollment, "_refresh_statistics", lambda session, added: None)
     list_id = make_contacts(api, 1500)
     cid = launched_campaign(api, list_id)
     with session_scope() as s:
@@ -409,7 +410,7 @@ def test_a_dead_letter_replayed_first_is_not_deleted(api, sink, db):
         deleting.commit()
         with session_scope() as s:
             assert engine.replay_message(s, dead.workspace_id, dead.id).status == "scheduled"
-        with pytest.raises(engine.Conflict, match="replayed meanwhile"):
+        with pytest.raises(Conflict, match="replayed meanwhile"):
             engine.delete_dead_letter(deleting, dead.workspace_id, dead.id)
         deleting.rollback()
     finally:
@@ -666,10 +667,10 @@ def test_a_draft_s_test_sends_render_its_latest_edit_while_launched_steps_are_ke
         assert api.post(f"/api/v1/campaigns/{cid}/test-send", json={"email": "me@example.com"}).status_code == 202
         drain(huey, until=lambda s=subject: any(m["subject"] == f"[Test] {s}" for m in sink.accepted()), timeout=30)
     assert [m["subject"] for m in sink.accepted()] == ["[Test] First draft", "[Test] Second draft"]
-    assert not engine._steps  # nothing of a draft is kept
+    assert not engine.sequence._steps  # nothing of a draft is kept
     launched = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Live", "html": "<p>x</p>"}])
     drain(huey, until=_completed(api, launched), timeout=60)
-    assert {st.campaign_id for st in engine._steps.values()} == {launched}
+    assert {st.campaign_id for st in engine.sequence._steps.values()} == {launched}
 
 
 def test_a_draft_s_test_sends_outlive_the_edits_of_its_steps(api, sink, db):
@@ -774,7 +775,7 @@ def test_account_error_pauses_the_campaign_with_the_reason(api, sink, db):
 
 
 def test_consecutive_failures_pause_the_campaign(api, sink, db, monkeypatch):
-    monkeypatch.setattr(engine, "CONSECUTIVE_FAILURES_PAUSE", 5)
+    monkeypatch.setattr(engine.record, "CONSECUTIVE_FAILURES_PAUSE", 5)
     list_id = make_contacts(api, 12)
     sink.behaviour(mode="5xx", status=500, count=1000)
     cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
@@ -997,7 +998,7 @@ def test_recording_outcomes_waits_out_a_database_that_stops_answering(api, sink,
     queued: list[list[int]] = []
     hooks = engine.Hooks(enqueue_send=lambda ids, p: queued.append(ids), wake_dispatcher=lambda at: None)
     engine.dispatch_once(engine.get_limiter(), hooks)
-    record_once, failures = engine._record_once, []
+    record_once, failures = engine.record._record_once, []
 
     def flaky(outcomes, owner, again=False):
         if len(failures) < 2:  # two tries in a row fail
@@ -1007,7 +1008,7 @@ def test_recording_outcomes_waits_out_a_database_that_stops_answering(api, sink,
             raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
         return record_once(outcomes, owner, again)
 
-    monkeypatch.setattr(engine, "_record_once", flaky)
+    monkeypatch.setattr(engine.record, "_record_once", flaky)
     counts = engine.send_batch([i for ids in queued for i in ids], hooks)
     assert counts == {"sent": 4} and failures == [False, True]
     assert len(sink.keys()) == 4 and max(sink.keys().values()) == 1
@@ -1026,7 +1027,7 @@ def test_a_claim_whose_answer_was_lost_is_recognised_when_tried_again(api, sink,
     no longer queued, and takes them as its own (same owner, same lease end) instead of leaving
     them to run out their lease and be resent as ambiguous."""
     cid, queued, hooks = _dispatched_by_hand(api, 3)
-    retry_transient = engine.retry_transient
+    retry_transient = engine.send.retry_transient
 
     def answer_lost(work, what, seconds, **kw):
         if what == "claiming messages to send":
@@ -1040,7 +1041,7 @@ def test_a_claim_whose_answer_was_lost_is_recognised_when_tried_again(api, sink,
             return pg, rows
         return retry_transient(work, what, seconds, **kw)
 
-    monkeypatch.setattr(engine, "retry_transient", answer_lost)
+    monkeypatch.setattr(engine.send, "retry_transient", answer_lost)
     assert engine.send_batch([i for ids in queued for i in ids], hooks) == {"sent": 3}
     assert len(sink.keys()) == 3
     db.expire_all()
@@ -1052,7 +1053,7 @@ def test_a_batch_that_fails_midway_hands_back_what_it_had_not_sent(api, sink, db
     the sends made are recorded, and the rest goes back to the ledger at once (scheduled, no
     attempt spent), instead of staying claimed until its lease runs out, then resent as ambiguous."""
     cid, queued, hooks = _dispatched_by_hand(api, 20)
-    pace, paced = engine.pace, []
+    pace, paced = engine.send.pace, []
 
     def failing_pace(*args, **kwargs):
         paced.append(1)
@@ -1060,7 +1061,7 @@ def test_a_batch_that_fails_midway_hands_back_what_it_had_not_sent(api, sink, db
             raise RuntimeError("a bug")
         return pace(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "pace", failing_pace)
+    monkeypatch.setattr(engine.send, "pace", failing_pace)
     with pytest.raises(RuntimeError):
         engine.send_batch([i for ids in queued for i in ids], hooks)
     sent = len(sink.keys())
@@ -1081,7 +1082,7 @@ def test_a_test_send_that_fails_before_its_call_goes_back_to_the_ledger(api, sin
     def failing_pace(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(engine, "pace", failing_pace)
+    monkeypatch.setattr(engine.send, "pace", failing_pace)
     hooks = engine.Hooks(enqueue_send=lambda ids, p: None, wake_dispatcher=lambda at: None)
     assert engine.send_batch([msg_id], hooks) == {"released": 1}
     assert sink.keys() == {}
@@ -1118,7 +1119,7 @@ def test_a_dispatch_the_queue_store_failed_hands_back_and_tries_again(api, db, m
     cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
     with session_scope() as s:
         engine.fanout(s, cid)
-    monkeypatch.setattr(engine, "SEND_BATCH", 10)
+    monkeypatch.setattr(engine.dispatch, "SEND_BATCH", 10)
     taken: list[list[int]] = []
 
     def enqueue(ids, priority):
@@ -1133,7 +1134,7 @@ def test_a_dispatch_the_queue_store_failed_hands_back_and_tries_again(api, db, m
     assert {m.id for m in _messages(db, cid, status="queued")} == set(taken[0])
 
     # a send task that cannot read the stop generation hands its messages back, unclaimed
-    monkeypatch.setattr(engine.stopgen, "current", lambda: (_ for _ in ()).throw(redis.ConnectionError("refused")))
+    monkeypatch.setattr(engine.send.stopgen, "current", lambda: (_ for _ in ()).throw(redis.ConnectionError("refused")))
     with pytest.raises(redis.ConnectionError):
         engine.send_batch(taken[0], hooks)
     assert Counter((m.status, m.attempts) for m in _messages(db, cid)) == {("scheduled", 0): 30}
@@ -1222,7 +1223,7 @@ def test_pause_mid_batch_stops_the_rest_of_the_batch(api, sink, db, monkeypatch)
     from campaigns.providers import get_mailer
 
     cid, queued, hooks = _dispatched_by_hand(api, 5)
-    monkeypatch.setattr(engine, "_pool", ThreadPoolExecutor(1))  # one call at a time, in order
+    monkeypatch.setattr(engine.send, "_pool", ThreadPoolExecutor(1))  # one call at a time, in order
     real = get_mailer()
     calls = []
 
@@ -1248,7 +1249,7 @@ def test_unsubscribe_mid_batch_is_honoured_before_the_next_call(api, sink, db, m
     from campaigns.providers import get_mailer
 
     cid, queued, hooks = _dispatched_by_hand(api, 3)
-    monkeypatch.setattr(engine, "_pool", ThreadPoolExecutor(1))
+    monkeypatch.setattr(engine.send, "_pool", ThreadPoolExecutor(1))
     real = get_mailer()
     order = [m.email for m in _messages(db, cid)]
 
@@ -1277,7 +1278,7 @@ def test_a_retry_or_a_cancel_mid_batch_never_leaves_work_that_cannot_go(api, sin
     from campaigns.providers import get_mailer
 
     cid, queued, hooks = _dispatched_by_hand(api, 4)
-    monkeypatch.setattr(engine, "_pool", ThreadPoolExecutor(1))
+    monkeypatch.setattr(engine.send, "_pool", ThreadPoolExecutor(1))
     real = get_mailer()
     order = [m.email for m in _messages(db, cid)]
     sink.behaviour(mode="5xx", status=503, count=1)  # the first call fails, retryable

@@ -249,7 +249,7 @@ def _campaign(cid: int, ws: int, from_email: str = "a@example.com", limits: dict
 
 
 def _limits(account: int, campaigns, ws_rooms=None, own=None, sender=None):
-    from campaigns.engine import _Limits, _Room
+    from campaigns.engine.planning import _Limits, _Room
 
     return _Limits(
         account=_Room("account", account, 0.0 if account > 0 else 0.5),
@@ -261,7 +261,7 @@ def _limits(account: int, campaigns, ws_rooms=None, own=None, sender=None):
 
 
 def test_the_account_budget_is_split_round_robin_across_workspaces_then_campaigns():
-    from campaigns.engine import _allocate
+    from campaigns.engine.planning import _allocate
 
     a, b = _campaign(1, 1), _campaign(2, 2)
     plan = _allocate([a, b], {1: 5000, 2: 50}, _limits(100, [a, b]), max_total=2000)
@@ -274,7 +274,7 @@ def test_the_account_budget_is_split_round_robin_across_workspaces_then_campaign
 
 
 def test_concurrency_and_shared_sender_rooms_are_split_fairly():
-    from campaigns.engine import _allocate, _Room
+    from campaigns.engine.planning import _allocate, _Room
 
     a1, a2, b = _campaign(1, 1, "x@example.com"), _campaign(2, 1, "x@example.com"), _campaign(3, 2)
     day = _Room("sender:1:x@example.com:day", 10, 0.0)
@@ -287,7 +287,7 @@ def test_concurrency_and_shared_sender_rooms_are_split_fairly():
 
 def test_warm_up_day_0_is_the_senders_first_send_in_the_workspace(api, db):
     """From the ledger when the store has no mark (cached), else the mark set at the first send."""
-    from campaigns.engine import _note_first_send, sender_rules
+    from campaigns.engine.limits import _note_first_send, sender_rules
     from campaigns.ratelimit import get_limiter
 
     warm = {"sender": {"warmup": {"start": 10, "increment": 10}, "daily_cap": 1000}}

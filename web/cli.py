@@ -130,14 +130,12 @@ def register_commands(app: Flask) -> None:
         """Queue every dead letter of a campaign again, with the same message keys."""
         from campaigns import engine
         from campaigns.models import Campaign
-        from tasks.engine import wake_dispatcher
 
-        with session_scope() as s:
+        with session_scope() as s:  # the commit wakes the dispatcher (campaigns.effects)
             c = s.get(Campaign, campaign_id) if valid_id(campaign_id) else None
             if c is None:
                 raise click.ClickException(f"no campaign with id {campaign_id}")
             n = engine.replay_failed(s, c.workspace_id, campaign_id)
-        wake_dispatcher(None)
         click.echo(f"queued {n} failed message(s) of campaign {campaign_id} again")
 
     @app.cli.command("delete-failed")

@@ -3,7 +3,7 @@ reading a JSON body. The route modules import ``bp`` from here; ``web.api`` impo
 
 from __future__ import annotations
 
-from flask import Blueprint, g, request
+from flask import Blueprint, current_app, g, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import RequestURITooLarge
 
@@ -46,10 +46,8 @@ def _authenticate():
     if workspace_id is None:
         return error_response(401, "unauthorized", "sign in, or send Authorization: Bearer <api key>")
     if how == "session" and request.method in UNSAFE:
-        from .. import csrf
-
         try:
-            csrf.protect()
+            current_app.extensions["csrf"].protect()  # the app's CSRFProtect (web.csrf)
         except CSRFError as exc:
             return error_response(400, "csrf_failed", exc.description)
     g.workspace_id = workspace_id

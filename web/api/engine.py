@@ -160,20 +160,13 @@ def _message(m: Message) -> dict:
     return MessageOut().dump(m)
 
 
-def _tasks():
-    from tasks import engine as task_engine
-
-    return task_engine
-
-
 @bp.post("/campaigns/<int:campaign_id>/launch")
 @doc("Launch a draft campaign (fan-out runs in the background); again: no change; paused: 409, resume it",
      response=CampaignStatusOut, status=202, errors=(409, 422))
 def launch_campaign(campaign_id):
     db = get_db()
     c = engine.launch(db, g.workspace_id, campaign_id)
-    db.commit()
-    _tasks().fanout_campaign(c.id)
+    db.commit()  # queues the fan-out (campaigns.effects)
     return _status(c), 202
 
 
@@ -191,8 +184,7 @@ def pause_campaign(campaign_id):
 def resume_campaign(campaign_id):
     db = get_db()
     c = engine.resume(db, g.workspace_id, campaign_id)
-    db.commit()
-    _tasks().wake_dispatcher(None)
+    db.commit()  # wakes the dispatcher
     return _status(c)
 
 
@@ -213,9 +205,7 @@ def test_send(campaign_id):
     data = TestSendIn().load(json_body())
     db = get_db()
     msg = engine.test_send(db, g.workspace_id, campaign_id, data["email"], data.get("step"))
-    db.commit()
-    t = _tasks()
-    t.HOOKS.enqueue_send([msg.id], t.PRIORITY_TEST)
+    db.commit()  # queues the send, first in line
     return _message(msg), 202
 
 
@@ -330,12 +320,7 @@ def replay_message(message_id):
     db = get_db()
     _own_message(message_id)
     m = engine.replay_message(db, g.workspace_id, message_id)
-    db.commit()
-    t = _tasks()
-    if m.is_test:
-        t.HOOKS.enqueue_send([m.id], t.PRIORITY_TEST)
-    else:
-        t.wake_dispatcher(None)
+    db.commit()  # queues the test send again, or wakes the dispatcher
     return _message(m), 202
 
 
@@ -345,8 +330,7 @@ def replay_message(message_id):
 def replay_failed(campaign_id):
     db = get_db()
     n = engine.replay_failed(db, g.workspace_id, campaign_id)
-    db.commit()
-    _tasks().wake_dispatcher(None)
+    db.commit()  # wakes the dispatcher
     return ReplayedOut().dump({"replayed": n}), 202
 
 

@@ -357,15 +357,12 @@ def campaign_edit(campaign_id: int):
 @form_action(lambda campaign_id: url_for("ui.campaign_edit", campaign_id=campaign_id), "Test not sent: ",
              form_back=True)
 def campaign_test_send(campaign_id: int):
-    from tasks import engine as task_engine
-
     db = get_db()
     c = _campaign(campaign_id)
     raw_step = request.form.get("step") or ""
     msg = engine.test_send(db, g.workspace_id, c.id, request.form.get("email") or "",
                            int(raw_step) if is_digits(raw_step) else None)
-    db.commit()
-    task_engine.HOOKS.enqueue_send([msg.id], task_engine.PRIORITY_TEST)
+    db.commit()  # queues the send, first in line
     flash(f"Test email queued for {msg.email}, ahead of campaign sends (kept out of the statistics).", "success")
     return redirect(safe_next(request.form.get("back"), url_for("ui.campaign_edit", campaign_id=c.id))), 303
 

@@ -86,8 +86,6 @@ def _campaign_url(campaign_id: int) -> str:
 
 
 def _operate(campaign_id: int, verb: str):
-    from tasks import engine as task_engine
-
     db = get_db()
     c = _campaign(campaign_id)
     if verb == "launch":
@@ -98,11 +96,7 @@ def _operate(campaign_id: int, verb: str):
         engine.resume(db, g.workspace_id, c.id)
     elif verb == "cancel":
         engine.cancel(db, g.workspace_id, c.id)
-    db.commit()
-    if verb == "launch":
-        task_engine.fanout_campaign(c.id)
-    elif verb == "resume":
-        task_engine.wake_dispatcher(None)
+    db.commit()  # a launch's fan-out, a resume's wake follow the commit (campaigns.effects)
     done = {"launch": "Launched: contacts are being enrolled.", "pause": "Paused: no new send starts.",
             "resume": "Resumed.", "cancel": "Cancelled: pending emails will not be sent."}
     flash(done[verb], "success")
@@ -184,14 +178,10 @@ def campaign_delete(campaign_id: int):
 @login_required
 @form_action(_campaign_url, "Not replayed: ", form_back=True)
 def campaign_replay_failed(campaign_id: int):
-    from tasks import engine as task_engine
-
     db = get_db()
     c = _campaign(campaign_id)
     n = engine.replay_failed(db, g.workspace_id, c.id)
-    db.commit()
-    if n:
-        task_engine.wake_dispatcher(None)
+    db.commit()  # wakes the dispatcher
     flash(f"{n} dead letter{'s' if n != 1 else ''} of {c.name} queued again (same message keys).", "success")
     return redirect(safe_next(request.form.get("back"), _campaign_url(c.id))), 303
 

@@ -103,23 +103,13 @@ def message_page(message_id: int):
                            contact=contact, last_response=_pretty(m.last_response))
 
 
-def _requeue(message: Message) -> None:
-    from tasks import engine as task_engine
-
-    if message.is_test:
-        task_engine.HOOKS.enqueue_send([message.id], task_engine.PRIORITY_TEST)
-    else:
-        task_engine.wake_dispatcher(None)
-
-
 @bp.post("/messages/<int:message_id>/replay")
 @login_required
 @form_action(lambda message_id: url_for("ui.message_page", message_id=message_id), "Not replayed: ", form_back=True)
 def message_replay(message_id: int):
     db = get_db()
     m = engine.replay_message(db, g.workspace_id, _message(message_id).id)
-    db.commit()
-    _requeue(m)
+    db.commit()  # queues the test send again, or wakes the dispatcher
     flash(f"Message to {m.email} queued again (same message key).", "success")
     return redirect(safe_next(request.form.get("back"), url_for("ui.message_page", message_id=m.id))), 303
 
