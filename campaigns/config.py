@@ -102,6 +102,16 @@ def _proxies(env, name: str) -> int:
     return int(raw)
 
 
+def _max_age(env, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    if not re.fullmatch(r"\s*[0-9]{1,6}\s*", raw) or int(raw) > MAX_SECONDS:
+        raise ConfigError(f"{name}: {raw!r} is not a number of seconds (a whole number from 1 to "
+                          f"{MAX_SECONDS:g}, or 0 to turn the check off)")
+    return int(raw)
+
+
 def _port(env, name: str, default: int) -> int:
     raw = env.get(name)
     if raw in (None, ""):
@@ -233,6 +243,9 @@ class Settings:
     # Reverse proxies in front of the web app that append to X-Forwarded-For (0: none; the
     # client address is the connection's).
     trusted_proxies: int = 0
+    # A signed Event Webhook batch whose timestamp is further than this from now is refused
+    # (seconds; 0: no check).
+    webhook_max_age: int = 600
     extra: dict = field(default_factory=dict)
 
     @property
@@ -363,6 +376,7 @@ def load_settings(env=None) -> Settings:
         login_lockout=login_lockout,
         login_lockout_max=login_lockout_max,
         trusted_proxies=_proxies(env, "HERALD_TRUSTED_PROXIES"),
+        webhook_max_age=_max_age(env, "SENDGRID_WEBHOOK_MAX_AGE", 600),
     )
 
 
