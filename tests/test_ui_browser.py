@@ -423,3 +423,50 @@ def test_the_live_view_reconnects_after_a_503(page, live):
     page.goto(f"{base}/campaigns/{cid}")
     expect(page.locator("[data-live]")).to_be_visible(timeout=15_000)
     assert answers[0] == 503 and 200 in answers
+
+
+# Chromium reports each blocked script, style, image or frame both ways: in the console ("Refused
+# to ...") and as a securitypolicyviolation event on the document (listened for from the start).
+RECORD_CSP = """document.addEventListener("securitypolicyviolation", function (e) {
+  (window.__csp = window.__csp || []).push(e.violatedDirective + " " + e.blockedURI);
+});"""
+
+
+def test_the_pages_break_no_rule_of_the_content_security_policy(page, live, consumer, sink):
+    """The policy has no inline script: the pages, the live view and the builder's preview (a
+    sandboxed srcdoc frame, under the page's policy, showing an email styled inline) still work
+    and nothing is refused."""
+    from campaigns import campaign_rules, contacts
+
+    base = live
+    refused: list[str] = []
+    page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+    page.add_init_script(RECORD_CSP)
+    ws_id = sign_in(page, base)
+    with session_scope() as s:
+        lst = contacts.create_list(s, ws_id, "CSP list")
+        draft = campaign_rules.create_campaign(s, ws_id, {
+            "name": "CSP draft", "list_id": lst.id, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "Hi", "html": "<p>1</p>"}]}).id
+        running = campaign_rules.create_campaign(s, ws_id, {
+            "name": "CSP live", "list_id": lst.id, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "Hi", "html": "<p>1</p>"}]})
+        running.status = "running"
+        running = running.id
+    visited = []
+    for path in ["/", "/campaigns/new", "/contacts", "/contacts/new", "/contacts/import", "/lists", "/suppressions",
+                 "/messages", "/dead-letters", "/queue", "/outbox", "/settings", f"/campaigns/{draft}"]:
+        page.goto(base + path)
+        page.wait_for_load_state("load")
+        visited.append((path, page.evaluate("window.__csp || []")))
+    page.goto(f"{base}/campaigns/{running}")
+    expect(page.locator("[data-live]")).to_be_visible()  # the stream (herald.js, connect-src 'self')
+    visited.append(("live", page.evaluate("window.__csp || []")))
+    page.goto(f"{base}/campaigns/{draft}/edit")
+    page.fill("#steps-0-html", '<style>h2 { color: rgb(0, 0, 255); }</style><h2>Title</h2>'
+                               '<p style="color: rgb(255, 0, 0)">Styled {{ contact.email }}</p>')
+    frame = page.frame_locator("[data-step-editor] iframe[data-preview-html]").first
+    expect(frame.locator("p")).to_have_css("color", "rgb(255, 0, 0)")  # a style attribute
+    expect(frame.locator("h2")).to_have_css("color", "rgb(0, 0, 255)")  # a <style> element
+    visited.append(("preview", page.evaluate("window.__csp || []")))
+    assert [(path, v) for path, v in visited if v] == [] and refused == []
