@@ -470,3 +470,35 @@ def test_the_pages_break_no_rule_of_the_content_security_policy(page, live, cons
     expect(frame.locator("h2")).to_have_css("color", "rgb(0, 0, 255)")  # a <style> element
     visited.append(("preview", page.evaluate("window.__csp || []")))
     assert [(path, v) for path, v in visited if v] == [] and refused == []
+
+
+def test_the_live_view_polls_while_the_server_refuses_more_streams(page, live):
+    """Past the bound on open streams the server answers 429: the page then polls the campaign's
+    JSON (every 5 s) and its numbers and status still move."""
+    from campaigns import campaign_rules, contacts
+    from campaigns.models import Campaign
+
+    base = live
+    ws_id = sign_in(page, base)
+    with session_scope() as s:
+        lst = contacts.create_list(s, ws_id, "Busy list")
+        campaign = campaign_rules.create_campaign(s, ws_id, {
+            "name": "Busy", "list_id": lst.id, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "First", "html": "<p>1</p>"}]})
+        campaign.status = "running"
+        cid = campaign.id
+    streams: list[int] = []
+
+    def refuse(route):
+        streams.append(429)
+        route.fulfill(status=429, content_type="application/json", headers={"Retry-After": "15"},
+                      body='{"error": {"code": "too_many_streams", "message": "too many", "details": {}}}')
+
+    page.route(f"**/api/v1/campaigns/{cid}/stream*", refuse)
+    with page.expect_response(f"**/api/v1/campaigns/{cid}") as polled:
+        page.goto(f"{base}/campaigns/{cid}")
+    assert polled.value.status == 200
+    with session_scope() as s:
+        s.get(Campaign, cid).status = "paused"
+    expect(page.locator("[data-status-badge]").first).to_have_text("paused", timeout=15_000)
+    assert streams and set(streams) == {429}

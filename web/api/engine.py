@@ -17,6 +17,7 @@ from campaigns.db import TRANSIENT_ERRORS, new_session
 from campaigns.errors import BadRequest
 from campaigns.models import Message, MessageAttempt
 
+from .. import streams
 from ..db import get_db
 from . import bp, int_arg, json_body, paginate
 from .openapi import doc
@@ -217,8 +218,9 @@ def test_send(campaign_id):
 
 
 @bp.get("/campaigns/<int:campaign_id>/stream")
-@doc("Server-sent events: the campaign's counts as they change; closes within 60 s (reconnect with Last-Event-ID)",
-     query=StreamQuery, response="text/event-stream")
+@doc("Server-sent events: the campaign's counts as they change; closes within 60 s (reconnect with Last-Event-ID); "
+     "429 with Retry-After past the bound on open streams", query=StreamQuery, response="text/event-stream",
+     errors=(429,))
 def campaign_stream(campaign_id):
     from campaigns.stats import shared_campaign_stats
 
@@ -273,8 +275,13 @@ def campaign_stream(campaign_id):
                 yield ": keep-alive\n\n"
             time.sleep(interval)
 
+    release = streams.limiter().acquire(g.workspace_id)  # a thread each: bounded (web/streams.py)
+    if release is None:
+        return streams.busy_response(g.workspace_id)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(stream_with_context(events()), mimetype="text/event-stream", headers=headers)
+    resp = Response(stream_with_context(events()), mimetype="text/event-stream", headers=headers)
+    resp.call_on_close(release)  # the server closes every response, a client gone mid-stream too
+    return resp
 
 
 @bp.get("/messages")

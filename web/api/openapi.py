@@ -73,6 +73,8 @@ ERROR_RESPONSES = {
     "413": ("PayloadTooLarge", "The request body is larger than the server accepts (MAX_CONTENT_LENGTH, 64 MiB)"),
     "415": ("UnsupportedMediaType", "The request body's media type (or charset) is not one this operation reads"),
     "422": ("Invalid", "The body is well-formed but not acceptable; details name each field"),
+    "429": ("TooManyRequests", "Too many at once (live-progress streams open for the workspace or the server); "
+            "try again after Retry-After seconds"),
     "503": ("Unavailable", "A service Herald needs (the database or the task queue) did not answer; try again "
             "after Retry-After seconds"),
 }
