@@ -394,20 +394,24 @@ def test_a_link_in_an_email_in_the_outbox_opens_in_a_new_tab(page, live, consume
         assert contacts.suppressed_emails(s, ws_id, ["reader@example.com"]) == {"reader@example.com"}
 
 
+def a_campaign(ws_id: int, name: str, status: str = "draft") -> int:
+    """A one-step campaign on an empty list, in ``status`` (no consumer: only the page matters)."""
+    from campaigns import campaign_rules, contacts
+
+    with session_scope() as s:
+        lst = contacts.create_list(s, ws_id, f"{name} list")
+        campaign = campaign_rules.create_campaign(s, ws_id, {
+            "name": name, "list_id": lst.id, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "First", "html": "<p>1</p>"}]})
+        campaign.status = status
+        return campaign.id
+
+
 def test_the_live_view_reconnects_after_a_503(page, live):
     """EventSource gives up for good on an answer that is not the stream (a 503 while the
     database restarts): the page connects again by itself a few seconds later."""
-    from campaigns import campaign_rules, contacts
-
     base = live
-    ws_id = sign_in(page, base)
-    with session_scope() as s:
-        lst = contacts.create_list(s, ws_id, "Reconnect list")
-        campaign = campaign_rules.create_campaign(s, ws_id, {
-            "name": "Reconnect", "list_id": lst.id, "from_email": "team@example.com",
-            "steps": [{"type": "email", "subject": "First", "html": "<p>1</p>"}]})
-        campaign.status = "running"  # (no consumer: only the stream matters here)
-        cid = campaign.id
+    cid = a_campaign(sign_in(page, base), "Reconnect", "running")
     answers: list[int] = []
 
     def stream(route):
@@ -436,23 +440,12 @@ def test_the_pages_break_no_rule_of_the_content_security_policy(page, live, cons
     """The policy has no inline script: the pages, the live view and the builder's preview (a
     sandboxed srcdoc frame, under the page's policy, showing an email styled inline) still work
     and nothing is refused."""
-    from campaigns import campaign_rules, contacts
-
     base = live
     refused: list[str] = []
     page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
     page.add_init_script(RECORD_CSP)
     ws_id = sign_in(page, base)
-    with session_scope() as s:
-        lst = contacts.create_list(s, ws_id, "CSP list")
-        draft = campaign_rules.create_campaign(s, ws_id, {
-            "name": "CSP draft", "list_id": lst.id, "from_email": "team@example.com",
-            "steps": [{"type": "email", "subject": "Hi", "html": "<p>1</p>"}]}).id
-        running = campaign_rules.create_campaign(s, ws_id, {
-            "name": "CSP live", "list_id": lst.id, "from_email": "team@example.com",
-            "steps": [{"type": "email", "subject": "Hi", "html": "<p>1</p>"}]})
-        running.status = "running"
-        running = running.id
+    draft, running = a_campaign(ws_id, "CSP draft"), a_campaign(ws_id, "CSP live", "running")
     visited = []
     for path in ["/", "/campaigns/new", "/contacts", "/contacts/new", "/contacts/import", "/lists", "/suppressions",
                  "/messages", "/dead-letters", "/queue", "/outbox", "/settings", f"/campaigns/{draft}"]:
@@ -475,18 +468,8 @@ def test_the_pages_break_no_rule_of_the_content_security_policy(page, live, cons
 def test_the_live_view_polls_while_the_server_refuses_more_streams(page, live):
     """Past the bound on open streams the server answers 429: the page then polls the campaign's
     JSON (every 5 s) and its numbers and status still move."""
-    from campaigns import campaign_rules, contacts
-    from campaigns.models import Campaign
-
     base = live
-    ws_id = sign_in(page, base)
-    with session_scope() as s:
-        lst = contacts.create_list(s, ws_id, "Busy list")
-        campaign = campaign_rules.create_campaign(s, ws_id, {
-            "name": "Busy", "list_id": lst.id, "from_email": "team@example.com",
-            "steps": [{"type": "email", "subject": "First", "html": "<p>1</p>"}]})
-        campaign.status = "running"
-        cid = campaign.id
+    cid = a_campaign(sign_in(page, base), "Busy", "running")
     streams: list[int] = []
 
     def refuse(route):
