@@ -164,3 +164,14 @@ def test_one_workspace_s_streams_leave_threads_for_everyone_else(server):
     finally:
         for conn in held:
             conn.close()
+
+
+def test_a_stream_read_to_its_end_gives_its_place_back(app):
+    """Werkzeug's test client reads a stream without closing the response: the end of the
+    events gives the place back, so one workspace can watch again and again."""
+    key, cid = workspace_with_a_campaign()
+    client = app.test_client()
+    for _ in range(5):
+        resp = client.get(f"/api/v1/campaigns/{cid}/stream?lifetime=0.3&interval=0.2",
+                          headers={"Authorization": f"Bearer {key}"})
+        assert resp.status_code == 200 and "event: progress" in resp.get_data(as_text=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from flask import current_app
 
@@ -56,6 +56,16 @@ class StreamLimiter:
     def open_streams(self, workspace_id: int | None = None) -> int:
         with self._lock:
             return self._open if workspace_id is None else self._by_workspace[workspace_id]
+
+
+def releasing(events: Iterator[str], release: Callable[[], None]) -> Iterator[str]:
+    """``events``, giving the stream's place back as soon as they end. The server's close of the
+    response (``call_on_close``) covers a stream that never started or whose client went; a
+    client that reads to the end without closing (Werkzeug's test client) is covered here."""
+    try:
+        yield from events
+    finally:
+        release()
 
 
 def bounds(settings, threads: int | None = None) -> tuple[int, int]:

@@ -279,7 +279,8 @@ def campaign_stream(campaign_id):
     if release is None:
         return streams.busy_response(g.workspace_id)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    resp = Response(stream_with_context(events()), mimetype="text/event-stream", headers=headers)
+    resp = Response(stream_with_context(streams.releasing(events(), release)), mimetype="text/event-stream",
+                    headers=headers)
     resp.call_on_close(release)  # the server closes every response, a client gone mid-stream too
     return resp
 
