@@ -5,10 +5,13 @@ setting stops the server with one line naming it. Left to the workers, each fail
 app on its own, and their exits raced gunicorn's shutdown, which then printed tracebacks.
 """
 
+import os
 import sys
 
 
 def on_starting(server):
+    # web.streams bounds open live-progress streams to half of each worker's threads
+    os.environ["HERALD_WEB_THREADS"] = str(server.cfg.threads)
     from campaigns.config import ConfigError, load_settings
     from web import _check_database
 

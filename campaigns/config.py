@@ -102,6 +102,16 @@ def _proxies(env, name: str) -> int:
     return int(raw)
 
 
+def _max_age(env, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    if not re.fullmatch(r"\s*[0-9]{1,6}\s*", raw) or int(raw) > MAX_SECONDS:
+        raise ConfigError(f"{name}: {raw!r} is not a number of seconds (a whole number from 1 to "
+                          f"{MAX_SECONDS:g}, or 0 to turn the check off)")
+    return int(raw)
+
+
 def _port(env, name: str, default: int) -> int:
     raw = env.get(name)
     if raw in (None, ""):
@@ -233,6 +243,13 @@ class Settings:
     # Reverse proxies in front of the web app that append to X-Forwarded-For (0: none; the
     # client address is the connection's).
     trusted_proxies: int = 0
+    # A signed Event Webhook batch whose timestamp is further than this from now is refused
+    # (seconds; 0: no check).
+    webhook_max_age: int = 600
+    # Live-progress streams open at once per web process, in total and per workspace (None:
+    # derived from the process's thread count, see web.streams).
+    max_streams: int | None = None
+    max_streams_per_workspace: int | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -333,6 +350,12 @@ def load_settings(env=None) -> Settings:
             f"got {env.get('HERALD_LOGIN_LOCKOUT_MAX')!r}"
         )
 
+    max_streams = _count(env, "HERALD_MAX_STREAMS", None)
+    max_streams_ws = _count(env, "HERALD_MAX_STREAMS_PER_WORKSPACE", None)
+    if max_streams and max_streams_ws and max_streams_ws > max_streams:
+        raise ConfigError(f"HERALD_MAX_STREAMS_PER_WORKSPACE: must be at most HERALD_MAX_STREAMS ({max_streams}), "
+                          f"got {max_streams_ws}")
+
     return Settings(
         instance_dir=instance_dir,
         database_url=database_url,
@@ -363,6 +386,9 @@ def load_settings(env=None) -> Settings:
         login_lockout=login_lockout,
         login_lockout_max=login_lockout_max,
         trusted_proxies=_proxies(env, "HERALD_TRUSTED_PROXIES"),
+        webhook_max_age=_max_age(env, "SENDGRID_WEBHOOK_MAX_AGE", 600),
+        max_streams=max_streams,
+        max_streams_per_workspace=max_streams_ws,
     )
 
 

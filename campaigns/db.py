@@ -8,6 +8,7 @@ tasks and commands; the web app keeps one session per request (``web.db``).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TypeVar
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -60,8 +61,29 @@ def _sqlite_begin(conn):
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def private_file(path: str | os.PathLike) -> None:
+    """Create the SQLite file ``path`` readable by its owner only (0600, as ``instance/secret_key``),
+    and take the group and other bits off it and its ``-wal``/``-shm`` files if they have them (an
+    older install). SQLite creates ``-wal`` and ``-shm`` with the database file's mode. A file
+    that cannot be created or changed is left for SQLite to report."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
+    except OSError:
+        return
+    for name in (os.fspath(path), f"{os.fspath(path)}-wal", f"{os.fspath(path)}-shm"):
+        try:
+            mode = os.stat(name).st_mode
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+        except OSError:  # absent, or another user's file
+            pass
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            private_file(database)
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30, "isolation_level": None},

@@ -8,7 +8,7 @@ from huey import PriorityRedisExpireHuey, SqliteHuey
 from huey.storage import SqliteStorage
 
 from campaigns.config import ConfigError, get_settings
-from campaigns.db import check_database, dispose_engines
+from campaigns.db import check_database, dispose_engines, private_file
 
 # The queue store (Redis) did not answer: a restart, a failover, a network cut.
 STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -40,6 +40,7 @@ class LazySqliteStorage(SqliteStorage):
         super().__init__(*args, **kwargs)
 
     def _create_connection(self):
+        private_file(self.filename)  # 0600, as the database (campaigns.db)
         conn = super()._create_connection()
         if not self._schema_ready:
             self._schema_ready = True

@@ -394,20 +394,24 @@ def test_a_link_in_an_email_in_the_outbox_opens_in_a_new_tab(page, live, consume
         assert contacts.suppressed_emails(s, ws_id, ["reader@example.com"]) == {"reader@example.com"}
 
 
+def a_campaign(ws_id: int, name: str, status: str = "draft") -> int:
+    """A one-step campaign on an empty list, in ``status`` (no consumer: only the page matters)."""
+    from campaigns import campaign_rules, contacts
+
+    with session_scope() as s:
+        lst = contacts.create_list(s, ws_id, f"{name} list")
+        campaign = campaign_rules.create_campaign(s, ws_id, {
+            "name": name, "list_id": lst.id, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "First", "html": "<p>1</p>"}]})
+        campaign.status = status
+        return campaign.id
+
+
 def test_the_live_view_reconnects_after_a_503(page, live):
     """EventSource gives up for good on an answer that is not the stream (a 503 while the
     database restarts): the page connects again by itself a few seconds later."""
-    from campaigns import campaign_rules, contacts
-
     base = live
-    ws_id = sign_in(page, base)
-    with session_scope() as s:
-        lst = contacts.create_list(s, ws_id, "Reconnect list")
-        campaign = campaign_rules.create_campaign(s, ws_id, {
-            "name": "Reconnect", "list_id": lst.id, "from_email": "team@example.com",
-            "steps": [{"type": "email", "subject": "First", "html": "<p>1</p>"}]})
-        campaign.status = "running"  # (no consumer: only the stream matters here)
-        cid = campaign.id
+    cid = a_campaign(sign_in(page, base), "Reconnect", "running")
     answers: list[int] = []
 
     def stream(route):
@@ -423,3 +427,61 @@ def test_the_live_view_reconnects_after_a_503(page, live):
     page.goto(f"{base}/campaigns/{cid}")
     expect(page.locator("[data-live]")).to_be_visible(timeout=15_000)
     assert answers[0] == 503 and 200 in answers
+
+
+# Chromium reports each blocked script, style, image or frame both ways: in the console ("Refused
+# to ...") and as a securitypolicyviolation event on the document (listened for from the start).
+RECORD_CSP = """document.addEventListener("securitypolicyviolation", function (e) {
+  (window.__csp = window.__csp || []).push(e.violatedDirective + " " + e.blockedURI);
+});"""
+
+
+def test_the_pages_break_no_rule_of_the_content_security_policy(page, live, consumer, sink):
+    """The policy has no inline script: the pages, the live view and the builder's preview (a
+    sandboxed srcdoc frame, under the page's policy, showing an email styled inline) still work
+    and nothing is refused."""
+    base = live
+    refused: list[str] = []
+    page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+    page.add_init_script(RECORD_CSP)
+    ws_id = sign_in(page, base)
+    draft, running = a_campaign(ws_id, "CSP draft"), a_campaign(ws_id, "CSP live", "running")
+    visited = []
+    for path in ["/", "/campaigns/new", "/contacts", "/contacts/new", "/contacts/import", "/lists", "/suppressions",
+                 "/messages", "/dead-letters", "/queue", "/outbox", "/settings", f"/campaigns/{draft}"]:
+        page.goto(base + path)
+        page.wait_for_load_state("load")
+        visited.append((path, page.evaluate("window.__csp || []")))
+    page.goto(f"{base}/campaigns/{running}")
+    expect(page.locator("[data-live]")).to_be_visible()  # the stream (herald.js, connect-src 'self')
+    visited.append(("live", page.evaluate("window.__csp || []")))
+    page.goto(f"{base}/campaigns/{draft}/edit")
+    page.fill("#steps-0-html", '<style>h2 { color: rgb(0, 0, 255); }</style><h2>Title</h2>'
+                               '<p style="color: rgb(255, 0, 0)">Styled {{ contact.email }}</p>')
+    frame = page.frame_locator("[data-step-editor] iframe[data-preview-html]").first
+    expect(frame.locator("p")).to_have_css("color", "rgb(255, 0, 0)")  # a style attribute
+    expect(frame.locator("h2")).to_have_css("color", "rgb(0, 0, 255)")  # a <style> element
+    visited.append(("preview", page.evaluate("window.__csp || []")))
+    assert [(path, v) for path, v in visited if v] == [] and refused == []
+
+
+def test_the_live_view_polls_while_the_server_refuses_more_streams(page, live):
+    """Past the bound on open streams the server answers 429: the page then polls the campaign's
+    JSON (every 5 s) and its numbers and status still move."""
+    base = live
+    cid = a_campaign(sign_in(page, base), "Busy", "running")
+    streams: list[int] = []
+
+    def refuse(route):
+        streams.append(429)
+        route.fulfill(status=429, content_type="application/json", headers={"Retry-After": "15"},
+                      body='{"error": {"code": "too_many_streams", "message": "too many", "details": {}}}')
+
+    page.route(f"**/api/v1/campaigns/{cid}/stream*", refuse)
+    with page.expect_response(f"**/api/v1/campaigns/{cid}") as polled:
+        page.goto(f"{base}/campaigns/{cid}")
+    assert polled.value.status == 200
+    with session_scope() as s:
+        s.get(Campaign, cid).status = "paused"
+    expect(page.locator("[data-status-badge]").first).to_have_text("paused", timeout=15_000)
+    assert streams and set(streams) == {429}

@@ -581,3 +581,91 @@ def test_processing_is_idempotent_when_run_twice(api, client, db, sink):
     db.expire_all()
     assert db.execute(select(Message.id, Message.delivered_at, Message.opened_at).order_by(Message.id)).all() \
         == first_seen  # set once, never moved
+
+
+# --------------------------------------------------------------------------- timestamp freshness
+
+# sendgrid-python's own test vector (test/unit/test_eventwebhook.py): a batch SendGrid signed on
+# 2020-09-14. Genuine, but far too old to be accepted now.
+VECTOR_KEY = ("MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3GRqe62gw+"
+              "2fNNRaINXvVpiglSI8eNEc6wEA3F+g==")
+VECTOR_SIGNATURE = ("MEUCIGHQVtGj+Y3LkG9fLcxf3qfI10QysgDWmMOVmxG0u6ZUAiEAyBiXDWzM+uOe5W0JuG+luQAbPIqHh89M15TluLtEZtM=")
+VECTOR_TIMESTAMP = "1600112502"
+VECTOR_BODY = json.dumps([{
+    "email": "hello@world.com", "event": "dropped", "reason": "Bounced Address",
+    "sg_event_id": "ZHJvcC0xMDk5NDkxOS1MUnpYbF9OSFN0T0doUTRrb2ZTbV9BLTA",
+    "sg_message_id": "LRzXl_NHStOGhQ4kofSm_A.filterdrecv-p3mdw1-756b745b58-kmzbl-18-5F5FC76C-9.0",
+    "smtp-id": "<LRzXl_NHStOGhQ4kofSm_A@ismtpd0039p1iad1.sendgrid.net>", "timestamp": 1600112492,
+}], sort_keys=True, separators=(",", ":")).encode() + b"\r\n"
+
+
+@pytest.fixture
+def max_age(app):
+    """Sets the app's SENDGRID_WEBHOOK_MAX_AGE (and the official vector's key) for one test."""
+    settings = app.config["HERALD_SETTINGS"]
+
+    def set_max_age(seconds: int) -> None:
+        app.config["HERALD_SETTINGS"] = dataclasses.replace(settings, webhook_public_key=VECTOR_KEY,
+                                                            webhook_max_age=seconds)
+    yield set_max_age
+    app.config["HERALD_SETTINGS"] = settings
+
+
+def post_vector(client):
+    return client.post(URL, data=VECTOR_BODY, headers={"Content-Type": "application/json", SIG: VECTOR_SIGNATURE,
+                                                      TS: VECTOR_TIMESTAMP})
+
+
+def test_a_genuine_batch_signed_in_2020_is_refused_as_stale(client, db, max_age):
+    max_age(600)
+    resp = post_vector(client)
+    assert resp.status_code == 403, resp.json
+    error = resp.json["error"]
+    assert error["code"] == "stale_timestamp"
+    assert "seconds old" in error["message"] and "SENDGRID_WEBHOOK_MAX_AGE (600 seconds)" in error["message"]
+    assert error["details"] == {"timestamp": VECTOR_TIMESTAMP, "max_age": 600}
+    assert count(db, Event) == 0
+
+
+def test_max_age_0_turns_the_check_off_for_the_official_vector(client, db, max_age):
+    max_age(0)
+    resp = post_vector(client)
+    assert resp.status_code == 200, resp.json
+    assert resp.json == {"received": 1, "stored": 1, "rejected": 0}
+
+
+@pytest.mark.parametrize("offset,status", [(-700, 403), (700, 403), (-500, 200), (500, 200)])
+def test_timestamps_within_max_age_either_way_are_accepted(client, db, private_key, app, offset, status):
+    app.config["HERALD_SETTINGS"] = dataclasses.replace(app.config["HERALD_SETTINGS"], webhook_max_age=600)
+    resp = post(client, a_batch(2), key=private_key, timestamp=str(int(time.time()) + offset))
+    assert resp.status_code == status, resp.json
+    assert count(db, Event) == (2 if status == 200 else 0)
+
+
+@pytest.mark.parametrize("timestamp,reason", [
+    ("1600112502", "seconds old"), ("4102444800", "seconds in the future"),
+    ("soon", "not a number"), ("1e9", "not a number"), ("9" * 13, "not a number"),
+])
+def test_stale_reason(timestamp, reason):
+    assert reason in webhooks.stale_reason(timestamp, 600, now=1_765_000_000)
+    assert webhooks.stale_reason(timestamp, 0, now=1_765_000_000) is None
+    assert webhooks.stale_reason("1765000600", 600, now=1_765_000_000) is None
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "86401", "600s"])
+def test_a_bad_max_age_is_one_line_naming_the_variable(tmp_path, value):
+    from campaigns.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as err:
+        load_settings({"HERALD_INSTANCE_DIR": str(tmp_path), "SECRET_KEY": "x" * 20, "SENDGRID_WEBHOOK_MAX_AGE": value})
+    assert str(err.value).startswith("SENDGRID_WEBHOOK_MAX_AGE:") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value,expected", [(None, 600), ("0", 0), ("30", 30), (" 86400 ", 86400)])
+def test_max_age_values(tmp_path, value, expected):
+    from campaigns.config import load_settings
+
+    env = {"HERALD_INSTANCE_DIR": str(tmp_path), "SECRET_KEY": "x" * 20}
+    if value is not None:
+        env["SENDGRID_WEBHOOK_MAX_AGE"] = value
+    assert load_settings(env).webhook_max_age == expected

@@ -36,11 +36,12 @@ def create_app(test_config: dict | None = None, serving: bool = False) -> Flask:
     if test_config:
         app.config.update(test_config)
 
-    from . import api, db, errors, ops, outbox, ui, unsubscribe, webhooks
+    from . import api, db, errors, headers, ops, outbox, ui, unsubscribe, webhooks
     from .cli import register_commands
 
     db.init_app(app)
     errors.init_app(app)
+    headers.init_app(app)
     csrf.init_app(app)
     app.register_blueprint(ui.bp)
     app.register_blueprint(api.bp)

@@ -2,7 +2,9 @@
 
 ``POST /webhooks/sendgrid/events``: with ``SENDGRID_WEBHOOK_PUBLIC_KEY`` set, the ECDSA
 signature over the timestamp header followed by the raw body bytes is checked first (a missing,
-malformed or wrong one is a 403, never a 500); without it, posts are accepted unsigned and a
+malformed or wrong one is a 403, never a 500), then the timestamp's freshness: one further than
+``SENDGRID_WEBHOOK_MAX_AGE`` seconds from now is a 403 too (a stolen old batch cannot be
+replayed with new events; 0 turns the check off); without the key, posts are accepted unsigned and a
 warning is logged once per process (development only). A body that is not a JSON array is a
 400. Items of the array that are not events are skipped (logged, counted in ``rejected`` and the
 ``events_rejected`` counter); the events are stored durably in the request (one bulk insert,
@@ -27,7 +29,9 @@ import functools
 import hmac
 import json
 import logging
+import re
 import threading
+import time
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -78,6 +82,21 @@ def signature_ok(public_key: str, body: bytes, signature: str | None, timestamp:
         return False
 
 
+def stale_reason(timestamp: str, max_age: int, now: float | None = None) -> str | None:
+    """Why a signed ``timestamp`` (Unix seconds) is refused, or None when it is within ``max_age``
+    seconds of ``now`` either way (clocks drift; 0 turns the check off)."""
+    if not max_age:
+        return None
+    if not re.fullmatch(r"[0-9]{1,12}", timestamp):
+        return "the Event Webhook timestamp is not a number of seconds"
+    skew = int(timestamp) - (time.time() if now is None else now)
+    if abs(skew) <= max_age:
+        return None
+    when = "old" if skew < 0 else "in the future"
+    return (f"the Event Webhook timestamp is {abs(skew):.0f} seconds {when}, more than "
+            f"SENDGRID_WEBHOOK_MAX_AGE ({max_age} seconds)")
+
+
 def _warn_unsigned() -> None:
     if not _warned.is_set():
         _warned.set()
@@ -88,10 +107,16 @@ def _warn_unsigned() -> None:
 @bp.post("/sendgrid/events")
 def sendgrid_events():
     body = request.get_data(cache=False)
-    key = _settings().webhook_public_key
+    settings = _settings()
+    key = settings.webhook_public_key
     if key:
-        if not signature_ok(key, body, request.headers.get(SIGNATURE_HEADER), request.headers.get(TIMESTAMP_HEADER)):
+        timestamp = request.headers.get(TIMESTAMP_HEADER)
+        if not signature_ok(key, body, request.headers.get(SIGNATURE_HEADER), timestamp):
             return error_response(403, "forbidden", "missing or invalid Event Webhook signature")
+        reason = stale_reason(timestamp, settings.webhook_max_age)
+        if reason:
+            return error_response(403, "stale_timestamp", reason, {"timestamp": timestamp[:20],
+                                                                   "max_age": settings.webhook_max_age})
     else:
         _warn_unsigned()
     rejected: list[tuple[int, str]] = []

@@ -18,6 +18,7 @@ from campaigns.db import TRANSIENT_ERRORS, new_session
 from campaigns.errors import BadRequest
 from campaigns.models import Message, MessageAttempt
 
+from .. import streams
 from ..db import get_db
 from ..params import int_arg, paginate
 from .blueprint import bp, json_body
@@ -210,8 +211,9 @@ def test_send(campaign_id):
 
 
 @bp.get("/campaigns/<int:campaign_id>/stream")
-@doc("Server-sent events: the campaign's counts as they change; closes within 60 s (reconnect with Last-Event-ID)",
-     query=StreamQuery, response=EventStream({"progress": StreamProgressOut, "end": StreamEndOut}))
+@doc("Server-sent events: the campaign's counts as they change; closes within 60 s (reconnect with Last-Event-ID); "
+     "429 with Retry-After past the bound on open streams",
+     query=StreamQuery, response=EventStream({"progress": StreamProgressOut, "end": StreamEndOut}), errors=(429,))
 def campaign_stream(campaign_id):
     from campaigns.stats import shared_campaign_stats
 
@@ -266,8 +268,14 @@ def campaign_stream(campaign_id):
                 yield ": keep-alive\n\n"
             time.sleep(interval)
 
+    release = streams.limiter().acquire(g.workspace_id)  # a thread each: bounded (web/streams.py)
+    if release is None:
+        return streams.busy_response(g.workspace_id)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(stream_with_context(events()), mimetype="text/event-stream", headers=headers)
+    resp = Response(stream_with_context(streams.releasing(events(), release)), mimetype="text/event-stream",
+                    headers=headers)
+    resp.call_on_close(release)  # the server closes every response, a client gone mid-stream too
+    return resp
 
 
 @bp.get("/messages")

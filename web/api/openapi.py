@@ -67,6 +67,8 @@ ERROR_RESPONSES = {
     "414": ("URITooLong", f"The URL (path and query string) is longer than {MAX_URL_BYTES:,} bytes"),
     "415": ("UnsupportedMediaType", "The request body's media type (or charset) is not one this operation reads"),
     "422": ("Invalid", "The body is well-formed but not acceptable; details name each field"),
+    "429": ("TooManyRequests", "Too many at once (live-progress streams open for the workspace or the server); "
+            "try again after Retry-After seconds"),
     "503": ("Unavailable", "A service Herald needs (the database or the task queue) did not answer; try again "
             "after Retry-After seconds"),
 }

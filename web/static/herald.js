@@ -236,14 +236,39 @@
     // (ms), the page looks again every data-follow-every ms (15 s) after the stream's end.
     var followUntil = parseInt(campaignBox.getAttribute("data-follow-until"), 10) || 0;
     var source = null;
+    // Past the server's bound on open streams (429), or while it is away (503), EventSource
+    // closes for good: the page then polls the campaign's JSON every 5 s and tries the stream
+    // again after 5 s, then 10, 20, 40 and every 60 s, until one stays open.
+    var pollUrl = campaignBox.getAttribute("data-poll-url");
+    var pollTimer = null;
+    var streamDelay = 5000;
+    var poll = function () {
+      getJSON(pollUrl).then(function (c) {
+        var steps = {};
+        (c.steps || []).forEach(function (st) { if (st.stats) { steps[st.id] = st.stats; } });
+        apply({ status: c.status, status_reason: c.status_reason, stats: c.stats, steps: steps });
+      }).catch(function () {}).then(function () {
+        if (pollTimer !== null) { pollTimer = setTimeout(poll, 5000); }
+      });
+    };
+    var startPolling = function () {
+      if (pollUrl && pollTimer === null) { pollTimer = setTimeout(poll, 0); }
+    };
+    var stopPolling = function () {
+      if (pollTimer !== null) { clearTimeout(pollTimer); pollTimer = null; }
+    };
     var connect = function () {
       source = new EventSource(streamUrl);
-      source.addEventListener("open", function () { liveBadge.hidden = false; });
+      source.addEventListener("open", function () { liveBadge.hidden = false; streamDelay = 5000; stopPolling(); });
       source.addEventListener("error", function () {
         liveBadge.hidden = true;
         // A dropped connection EventSource retries by itself; an answer that is not the stream
-        // (a 503 while the database restarts) closes it for good: connect again a little later.
-        if (source.readyState === EventSource.CLOSED) { setTimeout(connect, 5000); }
+        // (a 429, a 503) closes it for good: poll, and connect again a little later.
+        if (source.readyState === EventSource.CLOSED) {
+          startPolling();
+          setTimeout(connect, streamDelay);
+          streamDelay = Math.min(streamDelay * 2, 60000);
+        }
       });
       source.addEventListener("progress", function (event) {
         liveBadge.hidden = false;
@@ -251,6 +276,7 @@
       });
       source.addEventListener("end", function (event) {
         source.close();  // completed or cancelled: no more sends
+        stopPolling();
         liveBadge.hidden = true;
         scheduleChart(true);
         var status = JSON.parse(event.data).status;
@@ -262,7 +288,7 @@
       });
     };
     connect();
-    window.addEventListener("pagehide", function () { if (source) { source.close(); } });
+    window.addEventListener("pagehide", function () { stopPolling(); if (source) { source.close(); } });
   }
 
   /* ---------------------------------------------------------------- the builder's live preview */
