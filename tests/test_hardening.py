@@ -51,7 +51,7 @@ def test_an_older_install_s_0644_files_are_made_0600(tmp_path, umask_022):
 
 
 def test_the_sqlite_queue_and_the_secret_key_are_0600(tmp_path, umask_022):
-    from tasks import LazySqliteStorage
+    from tasks.queue import LazySqliteStorage
 
     storage = LazySqliteStorage("q", filename=str(tmp_path / "huey.db"))
     storage.enqueue(b"task")

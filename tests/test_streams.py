@@ -55,11 +55,12 @@ def test_a_bad_bound_is_one_line_naming_the_variable(tmp_path, env):
 # --------------------------------------------------------------------------- a real gunicorn
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server(database):
     """gunicorn with the shipped gunicorn.conf.py and the contract's worker shape, in one process
     (16 threads: a bound of 8 streams, 2 per workspace). The bound is per process; one process
-    makes the count exact."""
+    makes the count exact. Stopped when its test ends: its open streams keep reading the
+    database, and the next test's clean-up (TRUNCATE) must not run beside them."""
     port = free_port()
     web = ServiceProcess("web-streams", [str(BIN / "gunicorn"), "-k", "gthread", "-w", "1", "--threads", "16",
                                          "-b", f"127.0.0.1:{port}", "wsgi:app"])
