@@ -21,6 +21,7 @@ from sqlalchemy import and_, func, literal_column, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from .config import get_settings
+from .contact_rules import MAX_FIELDS
 from .contacts import (
     add_list_members,
     dialect_insert,
@@ -116,7 +117,10 @@ _PG_UPSERT = text(
                       THEN CAST(CAST(contacts.fields AS jsonb) || CAST(EXCLUDED.fields AS jsonb) AS json)
                       ELSE EXCLUDED.fields END,
         updated_at = EXCLUDED.updated_at
-    RETURNING id, created_at
+    WHERE json_typeof(contacts.fields) IS DISTINCT FROM 'object'
+       OR (SELECT count(*) FROM jsonb_object_keys(CAST(contacts.fields AS jsonb) || CAST(EXCLUDED.fields AS jsonb)))
+          <= :max_fields
+    RETURNING id, created_at, email
     """
 )
 
@@ -125,27 +129,32 @@ def _sqlite_upsert(session: Session, rows: list[dict]) -> list:
     table = Contact.__table__
     stmt = dialect_insert(session)(table)
     new_row, c = stmt.excluded, table.c
+    merged = func.json_patch(func.coalesce(c.fields, literal_column("'{}'")), new_row.fields)
     stmt = stmt.on_conflict_do_update(
         index_elements=[c.workspace_id, c.email],
+        # the merged fields stay within MAX_FIELDS, or the stored contact is left as it is
+        where=select(func.count()).select_from(func.json_each(merged).table_valued("key")).scalar_subquery()
+        <= MAX_FIELDS,
         set_={
             "first_name": func.coalesce(new_row.first_name, c.first_name),
             "last_name": func.coalesce(new_row.last_name, c.last_name),
             "timezone": func.coalesce(new_row.timezone, c.timezone),
             # RFC 7396 merge of two flat objects: the new keys win, the others stay.
-            "fields": func.json_patch(func.coalesce(c.fields, literal_column("'{}'")), new_row.fields),
+            "fields": merged,
             "updated_at": new_row.updated_at,
         },
-    ).returning(c.id, c.created_at)
+    ).returning(c.id, c.created_at, c.email)
     return insert_many(session, stmt, rows)
 
 
-def _upsert(session: Session, workspace_id: int, batch: dict[str, list]) -> tuple[list[int], int]:
+def _upsert(session: Session, workspace_id: int, batch: dict[str, list]) -> tuple[list[int], int, set[str]]:
     """One set-based upsert of a batch (``INSERT ... ON CONFLICT (workspace_id, email) DO
-    UPDATE``); returns (contact ids, how many were new).
+    UPDATE``); returns (contact ids, how many were new, the addresses refused).
 
     Empty cells (None) keep the stored value, custom fields are merged key by key, and the
-    status of an existing contact is never touched. A new contact's status follows a
-    suppression of its address. A row is new when the ``created_at`` it returns is this
+    status of an existing contact is never touched. A stored contact whose fields would grow
+    past MAX_FIELDS with the file's is left as it is, and its address is returned as refused.
+    A new contact's status follows a suppression of its address. A row is new when the ``created_at`` it returns is this
     batch's own timestamp (an update keeps the stored one), so no separate lookup is needed.
     """
     emails = sorted(batch)  # sorted, so concurrent imports lock rows in the same order
@@ -165,6 +174,7 @@ def _upsert(session: Session, workspace_id: int, batch: dict[str, list]) -> tupl
                 "timezones": [v[2] for v in values],
                 "fields": [json.dumps(v[3]) for v in values],
                 "statuses": statuses,
+                "max_fields": MAX_FIELDS,
             },
         ).all()
     else:
@@ -185,7 +195,8 @@ def _upsert(session: Session, workspace_id: int, batch: dict[str, list]) -> tupl
                 for email, (first, last, tz, fields), status in zip(emails, values, statuses, strict=True)
             ],
         )
-    return [r[0] for r in returned], sum(1 for r in returned if r[1] == now)
+    refused = set(emails) - {r[2] for r in returned}
+    return [r[0] for r in returned], sum(1 for r in returned if r[1] == now), refused
 
 
 def import_csv(
@@ -224,17 +235,23 @@ def import_csv(
     report.list_id = list_id
     done_before = report.rows
     batch: dict[str, list] = {}
+    rows_of: dict[str, list[int]] = {}  # the data rows each address of the batch came from
     in_batch = 0
 
     def flush() -> None:
-        nonlocal batch, in_batch
+        nonlocal batch, rows_of, in_batch
         if batch:
-            ids, created = _upsert(session, workspace_id, batch)
+            ids, created, refused = _upsert(session, workspace_id, batch)
             report.created += created
-            report.updated += len(batch) - created
+            report.updated += len(batch) - created - len(refused)
+            for email in sorted(refused, key=lambda e: rows_of[e][0]):
+                report.updated -= len(rows_of[email]) - 1  # its repeats in the file were counted as updates
+                for row in rows_of[email]:
+                    report.error(row, f"the contact would have more than {MAX_FIELDS} custom fields with this "
+                                      f"file's columns; it was left as it is")
             if list_id is not None:
                 report.members_added += add_list_members(session, workspace_id, list_id, ids)
-        batch, in_batch = {}, 0
+        batch, rows_of, in_batch = {}, {}, 0
         if progress is not None:
             progress(report, source.bytes_read)
         session.commit()
@@ -248,6 +265,7 @@ def import_csv(
             report.error(row, parsed)
         else:
             email, values = parsed
+            rows_of.setdefault(email, []).append(row)
             if email in batch:
                 _merge(batch[email], values)
                 report.updated += 1

@@ -116,6 +116,28 @@ def test_an_import_row_with_a_value_too_long_is_a_row_error_and_the_others_impor
     assert set(contacts_by_email(api.workspace_id)) == {"a@example.com", "c@example.com"}
 
 
+def test_imports_cannot_grow_a_stored_contact_past_the_field_limit(api):
+    """Each file is within the limits, but their columns together are not: the second import
+    leaves a stored contact as it is (a row error naming the limit) and updates the others."""
+    first = "email," + ",".join(f"a{i}" for i in range(60)) + "\nx@example.com" + ",1" * 60 + "\n"
+    assert post_csv(api, first.encode()).json["created"] == 1
+    second = ("email," + ",".join(f"b{i}" for i in range(60)) + "\n"
+              + "x@example.com" + ",2" * 60 + "\n"       # 120 fields once merged: refused
+              + "y@example.com" + ",2" * 60 + "\n"       # new: 60 fields
+              + "x@example.com" + ",3" * 60 + "\n")      # the same address again: refused too
+    r = post_csv(api, second.encode()).json
+    assert r["created"] == 1 and r["updated"] == 0, r
+    assert [e["row"] for e in r["errors"]] == [2, 4] and f"more than {MAX} custom fields" in r["errors"][0]["error"]
+    stored = contacts_by_email(api.workspace_id)
+    assert set(stored["x@example.com"].fields) == {f"a{i}" for i in range(60)}
+    assert len(stored["y@example.com"].fields) == 60
+    # within the limit, the merge goes on as before
+    third = "email," + ",".join(f"a{i}" for i in range(40)) + "\nx@example.com" + ",9" * 40 + "\n"
+    r = post_csv(api, third.encode()).json
+    assert r["updated"] == 1 and not r["errors"], r
+    assert contacts_by_email(api.workspace_id)["x@example.com"].fields["a0"] == "9"
+
+
 def test_an_import_row_over_the_total_is_a_row_error(api):
     header = "email," + ",".join(f"c{i}" for i in range(9))
     body = header + "\na@example.com" + ("," + "x" * 8000) * 9 + "\nb@example.com" + ",y" * 9 + "\n"
