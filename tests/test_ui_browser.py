@@ -394,16 +394,27 @@ def test_a_link_in_an_email_in_the_outbox_opens_in_a_new_tab(page, live, consume
         assert contacts.suppressed_emails(s, ws_id, ["reader@example.com"]) == {"reader@example.com"}
 
 
-def a_campaign(ws_id: int, name: str, status: str = "draft") -> int:
-    """A one-step campaign on an empty list, in ``status`` (no consumer: only the page matters)."""
-    from campaigns import campaign_rules, contacts
+def a_campaign(ws_id: int, name: str, status: str = "draft", *, waiting: bool = False) -> int:
+    """A one-step campaign on an empty list, in ``status`` (no consumer: only the page matters).
+    ``waiting``: launched for real to a list of one contact whose email is due in a day, so the
+    campaign stays running while a consumer runs (an empty running campaign is completed by the
+    consumer's reconciler, which ends its live view)."""
+    from campaigns import campaign_rules, contacts, engine
 
     with session_scope() as s:
         lst = contacts.create_list(s, ws_id, f"{name} list")
+        steps = [{"type": "email", "subject": "First", "html": "<p>1</p>"}]
+        if waiting:
+            steps.insert(0, {"type": "wait", "seconds": 86400})
+            contacts.add_members(s, ws_id, lst.id, emails=["waiting@example.com"])
         campaign = campaign_rules.create_campaign(s, ws_id, {
-            "name": name, "list_id": lst.id, "from_email": "team@example.com",
-            "steps": [{"type": "email", "subject": "First", "html": "<p>1</p>"}]})
-        campaign.status = status
+            "name": name, "list_id": lst.id, "from_email": "team@example.com", "steps": steps})
+        if waiting:
+            engine.launch(s, ws_id, campaign.id)
+            s.flush()
+            engine.fanout(s, campaign.id)  # here, at once (the consumer's run of it finds it done)
+        else:
+            campaign.status = status
         return campaign.id
 
 
@@ -445,7 +456,7 @@ def test_the_pages_break_no_rule_of_the_content_security_policy(page, live, cons
     page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
     page.add_init_script(RECORD_CSP)
     ws_id = sign_in(page, base)
-    draft, running = a_campaign(ws_id, "CSP draft"), a_campaign(ws_id, "CSP live", "running")
+    draft, running = a_campaign(ws_id, "CSP draft"), a_campaign(ws_id, "CSP live", "running", waiting=True)
     visited = []
     for path in ["/", "/campaigns/new", "/contacts", "/contacts/new", "/contacts/import", "/lists", "/suppressions",
                  "/messages", "/dead-letters", "/queue", "/outbox", "/settings", f"/campaigns/{draft}"]:
