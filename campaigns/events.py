@@ -19,11 +19,11 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from . import engine, leases
-from .contacts import one_of, suppress
-from .db import TRANSIENT_ERRORS, is_postgres, session_factory, utcnow
+from .db import TRANSIENT_ERRORS, is_postgres, one_of, session_factory, utcnow
 from .errors import BadRequest
 from .models import Campaign, Event, Message, Workspace
 from .sequences import stop_enrollments
+from .suppressions import suppress
 
 log = logging.getLogger("herald.events")
 

@@ -20,9 +20,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from . import engine
-from .contacts import dialect_insert
 from .counters import METRICS, add_totals
-from .db import session_factory, utcnow
+from .db import dialect_insert, session_factory, utcnow
 from .models import Campaign, Counter, Message, MessageAttempt
 from .stats import shared
 
