@@ -481,5 +481,3 @@ def remove_member(session: Session, workspace_id: int, list_id: int, contact_id:
     ).rowcount
     if not removed:
         raise NotFound(f"contact {contact_id} is not a member of list {list_id}")
-
-
