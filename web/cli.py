@@ -55,7 +55,7 @@ commands = AppGroup("herald")
 @commands.command("migrate")
 def migrate():
     """Create or upgrade the schema to the latest migration (safe to run again)."""
-    from campaigns.migrate import upgrade
+    from campaigns.migrate import upgrade  # Alembic is loaded only by the command that needs it
 
     upgrade()
     click.echo("database is at the latest migration")
@@ -131,7 +131,7 @@ def create_api_key(workspace, name):
 @click.option("--host", default="127.0.0.1", show_default=True)
 def sendgrid_sink(port, host):
     """Run the local SendGrid sink (the /v3/mail/send wire format, a local outbox)."""
-    from sendgrid_sink import SinkConfigError, run_sink
+    from sendgrid_sink import SinkConfigError, run_sink  # the dev sink, loaded only when asked for
 
     try:
         run_sink(host=host, port=port)
