@@ -32,6 +32,8 @@ test: $(STAMP) services browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/check_imports.py
+	$(BIN)/python scripts/check_sizes.py
 
 screenshots: $(STAMP) browser
 	$(BIN)/python scripts/screenshots.py

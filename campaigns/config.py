@@ -307,6 +307,41 @@ def _secret_key(env, instance_dir: Path, database_set: bool) -> str:
     return key
 
 
+def _inbound(env) -> tuple[str | None, str | None]:
+    """INBOUND_PARSE_SECRET and INBOUND_DOMAIN, checked."""
+    inbound_secret = env.get("INBOUND_PARSE_SECRET") or None
+    if inbound_secret and (not _PATH_SEGMENT.fullmatch(inbound_secret) or not inbound_secret.strip(".")):
+        raise ConfigError(
+            "INBOUND_PARSE_SECRET: must be one URL path segment: letters, digits, '-', '_', '.' and '~' only"
+        )
+    inbound_domain = env.get("INBOUND_DOMAIN") or None
+    if inbound_domain and not re.fullmatch(r"[A-Za-z0-9.-]+\.[A-Za-z]{2,}", inbound_domain):
+        raise ConfigError(f"INBOUND_DOMAIN: {inbound_domain!r} is not a domain name")
+    return inbound_secret, inbound_domain
+
+
+def _lockouts(env) -> tuple[float, float]:
+    """The first sign-in lockout and its cap (which cannot be below it)."""
+    login_lockout = _seconds(env, "HERALD_LOGIN_LOCKOUT", 300.0)
+    login_lockout_max = _seconds(env, "HERALD_LOGIN_LOCKOUT_MAX", max(3600.0, login_lockout))
+    if login_lockout_max < login_lockout:
+        raise ConfigError(
+            f"HERALD_LOGIN_LOCKOUT_MAX: must be at least HERALD_LOGIN_LOCKOUT ({login_lockout:g} seconds), "
+            f"got {env.get('HERALD_LOGIN_LOCKOUT_MAX')!r}"
+        )
+    return login_lockout, login_lockout_max
+
+
+def _stream_bounds(env) -> tuple[int | None, int | None]:
+    """HERALD_MAX_STREAMS and its per-workspace share (None: derived from the thread count)."""
+    max_streams = _count(env, "HERALD_MAX_STREAMS", None)
+    max_streams_ws = _count(env, "HERALD_MAX_STREAMS_PER_WORKSPACE", None)
+    if max_streams and max_streams_ws and max_streams_ws > max_streams:
+        raise ConfigError(f"HERALD_MAX_STREAMS_PER_WORKSPACE: must be at most HERALD_MAX_STREAMS ({max_streams}), "
+                          f"got {max_streams_ws}")
+    return max_streams, max_streams_ws
+
+
 def load_settings(env=None) -> Settings:
     env = os.environ if env is None else env
     instance_dir = Path(env.get("HERALD_INSTANCE_DIR") or PROJECT_ROOT / "instance")
@@ -327,34 +362,13 @@ def load_settings(env=None) -> Settings:
     if public_key:
         _webhook_public_key(public_key)
 
-    inbound_secret = env.get("INBOUND_PARSE_SECRET") or None
-    if inbound_secret and (not _PATH_SEGMENT.fullmatch(inbound_secret) or not inbound_secret.strip(".")):
-        raise ConfigError(
-            "INBOUND_PARSE_SECRET: must be one URL path segment: letters, digits, '-', '_', '.' and '~' only"
-        )
-
-    inbound_domain = env.get("INBOUND_DOMAIN") or None
-    if inbound_domain and not re.fullmatch(r"[A-Za-z0-9.-]+\.[A-Za-z]{2,}", inbound_domain):
-        raise ConfigError(f"INBOUND_DOMAIN: {inbound_domain!r} is not a domain name")
-
+    inbound_secret, inbound_domain = _inbound(env)
     queue_name = env.get("HERALD_QUEUE_NAME") or "herald"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", queue_name):
         raise ConfigError(f"HERALD_QUEUE_NAME: {queue_name[:80]!r} is not a queue name (1-64 letters, digits, "
                           "'.', '_', ':' or '-', starting with a letter or digit)")
-
-    login_lockout = _seconds(env, "HERALD_LOGIN_LOCKOUT", 300.0)
-    login_lockout_max = _seconds(env, "HERALD_LOGIN_LOCKOUT_MAX", max(3600.0, login_lockout))
-    if login_lockout_max < login_lockout:
-        raise ConfigError(
-            f"HERALD_LOGIN_LOCKOUT_MAX: must be at least HERALD_LOGIN_LOCKOUT ({login_lockout:g} seconds), "
-            f"got {env.get('HERALD_LOGIN_LOCKOUT_MAX')!r}"
-        )
-
-    max_streams = _count(env, "HERALD_MAX_STREAMS", None)
-    max_streams_ws = _count(env, "HERALD_MAX_STREAMS_PER_WORKSPACE", None)
-    if max_streams and max_streams_ws and max_streams_ws > max_streams:
-        raise ConfigError(f"HERALD_MAX_STREAMS_PER_WORKSPACE: must be at most HERALD_MAX_STREAMS ({max_streams}), "
-                          f"got {max_streams_ws}")
+    login_lockout, login_lockout_max = _lockouts(env)
+    max_streams, max_streams_ws = _stream_bounds(env)
 
     return Settings(
         instance_dir=instance_dir,

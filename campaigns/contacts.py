@@ -1,4 +1,4 @@
-"""Contacts, lists, list members and the suppression list, always within one workspace.
+"""Contacts, lists and list members, always within one workspace (suppressions: suppressions.py).
 
 Every function takes the ``workspace_id`` it acts for and never touches another workspace's
 rows: an id that belongs elsewhere is answered exactly like an id that does not exist
@@ -8,13 +8,12 @@ Addresses are normalised by ``strip().lower()`` once they pass ``email-validator
 only, no DNS). That is the same normalisation ``campaigns.sequences.stop_for_emails`` and the
 event handlers use, so a suppression always matches its contact.
 
-Contact ``status`` is ``active | unsubscribed | bounced | complained``. Suppressing an address
-sets its contact's status from the reason (:data:`STATUS_FOR_REASON`); a contact created for an
-address that is already suppressed starts with that status. Nothing here ever turns a
-suppressed address back to ``active`` except an explicit :func:`unsuppress`.
+Contact ``status`` is ``active | unsubscribed | bounced | complained``; a contact created for
+an address that is already suppressed starts with the status its reason implies
+(``suppressions.status_for_new_contact``).
 
 Writes that take many addresses are set-based (``INSERT ... ON CONFLICT``), in chunks of
-:data:`CHUNK`, through the dialect's insert helper, so they behave the same on PostgreSQL and
+``db.CHUNK``, through ``db.dialect_insert``, so they behave the same on PostgreSQL and
 SQLite; on PostgreSQL the hot paths (list members, lookups by address) pass one array
 parameter instead of thousands of placeholders.
 
@@ -27,8 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import BigInteger, Integer, String, Text, any_, bindparam, delete, false, func, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import delete, false, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
@@ -54,23 +52,13 @@ from .contact_rules import (  # noqa: F401  (the validation's names, as callers 
     text_problem,
     timezone_problem,
 )
-from .db import is_postgres, utcnow
+from .db import chunks, dialect_insert, insert_many, is_postgres, one_of, utcnow
 from .errors import Conflict, InvalidInput, NotFound
 from .ids import MAX_ID, valid_id  # noqa: F401
-from .models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Suppression
-from .sequences import stop_for_emails
+from .models import Campaign, Contact, ContactList, Enrollment, ListMember, Message
+from .suppressions import status_for_new_contact, suppression_reasons
 
-# Contact status that a suppression reason implies; other reasons leave the status alone.
-STATUS_FOR_REASON = {
-    "unsubscribe": "unsubscribed",
-    "bounce": "bounced",
-    "dropped": "bounced",
-    "spamreport": "complained",
-}
-SUPPRESSION_REASONS = ("manual", "unsubscribe", "bounce", "dropped", "spamreport", "import")
 MAX_BULK = 10_000  # addresses or ids per API call (suppressions, list members)
-CHUNK = 1_000  # rows per set-based statement (well under both backends' bind-parameter limits)
-
 
 
 class _Unset:
@@ -81,61 +69,7 @@ class _Unset:
 UNSET = _Unset()
 
 
-def dialect_insert(session: Session):
-    """The dialect's insert (it has ``on_conflict_do_nothing/do_update`` on both backends)."""
-    return postgresql.insert if is_postgres(session) else sqlite.insert
-
-
-def one_of(session: Session, column, values: list):
-    """``column IN (values)``; on PostgreSQL ``column = ANY(:array)``, one short statement that
-    the driver does not have to re-parse for every batch (a 1,000-item IN list is 1,000
-    placeholders)."""
-    if is_postgres(session):
-        item = column.type if isinstance(column.type, String | BigInteger | Integer) else Text()
-        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(item)))
-    return column.in_(list(values))
-
-
-def insert_many(session: Session, stmt, rows: list[dict]) -> list:
-    """Run an ``INSERT ... RETURNING`` for many rows; returns the rows RETURNING gave back.
-
-    One executemany: SQLAlchemy's "insertmanyvalues" sends it as multi-row VALUES statements
-    that are compiled once and cached (a ``.values([...])`` list is recompiled every time)."""
-    if not rows:
-        return []
-    return session.execute(stmt, rows).all()
-
-
-def _chunks(items: list, size: int = CHUNK):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 # --- contacts ---------------------------------------------------------------------------------
-
-
-def suppression_reasons(session: Session, workspace_id: int, emails: Iterable[str]) -> dict[str, str]:
-    """``{email: reason}`` for those of ``emails`` (already normalised) that are suppressed."""
-    emails = sorted(set(emails))
-    found: dict[str, str] = {}
-    for chunk in _chunks(emails):
-        found.update(
-            session.execute(
-                select(Suppression.email, Suppression.reason).where(
-                    Suppression.workspace_id == workspace_id, one_of(session, Suppression.email, chunk)
-                )
-            ).all()
-        )
-    return found
-
-
-def suppressed_emails(session: Session, workspace_id: int, emails: Iterable[str]) -> set[str]:
-    return set(suppression_reasons(session, workspace_id, emails))
-
-
-def status_for_new_contact(reason: str | None) -> str:
-    """The status a contact starts with when its address is suppressed for ``reason``."""
-    return STATUS_FOR_REASON.get(reason or "", "active")
 
 
 def get_contact(session: Session, workspace_id: int, contact_id: int) -> Contact:
@@ -404,7 +338,7 @@ def ensure_contacts(session: Session, workspace_id: int, emails: list[str]) -> t
     returns ``({email: id}, how many were created)``. Set-based, in chunks."""
     ids: dict[str, int] = {}
     created = 0
-    for chunk in _chunks(sorted(set(emails))):
+    for chunk in chunks(sorted(set(emails))):
         existing = dict(
             session.execute(
                 select(Contact.email, Contact.id).where(
@@ -465,7 +399,7 @@ def add_list_members(session: Session, workspace_id: int, list_id: int, contact_
     added = 0
     now = utcnow()
     t = ListMember.__table__
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         if is_postgres(session):
             # One array parameter instead of 4,000 placeholders (the import adds 1,000 a batch).
             params = {"list_id": list_id, "workspace_id": workspace_id, "now": now, "contact_ids": chunk}
@@ -515,7 +449,7 @@ def add_members(
             else:
                 asked.append(cid)
         found: set[int] = set()
-        for chunk in _chunks(sorted(set(asked))):
+        for chunk in chunks(sorted(set(asked))):
             found.update(
                 session.scalars(
                     select(Contact.id).where(Contact.workspace_id == workspace_id, one_of(session, Contact.id, chunk))
@@ -547,87 +481,3 @@ def remove_member(session: Session, workspace_id: int, list_id: int, contact_id:
     ).rowcount
     if not removed:
         raise NotFound(f"contact {contact_id} is not a member of list {list_id}")
-
-
-# --- suppressions -----------------------------------------------------------------------------
-
-
-def suppress(session: Session, workspace_id: int, emails: Iterable[str], reason: str) -> int:
-    """Add addresses to the workspace's suppression list; returns how many were new.
-
-    Addresses are normalised (strip, lower-case); blanks are ignored; no syntax check here
-    (the API checks what users send; provider events carry real addresses). Existing
-    suppressions are kept as they are (``ON CONFLICT (workspace_id, email) DO NOTHING``).
-    Matching contacts get the status the reason implies (:data:`STATUS_FOR_REASON`), and
-    every sequence to these addresses is stopped (``sequences.stop_for_emails``). The caller
-    commits.
-    """
-    addresses = sorted({e.strip().lower() for e in emails if isinstance(e, str) and e.strip()})
-    if not addresses:
-        return 0
-    reason = (reason or "manual")[:40]
-    status = STATUS_FOR_REASON.get(reason)
-    now = utcnow()
-    inserted = 0
-    for chunk in _chunks(addresses):
-        rows = [{"workspace_id": workspace_id, "email": e, "reason": reason, "created_at": now} for e in chunk]
-        t = Suppression.__table__
-        inserted += len(
-            insert_many(
-                session,
-                dialect_insert(session)(t)
-                .on_conflict_do_nothing(index_elements=[t.c.workspace_id, t.c.email])
-                .returning(t.c.id),
-                rows,
-            )
-        )
-        if status:
-            session.execute(
-                update(Contact)
-                .where(Contact.workspace_id == workspace_id, one_of(session, Contact.email, chunk))
-                .values(status=status, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
-    stop_for_emails(session, workspace_id, addresses, reason)
-    return inserted
-
-
-def unsuppress(session: Session, workspace_id: int, email: str) -> None:
-    """Remove an address from the suppression list (NotFound when it is not on it).
-
-    An explicit decision to mail the address again, so its contact (if any) goes back to
-    ``active``. Sequences stopped by the suppression stay stopped; campaigns that skipped it
-    enroll it through ``engine.enroll_contact``, which the callers run in the same transaction.
-    """
-    email = (email or "").strip().lower()
-    if text_problem(email):
-        raise NotFound("that address is not suppressed")
-    removed = session.execute(
-        delete(Suppression)
-        .where(Suppression.workspace_id == workspace_id, Suppression.email == email)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if not removed:
-        raise NotFound(f"{email} is not suppressed")
-    session.execute(
-        update(Contact)
-        .where(Contact.workspace_id == workspace_id, Contact.email == email, Contact.status != "active")
-        .values(status="active", updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-
-
-def is_suppressed(session: Session, workspace_id: int, email: str) -> bool:
-    email = (email or "").strip().lower()
-    if text_problem(email):
-        return False
-    return (
-        session.scalar(
-            select(Suppression.id).where(Suppression.workspace_id == workspace_id, Suppression.email == email)
-        )
-        is not None
-    )
-
-
-def suppressions_query(workspace_id: int) -> Select:
-    return select(Suppression).where(Suppression.workspace_id == workspace_id)

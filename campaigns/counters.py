@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from .contacts import dialect_insert
+from .db import dialect_insert
 from .models import Counter
 
 METRICS = "metrics:"

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TypeVar
 
-from sqlalchemy import create_engine, event, make_url, text
+from sqlalchemy import BigInteger, Integer, String, Text, any_, bindparam, create_engine, event, make_url, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -178,3 +179,39 @@ def retry_transient(work: Callable[[int], T], what: str, seconds: float, base: f
 def is_postgres(session_or_engine) -> bool:
     bind = session_or_engine.get_bind() if isinstance(session_or_engine, Session) else session_or_engine
     return bind.dialect.name == "postgresql"
+
+
+# --- set-based writes that behave the same on both backends ------------------------------------
+
+CHUNK = 1_000  # rows per set-based statement (well under both backends' bind-parameter limits)
+
+
+def dialect_insert(session: Session):
+    """The dialect's insert (it has ``on_conflict_do_nothing/do_update`` on both backends)."""
+    return postgresql.insert if is_postgres(session) else sqlite.insert
+
+
+def one_of(session: Session, column, values: list):
+    """``column IN (values)``; on PostgreSQL ``column = ANY(:array)``, one short statement that
+    the driver does not have to re-parse for every batch (a 1,000-item IN list is 1,000
+    placeholders)."""
+    if is_postgres(session):
+        item = column.type if isinstance(column.type, String | BigInteger | Integer) else Text()
+        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(item)))
+    return column.in_(list(values))
+
+
+def insert_many(session: Session, stmt, rows: list[dict]) -> list:
+    """Run an ``INSERT ... RETURNING`` for many rows; returns the rows RETURNING gave back.
+
+    One executemany: SQLAlchemy's "insertmanyvalues" sends it as multi-row VALUES statements
+    that are compiled once and cached (a ``.values([...])`` list is recompiled every time)."""
+    if not rows:
+        return []
+    return session.execute(stmt, rows).all()
+
+
+def chunks(items: list, size: int = CHUNK):
+    """``items`` in slices of ``size`` (one set-based statement each)."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -24,11 +24,7 @@ from .config import get_settings
 from .contact_rules import MAX_FIELDS
 from .contacts import (
     add_list_members,
-    dialect_insert,
     get_list,
-    insert_many,
-    status_for_new_contact,
-    suppression_reasons,
 )
 from .csv_reading import (  # noqa: F401  (importer.<name> as callers have always used them)
     SNIFF_BYTES,
@@ -46,9 +42,10 @@ from .csv_reading import (  # noqa: F401  (importer.<name> as callers have alway
     unclosed_quote,
     unreadable_row,
 )
-from .db import is_postgres, new_session, utcnow
+from .db import dialect_insert, insert_many, is_postgres, new_session, utcnow
 from .errors import HeraldError
 from .models import Contact, Import
+from .suppressions import status_for_new_contact, suppression_reasons
 
 log = logging.getLogger(__name__)
 

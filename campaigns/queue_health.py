@@ -15,14 +15,14 @@ import logging
 import time
 from datetime import timedelta
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from . import engine
-from .contacts import dialect_insert
 from .counters import METRICS, add_totals
-from .db import session_factory, utcnow
+from .db import dialect_insert, session_factory, utcnow
 from .models import Campaign, Counter, Message, MessageAttempt
 from .stats import shared
 
@@ -223,31 +223,39 @@ def collect_metrics(s: Session, queue, counters: dict[str, int]):
     """Prometheus metric families from the ledger (``prometheus_client`` core types). Call it
     before ``s`` has begun a transaction: the roll-up writes in its own, and on SQLite the
     request's session holds the write lock once it has begun."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
     roll_up()
-
     now = utcnow()
-    fams = []
-    g = GaugeMetricFamily("herald_queue_depth", "Tasks waiting in the Huey queue")
-    try:
-        g.add_metric([], int(queue.pending_count()))
-    except Exception:  # noqa: BLE001
-        g.add_metric([], -1)
-    fams.append(g)
-    g = GaugeMetricFamily("herald_queue_scheduled_tasks", "Delayed Huey tasks (wake-ups, retries)")
-    try:
-        g.add_metric([], int(queue.scheduled_count()))
-    except Exception:  # noqa: BLE001
-        g.add_metric([], -1)
-    fams.append(g)
-
+    fams = _queue_families(queue)
     snap = snapshot(s, queue)
+    fams += _ledger_families(s, snap)
+    fams += _attempt_families(attempt_figures(s))
+    fams += _limit_families(counters, snap)
+    fams += _campaign_families(s, now)
+    return fams
+
+
+def _queue_families(queue) -> list:
+    """The Huey queue's depth and delayed tasks (-1 when the queue store does not answer)."""
+    fams = []
+    for name, help_, count in (
+        ("herald_queue_depth", "Tasks waiting in the Huey queue", queue.pending_count),
+        ("herald_queue_scheduled_tasks", "Delayed Huey tasks (wake-ups, retries)", queue.scheduled_count),
+    ):
+        g = GaugeMetricFamily(name, help_)
+        try:
+            g.add_metric([], int(count()))
+        except Exception:  # noqa: BLE001
+            g.add_metric([], -1)
+        fams.append(g)
+    return fams
+
+
+def _ledger_families(s: Session, snap: dict) -> list:
+    """Messages by status and the snapshot's gauges."""
     by_status = GaugeMetricFamily("herald_messages", "Messages in the ledger by status", labels=["status"])
     for status, n in sorted(messages_by_status(s, open_by_status(snap)).items()):
         by_status.add_metric([status], n)
-    fams.append(by_status)
-
+    fams = [by_status]
     for name, key, help_ in (
         ("herald_messages_scheduled", "scheduled", "Messages due or waiting (scheduled or queued)"),
         ("herald_messages_in_flight", "in_flight", "Messages being sent (under a lease)"),
@@ -261,26 +269,29 @@ def collect_metrics(s: Session, queue, counters: dict[str, int]):
     g = GaugeMetricFamily("herald_failure_rate_5m", "Share of send attempts that failed in the last 5 minutes")
     g.add_metric([], snap["failure_rate_5m"])
     fams.append(g)
+    return fams
 
-    figures = attempt_figures(s)
+
+def _attempt_families(figures: dict[str, int]) -> list:
+    """Send attempts by outcome, retries, ambiguous resends and the duration histogram."""
     outcomes = CounterMetricFamily("herald_send_attempts", "Send attempts by outcome", labels=["outcome"])
     for key, n in sorted(figures.items()):
         if key.startswith("attempts:"):
             outcomes.add_metric([key.split(":", 1)[1]], n)
-    fams.append(outcomes)
     retries = CounterMetricFamily("herald_send_retries", "Send attempts after the first")
     retries.add_metric([], figures.get("retries", 0))
-    fams.append(retries)
     resends = CounterMetricFamily("herald_ambiguous_resends", "Ambiguous messages resent after the window")
     resends.add_metric([], figures.get("ambiguous_resends", 0))
-    fams.append(resends)
 
     buckets = [(str(b / 1000.0), figures.get(f"duration_le:{b}", 0)) for b in DURATION_BUCKETS_MS]
     buckets.append(("+Inf", figures.get("duration_count", 0)))
     hist = HistogramMetricFamily("herald_send_duration_seconds", "Provider call duration per attempt")
     hist.add_metric([], buckets, sum_value=figures.get("duration_sum_us", 0) / 1e6)
-    fams.append(hist)
+    return [outcomes, retries, resends, hist]
 
+
+def _limit_families(counters: dict[str, int], snap: dict) -> list:
+    """Rate-limit waits and hand-backs (shared counters), rejected events, and what waits now."""
     waits = CounterMetricFamily("herald_rate_limit_waits", "Sends that waited for their turn under a limit, by kind",
                                 labels=["limit"])
     released = CounterMetricFamily("herald_rate_limit_released",
@@ -291,25 +302,24 @@ def collect_metrics(s: Session, queue, counters: dict[str, int]):
             waits.add_metric([name.split(":", 1)[1]], value)
         elif name.startswith("rate_limit_released:"):
             released.add_metric([name.split(":", 1)[1]], value)
-    fams += [waits, released]
     rejected = CounterMetricFamily("herald_events_rejected",
                                    "Event Webhook items skipped because they were not events")
     rejected.add_metric([], counters.get("events_rejected", 0))
-    fams.append(rejected)
     waiting_now = GaugeMetricFamily("herald_rate_limit_waiting", "Due messages held back now, per limit",
                                     labels=["limit"])
     for key, n in snap["waiting"].items():
         waiting_now.add_metric([key], n)
-    fams.append(waiting_now)
+    return [waits, released, rejected, waiting_now]
 
+
+def _campaign_families(s: Session, now) -> list:
+    """Campaigns by status and the scheduled messages already due."""
     running = GaugeMetricFamily("herald_campaigns", "Campaigns by status", labels=["status"])
     for status, n in s.execute(select(Campaign.status, func.count()).group_by(Campaign.status)).all():
         running.add_metric([status], int(n))
-    fams.append(running)
     waiting = GaugeMetricFamily(
         "herald_due_messages", "Scheduled messages already due (waiting on a limit or a worker)"
     )
     waiting.add_metric([], int(s.scalar(select(func.count()).where(Message.status == "scheduled",
                                                                    Message.due_at <= now)) or 0))
-    fams.append(waiting)
-    return fams
+    return [running, waiting]

@@ -32,8 +32,7 @@ from email.utils import getaddresses, parseaddr
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from .contacts import dialect_insert
-from .db import utcnow
+from .db import dialect_insert, utcnow
 from .errors import BadRequest
 from .models import Campaign, Message, Reply
 from .sequences import stop_contact_in_campaign

@@ -91,7 +91,7 @@ def seed(sink_url: str) -> dict:
     """Workspaces, contacts, lists, suppressions and campaigns (run by the consumer)."""
     from sqlalchemy import select
 
-    from campaigns import accounts, campaign_rules, contacts, engine
+    from campaigns import accounts, campaign_rules, contacts, engine, suppressions
     from campaigns.db import session_scope
     from campaigns.models import Campaign
     from tasks import engine as task_engine
@@ -120,10 +120,10 @@ def seed(sink_url: str) -> dict:
             emails["spring" if i < 40 else "webinar"].append(contact.email)
         contacts.add_list_members(s, ws_id, spring.id, ids["spring"])
         contacts.add_list_members(s, ws_id, webinar.id, ids["webinar"])
-        contacts.suppress(s, ws_id, [emails["spring"][3], "old.address@example.com", "no-thanks@example.org"],
+        suppressions.suppress(s, ws_id, [emails["spring"][3], "old.address@example.com", "no-thanks@example.org"],
                           "manual")
-        contacts.suppress(s, ws_id, ["bounced.mailbox@example.net"], "bounce")
-        contacts.suppress(s, ws_id, [emails["spring"][11]], "unsubscribe")
+        suppressions.suppress(s, ws_id, ["bounced.mailbox@example.net"], "bounce")
+        suppressions.suppress(s, ws_id, [emails["spring"][11]], "unsubscribe")
         base = {"from_email": "hello@acme.example", "from_name": "Maya at Acme", "reply_to": "maya@acme.example"}
         email_one = {"type": "email", "subject": "A faster way to ship, {{ contact.first_name }}?",
                      "html": ("<p>Hi {{ contact.first_name }},</p>\n<p>Teams like {{ contact.fields.company }} "

@@ -15,5 +15,7 @@ run() {
 }
 
 .venv/bin/ruff check . || exit 1
+.venv/bin/python scripts/check_imports.py || exit 1
+.venv/bin/python scripts/check_sizes.py || exit 1
 run "PostgreSQL + Redis" env HERALD_TEST_BACKEND=postgres $PYTEST "$@" || exit 1
 run "SQLite (embedded defaults)" env HERALD_TEST_BACKEND=sqlite $PYTEST -m "not postgres_only" "$@" || exit 1

@@ -1,4 +1,4 @@
-"""The import rules (scripts/check_imports.py) hold on the tree, and the checker does fail."""
+"""The import and size rules (scripts/check_imports.py, scripts/check_sizes.py) hold, and the checkers fail."""
 
 from __future__ import annotations
 
@@ -75,3 +75,47 @@ def test_the_sink_stands_alone(tmp_path):
     result = run(tmp_path)
     assert result.returncode == 1
     assert "sendgrid_sink/app.py:1: sendgrid_sink/ must not import campaigns.config" in result.stderr
+
+
+SIZES = ROOT / "scripts" / "check_sizes.py"
+
+
+def sizes(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SIZES), str(root)], capture_output=True, text=True, timeout=60)
+
+
+def a_function(name: str, length: int) -> str:
+    """A function of exactly ``length`` lines, counted from its ``def``."""
+    return f"def {name}():\n" + "    x = 1\n" * (length - 1)
+
+
+def test_the_tree_keeps_the_size_rules():
+    result = sizes(ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_function_over_80_lines_is_named_with_its_length(tmp_path):
+    write(tmp_path, {"campaigns/big.py": a_function("fine", 80) + "\n\n" + a_function("too_long", 81)})
+    result = sizes(tmp_path)
+    assert result.returncode == 1
+    assert "campaigns/big.py:83: function too_long is 81 lines" in result.stderr
+    assert "fine" not in result.stderr
+
+
+def test_a_long_comment_allows_a_long_function(tmp_path):
+    write(tmp_path, {
+        "web/big.py": "import functools\n\n\n# long: one SQL statement per step, read top to bottom\n"
+                      "@functools.cache\n" + a_function("long_one", 120),
+        "tasks/big.py": "# long: a reason on the def's own line above it\n" + a_function("other", 90),
+    })
+    result = sizes(tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_module_over_600_lines_is_named(tmp_path):
+    body = "".join(a_function(f"f{i}", 5) + "\n\n" for i in range(90))  # 90 * 7 = 630 lines
+    write(tmp_path, {"sendgrid_sink/big.py": body, "campaigns/waived.py": "# long: generated tables\n" + body})
+    result = sizes(tmp_path)
+    assert result.returncode == 1
+    assert "sendgrid_sink/big.py: module is 630 lines" in result.stderr
+    assert "waived" not in result.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from campaigns import contacts
+from campaigns import contacts, suppressions
 from campaigns.db import session_scope
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Step, Suppression
 
@@ -352,18 +352,18 @@ def test_suppress_domain_function(api, reason, status):
     with session_scope() as s:
         contact_id, enr_id, msg_id = _running_enrollment(s, ws, "seq@example.com")
     with session_scope() as s:
-        assert contacts.suppress(s, ws, [" SEQ@example.com", "", "nobody@example.com"], reason) == 2
-        assert contacts.suppress(s, ws, ["seq@example.com"], reason) == 0  # kept, not duplicated
+        assert suppressions.suppress(s, ws, [" SEQ@example.com", "", "nobody@example.com"], reason) == 2
+        assert suppressions.suppress(s, ws, ["seq@example.com"], reason) == 0  # kept, not duplicated
     with session_scope() as s:
         assert s.get(Contact, contact_id).status == status
         assert s.get(Enrollment, enr_id).status == "stopped"
         assert s.get(Message, msg_id).status == "cancelled"
-        assert contacts.is_suppressed(s, ws, "Seq@Example.com")
-        assert contacts.is_suppressed(s, ws, "nobody@example.com")  # no contact needed
-        contacts.unsuppress(s, ws, "nobody@example.com")
-        assert not contacts.is_suppressed(s, ws, "nobody@example.com")
+        assert suppressions.is_suppressed(s, ws, "Seq@Example.com")
+        assert suppressions.is_suppressed(s, ws, "nobody@example.com")  # no contact needed
+        suppressions.unsuppress(s, ws, "nobody@example.com")
+        assert not suppressions.is_suppressed(s, ws, "nobody@example.com")
         with pytest.raises(contacts.NotFound):
-            contacts.unsuppress(s, ws, "nobody@example.com")
+            suppressions.unsuppress(s, ws, "nobody@example.com")
 
 
 # --- hostile input: never a 500 ----------------------------------------------------------------

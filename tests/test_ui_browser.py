@@ -360,7 +360,7 @@ def test_a_link_in_an_email_in_the_outbox_opens_in_a_new_tab(page, live, consume
     """The outbox shows an email's HTML in a frame where no script runs; its links (the
     unsubscribe link) used to navigate that frame, where the unsubscribe form could not be sent.
     They open in a new tab now, as in a mail client."""
-    from campaigns import campaign_rules, contacts, engine
+    from campaigns import campaign_rules, contacts, engine, suppressions
 
     base = live
     ws_id = sign_in(page, base)
@@ -391,7 +391,7 @@ def test_a_link_in_an_email_in_the_outbox_opens_in_a_new_tab(page, live, consume
     expect(tab.locator("h1")).to_have_text("You are unsubscribed")
     assert page.url.startswith(f"{base}/outbox/")  # the outbox stays as it was
     with session_scope() as s:
-        assert contacts.suppressed_emails(s, ws_id, ["reader@example.com"]) == {"reader@example.com"}
+        assert suppressions.suppressed_emails(s, ws_id, ["reader@example.com"]) == {"reader@example.com"}
 
 
 def a_campaign(ws_id: int, name: str, status: str = "draft", *, waiting: bool = False) -> int:

@@ -277,7 +277,7 @@ def test_one_bad_event_never_blocks_the_others(api, client, db, sink, monkeypatc
             raise ValueError("cannot handle this one")
         return real(kind, payload)
 
-    monkeypatch.setattr(ev, "suppression_reason", fussy)
+    monkeypatch.setattr(ev.applying, "suppression_reason", fussy)
     with caplog.at_level(logging.ERROR, logger="herald.events"):
         report = apply_all()
     assert report.failed == 1 and count(db, Event, Event.processed_at.is_(None)) == 0
@@ -290,7 +290,7 @@ def test_a_storage_failure_is_503_so_sendgrid_retries(client, db, monkeypatch):
     def broken(session, rows, body=None):
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(ev, "insert_rows", broken)
+    monkeypatch.setattr(ev.storing, "insert_rows", broken)
     resp = post(client, a_batch(2))
     assert resp.status_code == 503
     monkeypatch.undo()

@@ -16,8 +16,7 @@ from itsdangerous import BadData, URLSafeTimedSerializer
 from sqlalchemy import delete, or_, select, update
 
 from campaigns.accounts import end_session, session_alive, start_session, user_workspaces, workspace_for_api_key
-from campaigns.contacts import dialect_insert
-from campaigns.db import utcnow
+from campaigns.db import dialect_insert, utcnow
 from campaigns.models import LoginThrottle
 
 from .db import get_db

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Flask, g, render_template
 from sqlalchemy import select
 
-from campaigns import contacts
+from campaigns.db import one_of
 from campaigns.errors import HeraldError, NotFound
 from campaigns.models import Campaign, Message
 
@@ -68,7 +68,7 @@ def _ledger_for_keys(db, keys: set[str]) -> dict[str, Message]:
     if not keys:
         return {}
     rows = db.scalars(select(Message).where(Message.workspace_id == g.workspace_id,
-                                            contacts.one_of(db, Message.message_key, sorted(keys))))
+                                            one_of(db, Message.message_key, sorted(keys))))
     return {m.message_key: m for m in rows}
 
 

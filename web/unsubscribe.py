@@ -4,7 +4,7 @@ The token (``campaigns.tokens.unsubscribe_token``) is signed with SECRET_KEY: no
 not expiring; it names the workspace, the address and the message it came in. The POST needs
 no cookie, login or CSRF token (mail clients send ``List-Unsubscribe=One-Click`` from their own
 servers; the confirm page's button posts the same body to the same URL). It suppresses the
-address in that workspace synchronously (``contacts.suppress``: suppression row, contact status,
+address in that workspace synchronously (``suppressions.suppress``: suppression row, contact status,
 every sequence to the address stopped) and sets the message's ``unsubscribed_at`` once.
 
 From the moment the POST returns, no further email is handed to the provider for that address:
@@ -23,7 +23,7 @@ from flask import Blueprint, current_app, make_response, render_template
 from flask import session as cookie_session
 from sqlalchemy import exists, select, update
 
-from campaigns import contacts
+from campaigns import contacts, suppressions
 from campaigns.db import utcnow
 from campaigns.models import Message, Suppression, Workspace
 from campaigns.tokens import read_unsubscribe_token
@@ -66,7 +66,7 @@ def confirm(token: str):
     if target is None:
         return _not_found()
     workspace_id, email, _ = target
-    already = contacts.is_suppressed(get_db(), workspace_id, email)
+    already = suppressions.is_suppressed(get_db(), workspace_id, email)
     return _page("unsubscribe.html", email=email, token=token, already=already)
 
 
@@ -95,7 +95,7 @@ def one_click(token: str):
         return _not_found()
     workspace_id, email, key = target
     session = get_db()
-    contacts.suppress(session, workspace_id, [email], "unsubscribe")
+    suppressions.suppress(session, workspace_id, [email], "unsubscribe")
     if key:
         now = utcnow()
         session.execute(

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from .. import leases
 from ..config import get_settings
-from ..contacts import unsuppress as remove_suppression
 from ..db import is_postgres, session_factory, utcnow
 from ..models import Campaign, Contact, Enrollment, ListMember, Message, Suppression
+from ..suppressions import unsuppress as remove_suppression
 from .common import Hooks, _insert, _random_key_sql, log, worker_id
 from .sequence import _first_email
 

@@ -8,10 +8,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from .. import effects, stopgen
-from ..contacts import is_suppressed, normalize_email
+from ..contacts import normalize_email
 from ..db import utcnow
 from ..errors import Conflict, InvalidInput
 from ..models import Campaign, Contact, Enrollment, Message
+from ..suppressions import is_suppressed
 from .common import PENDING, TEST_PRIORITY, _email_steps, get_campaign, new_message_key
 
 TEST_MAX_ATTEMPTS = 3  # a test send is tried this often before it becomes a dead letter

@@ -18,7 +18,7 @@ from marshmallow import fields as mf
 from marshmallow.validate import Length, OneOf, Range
 from sqlalchemy import select
 
-from campaigns import contacts, engine, importer
+from campaigns import contacts, engine, importer, suppressions
 from campaigns.config import get_settings
 from campaigns.errors import BadRequest, HeraldError, NotFound
 from campaigns.models import Contact, ContactList, Import, Suppression
@@ -85,7 +85,7 @@ class MembersIn(_Strict):
 
 class SuppressionsIn(_Strict):
     emails = mf.List(mf.String(), required=True, validate=Length(min=1, max=contacts.MAX_BULK))
-    reason = mf.String(load_default="manual", validate=OneOf(contacts.SUPPRESSION_REASONS))
+    reason = mf.String(load_default="manual", validate=OneOf(suppressions.SUPPRESSION_REASONS))
 
 
 # --- schemas: query strings (documentation; parsed with int_arg/paginate) ----------------------
@@ -202,7 +202,7 @@ ImportPage = page_of(ImportOut, "ImportPage")
 
 
 def _contacts(session, rows: list[Contact]) -> list[With]:
-    suppressed = contacts.suppressed_emails(session, g.workspace_id, (c.email for c in rows))
+    suppressed = suppressions.suppressed_emails(session, g.workspace_id, (c.email for c in rows))
     return [With(c, suppressed=c.email in suppressed) for c in rows]
 
 
@@ -213,7 +213,7 @@ def _contact_page(session, stmt) -> dict:
 
 
 def _one_contact(session, c: Contact) -> dict:
-    return ContactOut().dump(With(c, suppressed=contacts.is_suppressed(session, g.workspace_id, c.email)))
+    return ContactOut().dump(With(c, suppressed=suppressions.is_suppressed(session, g.workspace_id, c.email)))
 
 
 def _one_list(session, row: ContactList) -> dict:
@@ -394,7 +394,7 @@ def remove_member(list_id: int, contact_id: int):
 @doc("The suppression list, paged by cursor", query=PageQuery, response=SuppressionPage, tags=["suppressions"])
 def list_suppressions():
     s = get_db()
-    return SuppressionPage().dump(_paginate(s, contacts.suppressions_query(g.workspace_id), Suppression))
+    return SuppressionPage().dump(_paginate(s, suppressions.suppressions_query(g.workspace_id), Suppression))
 
 
 @bp.route("/suppressions", methods=["POST"])
@@ -405,7 +405,7 @@ def add_suppressions():
     valid, invalid = contacts.sort_addresses(data["emails"])
     valid = set(valid)
     s = get_db()
-    added = contacts.suppress(s, g.workspace_id, valid, data["reason"])
+    added = suppressions.suppress(s, g.workspace_id, valid, data["reason"])
     s.commit()
     return SuppressionsResult().dump({"added": added, "already": len(valid) - added, "invalid": invalid})
 

@@ -9,7 +9,7 @@ import logging
 from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
-from campaigns import contacts
+from campaigns import contacts, suppressions
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Suppression
 
 from ..auth import login_required
@@ -71,7 +71,7 @@ def contacts_page():
     if status in CONTACT_STATUSES:
         stmt = stmt.where(Contact.status == status)
     rows, next_before = ([], None) if problem else keyset_page(db, stmt, Contact)
-    suppressed = contacts.suppressed_emails(db, g.workspace_id, (c.email for c in rows))
+    suppressed = suppressions.suppressed_emails(db, g.workspace_id, (c.email for c in rows))
     total = db.scalar(select(func.count()).select_from(Contact).where(Contact.workspace_id == g.workspace_id))
     return render_template("contacts.html", rows=rows, next_before=next_before, q=q, status=status,
                            statuses=CONTACT_STATUSES, suppressed=suppressed, total=total, search_note=problem,

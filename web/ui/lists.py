@@ -8,7 +8,7 @@ import uuid
 from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
-from campaigns import contacts, engine, importer
+from campaigns import contacts, engine, importer, suppressions
 from campaigns.errors import BadRequest, NotFound
 from campaigns.models import Campaign, Contact, ContactList, Import, Suppression
 
@@ -141,7 +141,7 @@ def _list_view(list_id: int, emails: str = "", error: str | None = None, status:
     if q and not problem:
         stmt = stmt.where(Contact.email.contains(q, autoescape=True))
     members, next_before = ([], None) if problem else keyset_page(db, stmt, Contact)
-    suppressed = contacts.suppressed_emails(db, g.workspace_id, (c.email for c in members))
+    suppressed = suppressions.suppressed_emails(db, g.workspace_id, (c.email for c in members))
     campaigns = list(db.scalars(select(Campaign).where(Campaign.list_id == row.id).order_by(Campaign.id.desc())))
     return render_template("list.html", row=row, members=members, next_before=next_before, q=q,
                            count=contacts.member_counts(db, [row.id])[row.id], suppressed=suppressed,
@@ -242,7 +242,7 @@ def suppressions_page():
 def _suppressions_view(emails: str, error: str | None = None, status: int = 200):
     db = get_db()
     q, problem = search_text()
-    stmt = contacts.suppressions_query(g.workspace_id)
+    stmt = suppressions.suppressions_query(g.workspace_id)
     if q and not problem:
         stmt = stmt.where(Suppression.email.contains(q, autoescape=True))
     rows, next_before = ([], None) if problem else keyset_page(db, stmt, Suppression)
@@ -269,7 +269,7 @@ def suppressions_add():
     if not raw:
         flash("Type at least one address to suppress.", "error")
         return redirect(url_for("ui.suppressions_page")), 303
-    added = contacts.suppress(db, g.workspace_id, valid, "manual")
+    added = suppressions.suppress(db, g.workspace_id, valid, "manual")
     db.commit()
     already = len(valid) - added
     flash(f"{added} address{'es' if added != 1 else ''} suppressed"
