@@ -265,7 +265,7 @@ def test_suppressions_bulk_list_and_delete(api):
     api.post("/api/v1/contacts", json={"email": "bob@example.com"})
 
     resp = api.post("/api/v1/suppressions", json={
-        "emails": ["Ann@example.com", "ghost@example.com", "ghost@example.com ", "nope", 7 if False else "x@"],
+        "emails": ["Ann@example.com", "ghost@example.com", "ghost@example.com ", "nope", "x@"],
         "reason": "unsubscribe",
     })
     assert resp.status_code == 200, resp.json

@@ -40,7 +40,6 @@ SLEEP_BELOW = 2.0
 @dataclass
 class DispatchResult:
     queued: int = 0
-    deferred_window: int = 0
     next_wake: datetime | None = None
     more_now: bool = False
     waits: dict[str, int] = field(default_factory=dict)  # limit key -> due messages held back by it
@@ -139,7 +138,6 @@ def _defer_outside_windows(p: _Pass, now: datetime, result: DispatchResult) -> N
             else:
                 moves[opening].append(r.id)
         if len(inside) < len(rows):
-            result.deferred_window += len(rows) - len(inside)
             result.more_now = True  # what is behind the deferred rows is looked at next
         if inside:
             p.candidates[cid] = inside
