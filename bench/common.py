@@ -98,7 +98,7 @@ def _flush_redis(prefix: str) -> None:
 
 
 def spawn(cmd: list[str], log_name: str) -> subprocess.Popen:
-    log = open(Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{log_name}.log", "wb")  # noqa: SIM115
+    log = open(Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{log_name}.log", "wb")  # the child writes to it
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log,
                             stderr=subprocess.STDOUT)
     _children.append(proc)

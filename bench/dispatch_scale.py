@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
+from bench import common
 
 COUNT_SQL = ("SELECT workspace_id, campaign_id, is_test, count(*) FROM messages "
              "WHERE status IN ('queued', 'sending') GROUP BY workspace_id, campaign_id, is_test")

@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis  # noqa: E402
-from huey import PriorityRedisExpireHuey  # noqa: E402
+import redis
+from huey import PriorityRedisExpireHuey
 
 # The baseline's tasks: huey_consumer imports this module as ``bench.fairness``; nothing below
 # runs at import time except these definitions (no connection is made until a task runs).

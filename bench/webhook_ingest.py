@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
+from bench import common
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "Delivery events"
@@ -324,7 +324,7 @@ def _clear_queue() -> None:
         from tasks import huey
 
         huey.storage.flush_all()
-    except Exception as exc:  # noqa: BLE001 - best effort at exit
+    except Exception as exc:  # best effort at exit
         print(f"could not clear the bench queue: {exc}", file=sys.stderr)
 
 

@@ -123,7 +123,7 @@ def check_database(url: str | None = None) -> None:
     try:
         with get_engine(url).connect() as conn:
             conn.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - any driver error means "does not answer"
+    except Exception as exc:  # any driver error means "does not answer"
         raise ConfigError(f"DATABASE_URL: cannot connect to the database ({error_reason(exc)})") from None
 
 

@@ -70,7 +70,7 @@ class Processes:
         self.instance, self.env, self.procs = instance, env, []
 
     def start(self, name: str, cmd: list[str]) -> None:
-        log = open(self.instance / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        log = open(self.instance / f"{name}.log", "wb")  # closed in stop()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append((name, proc, log))
 

@@ -99,7 +99,7 @@ def check_services() -> None:
         dispose_engines()  # no connection outlives the check (a process-mode consumer forks after it)
     try:
         queue_store_ok()
-    except Exception as exc:  # noqa: BLE001 - any client error means "does not answer"
+    except Exception as exc:  # any client error means "does not answer"
         name = "REDIS_URL" if get_settings().redis_url else "HERALD_INSTANCE_DIR"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SystemExit(f"error: {name}: cannot connect to the task queue ({reason})") from None

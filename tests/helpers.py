@@ -173,7 +173,7 @@ class ServiceProcess:
         root = Path(__file__).resolve().parent.parent
         env = dict(os.environ, **(env or {}), PYTHONPATH=str(root))
         self.log_path = Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{name}-{time.monotonic_ns()}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()/kill9()
+        self.log = open(self.log_path, "wb")  # closed in stop()/kill9()
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def kill9(self) -> None:

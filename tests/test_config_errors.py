@@ -137,7 +137,7 @@ def _make_key(directory, barrier, results):
     barrier.wait()
     try:
         results.put(config._secret_key({}, Path(directory), False))
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
+    except Exception as exc:  # reported to the parent
         results.put(repr(exc))
 
 

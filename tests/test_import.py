@@ -207,7 +207,7 @@ def test_semicolon_file_with_bom_and_crlf(api, other_api):
     # Excel in a European locale: semicolons, a BOM, CRLF; commas are plain text in the cells.
     # Only the header decides the delimiter: the rows past the sniffed head are read the same way.
     filler = "".join(f"f{i}@example.com;F{i};;Note, with comma {i}\r\n" for i in range(400))
-    assert len(filler) > importer.SNIFF_BYTES
+    assert len(filler) > csv_reading.SNIFF_BYTES
     body = (
         "\ufeffE-mail;Vorname;First Name;Notes\r\n"  # row 1
         "ann@example.com;Anna;Ann;\"Met in Köln; said \"\"hi\"\",\r\nthen left\"\r\n"  # row 2, lines 2-3
@@ -307,7 +307,7 @@ def test_header_aliases_of_the_known_columns(api, header):
 ], ids=["semicolon", "comma", "tab", "quoted"])
 def test_a_header_holding_two_delimiters_is_read_with_the_one_that_finds_the_email_column(api, body, delimiter,
                                                                                           fields):
-    assert importer.detect_format(body).delimiter == delimiter
+    assert csv_reading.detect_format(body).delimiter == delimiter
     r = post_csv(api, body).json
     assert (r["created"], r["errors"]) == (1, [])
     assert contacts_by_email(api.workspace_id)["a@example.com"].fields == fields
@@ -325,7 +325,7 @@ def test_ambiguous_header_error_shows_both_readings(api):
 def test_undecodable_bytes_and_nul_in_a_later_row_are_row_errors(api):
     # NUL bytes near the start mean a binary file (400); further down they are one bad row
     filler = b"".join(b"f%d@example.com,Filler\n" % i for i in range(500))
-    assert len(filler) > importer.SNIFF_BYTES
+    assert len(filler) > csv_reading.SNIFF_BYTES
     body = (b"email,first_name\nok@example.com,Ok\nbad@example.com,Caf\xe9\n" + filler
             + b"nul@example.com,a\x00b\nz@example.com,Z\n")
     r = post_csv(api, body).json

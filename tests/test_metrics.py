@@ -118,7 +118,7 @@ def test_concurrent_roll_ups_add_each_attempt_once(api, client, monkeypatch):
         try:
             for _ in range(40):
                 queue_health.roll_up(now=1e9)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=roll) for _ in range(6)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import (  # noqa: F401
+from .base import (
     AccountError,
     AmbiguousSendError,
     Mailer,
@@ -12,6 +12,19 @@ from .base import (  # noqa: F401
     SendError,
     SendResult,
 )
+
+__all__ = [
+    "AccountError",
+    "AmbiguousSendError",
+    "Mailer",
+    "OutgoingEmail",
+    "PermanentSendError",
+    "RetryableSendError",
+    "SendError",
+    "SendResult",
+    "get_mailer",
+    "set_mailer",
+]
 
 _mailer = None
 

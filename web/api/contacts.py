@@ -18,7 +18,7 @@ from marshmallow import fields as mf
 from marshmallow.validate import Length, OneOf, Range
 from sqlalchemy import select
 
-from campaigns import contacts, engine, importer
+from campaigns import contacts, csv_reading, engine, importer
 from campaigns.config import get_settings
 from campaigns.errors import BadRequest, HeraldError, NotFound
 from campaigns.models import Contact, ContactList, Import, Suppression
@@ -244,7 +244,7 @@ def _notify_list_changed(list_id: int) -> None:
 
     try:
         jobs.notify_list_changed(list_id)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("could not notify the engine that list %s changed", list_id)
 
 
@@ -448,7 +448,7 @@ def _save_upload() -> tuple[str, int]:
                 fh.write(chunk)
                 size += len(chunk)
         with open(path, "rb") as fh:
-            importer.inspect_csv(fh)  # an unusable file is a 400 now, not a failed import later
+            csv_reading.inspect_csv(fh)  # an unusable file is a 400 now, not a failed import later
     except BaseException:
         os.unlink(path)
         raise

@@ -28,7 +28,7 @@ def notify_list_changed(list_id: int) -> None:
 
     try:
         jobs.notify_list_changed(list_id)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("could not notify the engine that list %s changed", list_id)
 
 

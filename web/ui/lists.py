@@ -8,7 +8,7 @@ import uuid
 from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
-from campaigns import contacts, engine, importer
+from campaigns import contacts, csv_reading, engine, importer
 from campaigns.errors import BadRequest, NotFound
 from campaigns.models import Campaign, Contact, ContactList, Import, Suppression
 
@@ -51,7 +51,7 @@ def import_page():
     upload = request.files.get("file")
     with refused() as refusal:
         if upload is None or not upload.filename:
-            raise importer.CsvUnusable("choose a CSV file to import")
+            raise csv_reading.CsvUnusable("choose a CSV file to import")
         list_id = None
         if form["new_list"]:
             row, _ = contacts.get_or_create_list(db, g.workspace_id, form["new_list"])
@@ -81,7 +81,7 @@ def _queue_import(db, upload, list_id: int | None) -> Import:
         upload.save(path)
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
-            importer.inspect_csv(fh)  # an unusable file is refused now, not failed later
+            csv_reading.inspect_csv(fh)  # an unusable file is refused now, not failed later
     except BaseException:
         if os.path.exists(path):
             os.unlink(path)
