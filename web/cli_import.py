@@ -11,6 +11,7 @@ from flask import Flask
 from campaigns import accounts, contacts, csv_reading, importer
 from campaigns.db import new_session
 from campaigns.errors import HeraldError
+from tasks import jobs
 
 MAX_ERRORS_SHOWN = 1_000
 
@@ -68,10 +69,8 @@ def register(app: Flask) -> None:
             session.close()
 
         if report.members_added and list_id is not None:
-            from tasks.jobs import notify_list_changed
-
             try:
-                notify_list_changed(list_id)
+                jobs.notify_list_changed(list_id)
             except Exception as exc:  # the import itself is done and stored
                 click.echo(f"warning: running campaigns of the list were not told about the new members ({exc})",
                            err=True)

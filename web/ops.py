@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import text
+
+from campaigns.queue_health import collect_metrics
+from campaigns.ratelimit import get_limiter
+from tasks import huey, queue_store_ok
 
 from .db import get_db
 
@@ -19,8 +25,6 @@ def healthz():
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
     try:
-        from tasks import queue_store_ok
-
         queue_store_ok()
         checks["queue"] = "ok"
     except Exception as exc:
@@ -32,12 +36,6 @@ def healthz():
 @bp.get("/metrics")
 def metrics():
     """Prometheus text format, computed at scrape time from the ledger and the shared counters."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-    from campaigns.queue_health import collect_metrics
-    from campaigns.ratelimit import get_limiter
-    from tasks import huey
 
     try:
         counters = get_limiter().counters()

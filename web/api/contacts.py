@@ -22,6 +22,8 @@ from campaigns import contacts, csv_reading, engine, importer
 from campaigns.config import get_settings
 from campaigns.errors import BadRequest, HeraldError, NotFound
 from campaigns.models import Contact, ContactList, Import, Suppression
+from tasks import jobs
+from tasks.imports import run_import
 
 from ..db import get_db
 from ..params import int_arg, paginate
@@ -240,8 +242,6 @@ def _no_content():
 def _notify_list_changed(list_id: int) -> None:
     """After the commit: running campaigns of the list enroll the new members. The members are
     stored whatever happens here, so a queue failure is logged, not turned into an error."""
-    from tasks import jobs
-
     try:
         jobs.notify_list_changed(list_id)
     except Exception:
@@ -416,8 +416,6 @@ def delete_suppression(email: str):
     s = get_db()
     enrolled = engine.unsuppress(s, g.workspace_id, email)  # and enrolled where it was skipped
     s.commit()
-    from tasks import jobs
-
     jobs.notify_enrolled(enrolled)
     return _no_content()
 
@@ -487,8 +485,6 @@ def import_contacts():
 
 
 def _queue_import(s, list_id: int | None):
-    from tasks.imports import run_import
-
     path, size = _save_upload()
     job, queued = importer.queue_import(s, g.workspace_id, list_id, path, size, run_import)
     if not queued:

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from campaigns import contacts
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Suppression
+from tasks import jobs
 
 from ..auth import login_required
 from ..db import get_db
@@ -24,8 +25,6 @@ CONTACT_STATUSES = ("active", "unsubscribed", "bounced", "complained")
 def notify_list_changed(list_id: int) -> None:
     """After the commit: running campaigns of the list enroll the new members (a queue failure
     is logged; the members are stored either way and the reconciler finds them)."""
-    from tasks import jobs
-
     try:
         jobs.notify_list_changed(list_id)
     except Exception:

@@ -11,6 +11,8 @@ from sqlalchemy import func, select
 from campaigns import contacts, csv_reading, engine, importer
 from campaigns.errors import BadRequest, NotFound
 from campaigns.models import Campaign, Contact, ContactList, Import, Suppression
+from tasks import jobs
+from tasks.imports import run_import
 
 from ..auth import login_required
 from ..db import get_db
@@ -72,8 +74,6 @@ def import_page():
 def _queue_import(db, upload, list_id: int | None) -> Import:
     """Save the upload under instance/imports, check it can be read, then queue the same
     background import as ``POST /api/v1/contacts/import?async=1``."""
-    from tasks.imports import run_import
-
     folder = settings().instance_dir / "imports"
     folder.mkdir(parents=True, exist_ok=True)
     path = str(folder / f"{uuid.uuid4().hex}.csv")
@@ -311,8 +311,6 @@ def suppression_remove():
     email = row.email
     enrolled = engine.unsuppress(db, g.workspace_id, email)  # and enrolled where it was skipped
     db.commit()
-    from tasks import jobs
-
     jobs.notify_enrolled(enrolled)
     joined = f" Enrolled in {enrolled} running campaign{'s' if enrolled != 1 else ''} of its lists." if enrolled else ""
     flash(f"{email} removed from the suppression list.{joined}", "success")
