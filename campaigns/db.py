@@ -30,6 +30,9 @@ T = TypeVar("T")
 # failover, a network cut), the pool had none to give, a deadlock or serialization failure,
 # SQLite's lock stayed busy. The same work may succeed when tried again.
 TRANSIENT_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+# Seconds a SQLite connection waits for another's write lock (the database's and the SQLite
+# queue's: the web app and the consumers share both files).
+SQLITE_BUSY_TIMEOUT = 30
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
@@ -44,7 +47,7 @@ def utcnow() -> datetime:
 def _sqlite_pragmas(dbapi_conn, _record):
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()

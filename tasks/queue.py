@@ -8,7 +8,7 @@ from huey import PriorityRedisExpireHuey, SqliteHuey
 from huey.storage import SqliteStorage
 
 from campaigns.config import ConfigError, get_settings
-from campaigns.db import check_database, dispose_engines
+from campaigns.db import SQLITE_BUSY_TIMEOUT, check_database, dispose_engines
 
 # The queue store (Redis) did not answer: a restart, a failover, a network cut.
 STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -76,7 +76,7 @@ def make_huey():
     return LazySqliteHuey(
         settings.queue_name,
         filename=str(settings.instance_dir / "huey.db"),
-        timeout=30,
+        timeout=SQLITE_BUSY_TIMEOUT,
         **common,
     )
 

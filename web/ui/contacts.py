@@ -35,6 +35,7 @@ def all_lists(db) -> list[ContactList]:
     return list(db.scalars(contacts.lists_query(g.workspace_id).order_by(func.lower(ContactList.name))))
 
 
+RECENT_ROWS = 20  # enrollments and messages shown on a contact's page
 SEARCH_MAX = contacts.EMAIL_MAX  # no stored address is longer, so a longer search matches nothing
 
 
@@ -204,10 +205,11 @@ def _contact_context(contact: Contact) -> dict:
         .join(Campaign, Campaign.id == Enrollment.campaign_id)
         .where(Enrollment.contact_id == contact.id)
         .order_by(Enrollment.id.desc())
-        .limit(20)
+        .limit(RECENT_ROWS)
     ).all()
     messages = list(
-        db.scalars(select(Message).where(Message.contact_id == contact.id).order_by(Message.id.desc()).limit(20))
+        db.scalars(select(Message).where(Message.contact_id == contact.id)
+                   .order_by(Message.id.desc()).limit(RECENT_ROWS))
     )
     suppression = db.scalar(
         select(Suppression).where(Suppression.workspace_id == g.workspace_id, Suppression.email == contact.email)
