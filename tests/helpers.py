@@ -1,11 +1,92 @@
-"""Test helpers: the sink's control client, stepping the Huey queue by hand, building campaigns."""
+"""Test helpers: the sink's control client, stepping the Huey queue by hand, building campaigns,
+workspaces with an API client, and the suite's subprocesses.
+
+``tests/conftest.py`` imports this module before it sets the environment, so nothing here
+imports ``campaigns``, ``web`` or ``tasks`` at module level.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
+import uuid
 from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+BACKEND = os.environ.get("HERALD_TEST_BACKEND", "postgres")
+PG_ADMIN_URL = os.environ.get("HERALD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def instance_dir() -> Path:
+    """This run's instance folder (conftest makes it and names it in HERALD_INSTANCE_DIR)."""
+    return Path(os.environ["HERALD_INSTANCE_DIR"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def admin_execute(sql: str) -> None:
+    """One statement on the PostgreSQL server's admin database (CREATE / DROP DATABASE)."""
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(sql))
+    engine.dispose()
+
+
+class ApiClient:
+    """The test client with a workspace's Bearer key; ``.get/.post/...`` return responses."""
+
+    def __init__(self, client, key: str, workspace_id: int, workspace_name: str):
+        self.client = client
+        self.key = key
+        self.workspace_id = workspace_id
+        self.workspace_name = workspace_name
+
+    def _call(self, method, path, **kwargs):
+        headers = dict(kwargs.pop("headers", None) or {})
+        headers.setdefault("Authorization", f"Bearer {self.key}")
+        return getattr(self.client, method)(path, headers=headers, **kwargs)
+
+    def get(self, path, **kw):
+        return self._call("get", path, **kw)
+
+    def post(self, path, **kw):
+        return self._call("post", path, **kw)
+
+    def put(self, path, **kw):
+        return self._call("put", path, **kw)
+
+    def patch(self, path, **kw):
+        return self._call("patch", path, **kw)
+
+    def delete(self, path, **kw):
+        return self._call("delete", path, **kw)
+
+
+def make_workspace(name: str | None = None, email: str | None = None, password: str = "correct horse"):
+    """A workspace with a user and an API key: (workspace_id, name, key, user email)."""
+    # Imported when called: the environment is not set yet when conftest imports this module.
+    from campaigns import accounts
+    from campaigns.db import session_scope
+
+    name = name or f"ws-{uuid.uuid4().hex[:8]}"
+    email = email or f"owner-{uuid.uuid4().hex[:6]}@example.com"
+    with session_scope() as s:
+        ws = accounts.create_workspace(s, name)
+        accounts.create_user(s, email, password, ws)
+        _, key = accounts.create_api_key(s, ws, "test")
+        return ws.id, ws.name, key, email
 
 
 class SinkClient:
@@ -166,27 +247,18 @@ class ServiceProcess:
     the test instance folder; ``stop`` sends SIGTERM (then SIGKILL), ``kill9`` kills it outright."""
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str] | None = None):
-        import os
-        import subprocess
-        from pathlib import Path
-
         root = Path(__file__).resolve().parent.parent
         env = dict(os.environ, **(env or {}), PYTHONPATH=str(root))
-        self.log_path = Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{name}-{time.monotonic_ns()}.log"
+        self.log_path = instance_dir() / f"{name}-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "wb")  # closed in stop()/kill9()
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def kill9(self) -> None:
-        import signal
-
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
         self.log.close()
 
     def stop(self) -> None:
-        import signal
-        import subprocess
-
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -202,8 +274,5 @@ class ServiceProcess:
 
 def consumer_command(workers: int = 4) -> list[str]:
     """The contract's consumer command, polling promptly (the SQLite queue is polled)."""
-    import sys
-    from pathlib import Path
-
     return [str(Path(sys.executable).parent / "huey_consumer"), "tasks.huey", "-k", "thread", "-w", str(workers),
             "-g", "TERM", "-t", "30", "-d", "0.05", "-m", "0.3"]

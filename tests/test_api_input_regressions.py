@@ -233,7 +233,7 @@ def test_a_body_past_the_size_limit_is_a_documented_413(api, spec, setup, small_
 
 
 def test_an_unsafe_method_without_the_csrf_token_is_a_documented_400(app, spec):
-    from tests.conftest import make_workspace
+    from tests.helpers import make_workspace
 
     _, _, key, email = make_workspace()
     client = app.test_client()

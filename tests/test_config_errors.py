@@ -14,7 +14,7 @@ import pytest
 
 from campaigns import config
 from campaigns.config import ConfigError, load_settings
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -13,8 +13,7 @@ from campaigns import engine
 from campaigns.models import Message
 from tasks import huey
 from tasks.engine import HOOKS
-from tests.conftest import BACKEND
-from tests.helpers import campaign_status, launched_campaign, make_contacts
+from tests.helpers import BACKEND, campaign_status, launched_campaign, make_contacts
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

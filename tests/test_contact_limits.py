@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from campaigns import contact_rules
 from campaigns.db import session_scope
 from campaigns.models import Contact
-from tests.conftest import make_workspace
+from tests.helpers import make_workspace
 from tests.test_import import contacts_by_email, post_csv
 from tests.test_ui import UiClient
 

@@ -93,7 +93,7 @@ def test_healthz(client):
 
 
 def test_login_flow_and_csrf(app):
-    from tests.conftest import make_workspace
+    from tests.helpers import make_workspace
 
     _, _, _, email = make_workspace(password="s3cret-pass")
     client = app.test_client()

@@ -17,7 +17,7 @@ from campaigns import accounts
 from campaigns.config import ConfigError, load_settings
 from campaigns.db import session_scope, utcnow
 from campaigns.models import LoginThrottle
-from tests.conftest import make_workspace
+from tests.helpers import make_workspace
 
 CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
 TOKENS = re.compile(r'(?<=name="csrf-token" content=")[^"]+|(?<=name="csrf_token" value=")[^"]+')

@@ -18,8 +18,7 @@ from sqlalchemy import func, select, update
 from campaigns.db import session_scope, utcnow
 from campaigns.models import Campaign, Contact, Message, MessageAttempt, Suppression
 from tasks import huey
-from tests.conftest import ApiClient, free_port, make_workspace
-from tests.helpers import campaign_body, drain, make_contacts
+from tests.helpers import ApiClient, campaign_body, drain, free_port, make_contacts, make_workspace
 
 CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
 

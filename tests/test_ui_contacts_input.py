@@ -15,7 +15,7 @@ from campaigns import contacts
 from campaigns.db import session_scope
 from campaigns.models import Contact, Import, ListMember, Suppression
 from tasks import huey
-from tests.conftest import make_workspace
+from tests.helpers import make_workspace
 from tests.test_ui import UiClient, flashes, location, run_imports
 
 
