@@ -23,6 +23,7 @@ from tests.helpers import (
     ApiClient,
     ServiceProcess,
     SinkClient,
+    UiClient,
     admin_execute,
     consumer_command,
     free_port,
@@ -219,3 +220,16 @@ def consumers():
     yield start
     for c in started:
         c.stop()
+
+
+@pytest.fixture
+def ui(app):
+    """A signed-in UI client of a fresh workspace."""
+    ws_id, name, key, email = make_workspace(password="correct horse")
+    return UiClient(app, email, "correct horse", ws_id, key, name)
+
+
+@pytest.fixture
+def spec(client):
+    """The API's OpenAPI document."""
+    return client.get("/api/v1/openapi.json").json

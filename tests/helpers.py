@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 
 BACKEND = os.environ.get("HERALD_TEST_BACKEND", "postgres")
 PG_ADMIN_URL = os.environ.get("HERALD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -125,6 +126,105 @@ class SinkClient:
 
     def accepted(self) -> list[dict]:
         return [m for m in self.messages() if m.get("status") == 202]
+
+
+CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+
+
+class UiClient:
+    """A signed-in test client; ``post`` adds the page's CSRF token unless told not to."""
+
+    def __init__(self, app, email: str, password: str, workspace_id: int, key: str, name: str):
+        self.client = app.test_client()
+        self.workspace_id = workspace_id
+        self.email = email
+        self.api = ApiClient(self.client, key, workspace_id, name)
+        page = self.client.get("/login")
+        token = CSRF_META.search(page.get_data(as_text=True)).group(1)
+        resp = self.client.post("/login", data={"email": email, "password": password, "csrf_token": token})
+        assert resp.status_code == 302, resp.get_data(as_text=True)
+        self._token = None
+
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            self._token = CSRF_META.search(self.client.get("/settings").get_data(as_text=True)).group(1)
+        return self._token
+
+    def get(self, path, **kw):
+        return self.client.get(path, **kw)
+
+    def post(self, path, data=None, csrf=True, **kw):
+        data = dict(data or {})
+        if csrf:
+            data.setdefault("csrf_token", self.token)
+        return self.client.post(path, data=data, **kw)
+
+    def text(self, path, status=200, **kw) -> str:
+        resp = self.get(path, **kw)
+        assert resp.status_code == status, (path, resp.status_code, resp.get_data(as_text=True)[:2000])
+        return resp.get_data(as_text=True)
+
+
+def location(resp) -> str:
+    return resp.headers["Location"]
+
+
+def flashes(html: str) -> list[str]:
+    return re.findall(r'<p class="flash flash-\w+"[^>]*>(.*?)</p>', html, re.S)
+
+
+def campaign_stats(api, cid) -> dict:
+    return api.get(f"/api/v1/campaigns/{cid}").json["stats"]
+
+
+def count_rows(db, model, *where) -> int:
+    """Rows of ``model`` matching ``where``, read afresh through the test's session."""
+    db.expire_all()
+    return db.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+
+def post_csv(api, body: bytes, content_type="text/csv", **params):
+    return api.post("/api/v1/contacts/import", data=body, content_type=content_type, query_string=params)
+
+
+def contacts_by_email(workspace_id) -> dict:
+    from campaigns.db import session_scope
+    from campaigns.models import Contact
+
+    with session_scope() as s:
+        rows = s.scalars(select(Contact).where(Contact.workspace_id == workspace_id)).all()
+        return {c.email: c for c in rows}
+
+
+def run_queued_imports() -> int:
+    """Step the queue by hand: run the queued import tasks in this process (errors surface)."""
+    from tasks import huey
+    from tasks.imports import run_import
+
+    ran = 0
+    while huey.pending_count() and (task := huey.dequeue()) is not None:  # dequeue blocks when empty
+        if isinstance(task, run_import.task_class):
+            task.execute()
+            ran += 1
+    return ran
+
+
+def wait_for(predicate, timeout: float, reconcile_every: float | None = 2.0):
+    """Poll until ``predicate()``; run the reconciler now and then, as the periodic task would."""
+    from campaigns import engine
+    from tasks.engine import HOOKS
+
+    deadline = time.monotonic() + timeout
+    last = 0.0
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if reconcile_every and time.monotonic() - last > reconcile_every:
+            engine.reconcile(HOOKS)
+            last = time.monotonic()
+        time.sleep(0.2)
+    raise AssertionError("timed out")
 
 
 def run_ready_tasks(huey, limit: int = 10_000) -> int:

@@ -27,11 +27,6 @@ from web.api.blueprint import MAX_URL_BYTES
 CSV = b"email,first_name\nimported@example.com,Ann\nbad-address,Bo\n"
 
 
-@pytest.fixture
-def spec(client):
-    return client.get("/api/v1/openapi.json").json
-
-
 def _documented_successes(spec: dict) -> set[tuple[str, str, str]]:
     return {
         (method, path, status)

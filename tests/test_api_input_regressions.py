@@ -27,11 +27,6 @@ from tests.apidoc import assert_documented
 from tests.helpers import drain
 
 
-@pytest.fixture
-def spec(client):
-    return client.get("/api/v1/openapi.json").json
-
-
 def campaign_body(list_id: int, **overrides) -> dict:
     body = {"name": "Fuzzed", "list_id": list_id, "from_email": "team@example.com",
             "steps": [{"type": "email", "subject": "Hi {{ contact.first_name }}", "html": "<p>Hello</p>"}]}

@@ -9,29 +9,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from campaigns import engine
 from campaigns.models import Message
 from tasks import huey
-from tasks.engine import HOOKS
-from tests.helpers import BACKEND, campaign_status, launched_campaign, make_contacts
+from tests.helpers import BACKEND, campaign_status, launched_campaign, make_contacts, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 ONE_STEP = [{"type": "email", "subject": "Hi {{ contact.first_name }}", "html": "<p>Hello</p>"}]
-
-
-def wait_for(predicate, timeout: float, reconcile_every: float | None = 2.0):
-    """Poll until ``predicate()``; run the reconciler now and then, as the periodic task would."""
-    deadline = time.monotonic() + timeout
-    last = 0.0
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if reconcile_every and time.monotonic() - last > reconcile_every:
-            engine.reconcile(HOOKS)
-            last = time.monotonic()
-        time.sleep(0.2)
-    raise AssertionError("timed out")
 
 
 def test_two_consumers_send_everything_once(api, sink, consumers):

@@ -835,8 +835,7 @@ def test_an_address_taken_off_the_suppression_list_is_enrolled_in_running_campai
     """Skipped at launch while suppressed, then un-suppressed (a mistaken bounce): its running
     campaigns enroll it, as they would a member added now. A sequence the suppression stopped
     stays stopped, and a campaign of another list is not touched."""
-    from tests.helpers import make_workspace
-    from tests.test_ui import UiClient
+    from tests.helpers import UiClient, make_workspace
 
     ws_id, name, key, email = make_workspace(password="correct horse")
     ui = UiClient(app, email, "correct horse", ws_id, key, name)

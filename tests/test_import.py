@@ -17,34 +17,12 @@ from campaigns import contacts, csv_reading, importer
 from campaigns.config import get_settings
 from campaigns.db import session_scope
 from campaigns.models import Contact, Import, ListMember, Suppression
-
-
-def post_csv(api, body: bytes, content_type="text/csv", **params):
-    return api.post("/api/v1/contacts/import", data=body, content_type=content_type, query_string=params)
+from tests.helpers import contacts_by_email, post_csv, run_queued_imports
 
 
 def count(model, *where) -> int:
     with session_scope() as s:
         return s.scalar(select(func.count()).select_from(model).where(*where))
-
-
-def contacts_by_email(workspace_id) -> dict[str, Contact]:
-    with session_scope() as s:
-        rows = s.scalars(select(Contact).where(Contact.workspace_id == workspace_id)).all()
-        return {c.email: c for c in rows}
-
-
-def run_queued_imports() -> int:
-    """Step the queue by hand: run the queued import tasks in this process (errors surface)."""
-    from tasks import huey
-    from tasks.imports import run_import
-
-    ran = 0
-    while huey.pending_count() and (task := huey.dequeue()) is not None:  # dequeue blocks when empty
-        if isinstance(task, run_import.task_class):
-            task.execute()
-            ran += 1
-    return ran
 
 
 MIXED = (

@@ -12,15 +12,14 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from campaigns.config import reset_settings
 from campaigns.db import session_scope, utcnow
 from campaigns.models import Message, MessageAttempt, Step
 from campaigns.ratelimit import reset_limiter
 from tasks import huey
-from tests.helpers import campaign_status, drain, launched_campaign, make_contacts
-from tests.test_consumers import wait_for
+from tests.helpers import campaign_status, count_rows, drain, launched_campaign, make_contacts, wait_for
 
 JITTER_CALLS = 4  # 0.2 s of late delivery at 20/s: see the account-budget test
 ONE_STEP = [{"type": "email", "subject": "Hi {{ contact.first_name }}", "html": "<p>Hello</p>"}]
@@ -72,11 +71,6 @@ def received(sink, prefix: str | None = None, status: int = 202) -> list[float]:
                   if m["status"] == status and (prefix is None or m["to"][0].startswith(prefix)))
 
 
-def _count(db, *where) -> int:
-    db.expire_all()
-    return db.scalar(select(func.count()).select_from(Message).where(*where)) or 0
-
-
 @pytest.mark.slow
 def test_account_budget_holds_at_the_sink_and_a_test_send_goes_first(api, sink, db, env, consumers):
     """20/second;burst=2, 300 messages, two consumers: about 15 s in all, never more than 22 in
@@ -97,7 +91,7 @@ def test_account_budget_holds_at_the_sink_and_a_test_send_goes_first(api, sink, 
     most_queued = 0
     deadline = time.monotonic() + 60
     while len(received(sink)) < 100:
-        most_queued = max(most_queued, _count(db, Message.status == "queued"))
+        most_queued = max(most_queued, count_rows(db, Message, Message.status == "queued"))
         assert time.monotonic() < deadline, "the bulk run did not get going"
         time.sleep(0.1)
     asked = time.time()
@@ -105,7 +99,7 @@ def test_account_budget_holds_at_the_sink_and_a_test_send_goes_first(api, sink, 
     wait_for(lambda: received(sink, "boss@"), timeout=10, reconcile_every=None)
     test_latency = received(sink, "boss@")[0] - asked
     while campaign_status(api, cid) != "completed":
-        most_queued = max(most_queued, _count(db, Message.status == "queued"))
+        most_queued = max(most_queued, count_rows(db, Message, Message.status == "queued"))
         assert time.monotonic() < deadline + 30, "the bulk run did not finish"
         time.sleep(0.2)
 
@@ -205,7 +199,7 @@ def test_a_busy_workspace_does_not_delay_another(api, other_api, sink, db, env, 
     b_list = make_contacts(other_api, 50, prefix="bee")
     consumers(2)
     a = launched_campaign(api, a_list, steps=ONE_STEP)
-    wait_for(lambda: _count(db, Message.campaign_id == a) == 5000 and len(received(sink, "ay")) >= 400,
+    wait_for(lambda: count_rows(db, Message, Message.campaign_id == a) == 5000 and len(received(sink, "ay")) >= 400,
              timeout=60, reconcile_every=None)
     b_launch = time.time()
     b = launched_campaign(other_api, b_list, steps=ONE_STEP)

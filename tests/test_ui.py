@@ -18,58 +18,18 @@ from sqlalchemy import func, select, update
 from campaigns.db import session_scope, utcnow
 from campaigns.models import Campaign, Contact, Message, MessageAttempt, Suppression
 from tasks import huey
-from tests.helpers import ApiClient, campaign_body, drain, free_port, make_contacts, make_workspace
-
-CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
-
-
-class UiClient:
-    """A signed-in test client; ``post`` adds the page's CSRF token unless told not to."""
-
-    def __init__(self, app, email: str, password: str, workspace_id: int, key: str, name: str):
-        self.client = app.test_client()
-        self.workspace_id = workspace_id
-        self.email = email
-        self.api = ApiClient(self.client, key, workspace_id, name)
-        page = self.client.get("/login")
-        token = CSRF_META.search(page.get_data(as_text=True)).group(1)
-        resp = self.client.post("/login", data={"email": email, "password": password, "csrf_token": token})
-        assert resp.status_code == 302, resp.get_data(as_text=True)
-        self._token = None
-
-    @property
-    def token(self) -> str:
-        if self._token is None:
-            self._token = CSRF_META.search(self.client.get("/settings").get_data(as_text=True)).group(1)
-        return self._token
-
-    def get(self, path, **kw):
-        return self.client.get(path, **kw)
-
-    def post(self, path, data=None, csrf=True, **kw):
-        data = dict(data or {})
-        if csrf:
-            data.setdefault("csrf_token", self.token)
-        return self.client.post(path, data=data, **kw)
-
-    def text(self, path, status=200, **kw) -> str:
-        resp = self.get(path, **kw)
-        assert resp.status_code == status, (path, resp.status_code, resp.get_data(as_text=True)[:2000])
-        return resp.get_data(as_text=True)
-
-
-@pytest.fixture
-def ui(app):
-    ws_id, name, key, email = make_workspace(password="correct horse")
-    return UiClient(app, email, "correct horse", ws_id, key, name)
-
-
-def location(resp) -> str:
-    return resp.headers["Location"]
-
-
-def flashes(html: str) -> list[str]:
-    return re.findall(r'<p class="flash flash-\w+"[^>]*>(.*?)</p>', html, re.S)
+from tests.helpers import (
+    CSRF_META,
+    UiClient,
+    campaign_body,
+    drain,
+    flashes,
+    free_port,
+    location,
+    make_contacts,
+    make_workspace,
+    run_queued_imports,
+)
 
 
 def assert_labelled(html: str) -> None:
@@ -343,14 +303,6 @@ def test_contact_lists_suppression_and_delete(ui):
 CSV = b"email,first_name,company\nada@example.com,Ada,Engines\ngrace@example.com,Grace,Navy\nnot-an-email,Bad,X\n\n"
 
 
-def run_imports():
-    from tasks.imports import run_import
-
-    while huey.pending_count() and (task := huey.dequeue()) is not None:
-        if isinstance(task, run_import.task_class):
-            task.execute()
-
-
 def test_csv_import_shows_progress_and_the_per_row_report(ui):
     resp = ui.post("/contacts/import", {"file": (io.BytesIO(CSV), "people.csv"), "new_list": "Imported"},
                    content_type="multipart/form-data")
@@ -359,7 +311,7 @@ def test_csv_import_shows_progress_and_the_per_row_report(ui):
     html = ui.text(page)
     assert "Waiting for a worker" in html and 'data-import-poll="/api/v1/imports/' in html
     assert 'data-finished="false"' in html and "<progress" in html
-    run_imports()
+    run_queued_imports()
     html = ui.text(page)
     assert 'data-finished="true"' in html and "badge-done" in html
     assert re.search(r'data-import-count="created">2<', html)
