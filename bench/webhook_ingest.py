@@ -35,6 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sqlalchemy import func, select
+
 from bench import common
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -261,7 +263,6 @@ def main() -> None:
     big_sizes = [len(b) for b in big_bodies]
     big_events = statistics.mean(b.count(b'"event":') for b in big_bodies)
 
-    from sqlalchemy import func, select
 
     from campaigns import events
     from campaigns.db import new_session
