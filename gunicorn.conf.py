@@ -9,6 +9,7 @@ import sys
 
 
 def on_starting(server):
+    # Loaded when the server starts, not whenever gunicorn reads this file (gunicorn --check-config).
     from campaigns.config import ConfigError, load_settings
     from web import _check_database
 
