@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import event, update
 
+from campaigns import stats
 from campaigns.db import get_engine
 from campaigns.models import Event, Message, MessageAttempt
 from tasks import huey
@@ -170,8 +171,6 @@ def _statements(app, api, path: str) -> int:
 
 
 def test_the_campaign_list_counts_a_page_in_a_fixed_number_of_queries(app, api):
-    from campaigns import stats
-
     list_id = make_contacts(api, 2)
     for _ in range(2):
         api.post(f"{V1}/campaigns", json=campaign_body(list_id))

@@ -6,8 +6,9 @@ import pytest
 from sqlalchemy import func, select
 
 from campaigns import contacts
-from campaigns.db import session_scope
+from campaigns.db import new_session, session_scope
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Step, Suppression
+from tasks import jobs
 
 
 def _error(resp):
@@ -20,8 +21,6 @@ def _error(resp):
 @pytest.fixture
 def notified(monkeypatch):
     """Record notify_list_changed calls, checking the new members were committed first."""
-    from campaigns.db import new_session
-    from tasks import jobs
 
     calls = []
 

@@ -17,6 +17,8 @@ from campaigns import contacts, csv_reading, importer
 from campaigns.config import get_settings
 from campaigns.db import session_scope
 from campaigns.models import Contact, Import, ListMember, Suppression
+from tasks import huey, jobs
+from tasks.imports import requeue_interrupted_import, requeue_stale_imports, run_import
 from tests.helpers import contacts_by_email, post_csv, run_queued_imports
 
 
@@ -446,8 +448,6 @@ def test_wrong_content_type_is_415(api):
 
 
 def test_import_into_a_list(api, other_api, monkeypatch):
-    from tasks import jobs
-
     calls = []
     monkeypatch.setattr(jobs, "notify_list_changed", calls.append)
     lst = api.post("/api/v1/lists", json={"name": "L"}).json
@@ -545,8 +545,6 @@ def test_async_progress_is_updated_every_batch(api, monkeypatch):
 
 
 def test_interrupted_async_import_resumes_after_its_last_batch(api, monkeypatch):
-    from tasks.imports import requeue_interrupted_import, run_import
-
     monkeypatch.setattr(importer, "BATCH_SIZE", 10)
     lines = [f"r{i}@example.com,R{i}" if i != 4 else "broken,X" for i in range(25)]
     body = ("email,first_name\n" + "\n".join(lines) + "\n").encode()
@@ -575,8 +573,6 @@ def test_interrupted_async_import_resumes_after_its_last_batch(api, monkeypatch)
 
 
 def test_interrupted_import_with_broken_quotes_resumes_to_the_same_report(api, other_api, monkeypatch):
-    from tasks.imports import requeue_interrupted_import, run_import
-
     monkeypatch.setattr(importer, "BATCH_SIZE", 10)
     lines = [f"r{i}@example.com,R{i}" for i in range(25)]
     lines[3], lines[5] = 'r3@example.com,"Oops', 'r5@example.com,"Q"'  # row 5: one record over lines 5-7
@@ -731,8 +727,6 @@ def _age_heartbeat(import_id: int, seconds: float) -> None:
 
 
 def test_an_import_whose_consumer_was_killed_is_found_and_resumed(api, monkeypatch):
-    from tasks.imports import requeue_stale_imports
-
     monkeypatch.setattr(importer, "BATCH_SIZE", 10)
     body = ("email,first_name\n" + "".join(f"k{i}@example.com,K{i}\n" for i in range(25))).encode()
     import_id = post_csv(api, body, **{"async": "1"}).json["import_id"]
@@ -778,9 +772,6 @@ def test_a_run_that_was_taken_over_stops_and_writes_nothing_more(api, monkeypatc
 
 
 def test_a_pending_import_whose_task_was_lost_is_queued_again(api):
-    from tasks import huey
-    from tasks.imports import requeue_stale_imports
-
     import_id = post_csv(api, b"email\nlost@example.com\n", **{"async": "1"}).json["import_id"]
     huey.flush()  # the queue store lost the task
     assert run_queued_imports() == 0

@@ -12,12 +12,15 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
+from campaigns import accounts, engine
 from campaigns.config import reset_settings
-from campaigns.db import session_scope, utcnow
-from campaigns.models import Message, MessageAttempt, Step
-from campaigns.ratelimit import reset_limiter
+from campaigns.db import get_engine, session_scope, utcnow
+from campaigns.engine.limits import _note_first_send, sender_rules
+from campaigns.engine.planning import _allocate, _Limits, _Room
+from campaigns.models import DEFAULT_CONCURRENCY, Campaign, Message, MessageAttempt, Step, Workspace
+from campaigns.ratelimit import get_limiter, reset_limiter
 from tasks import huey
 from tests.helpers import campaign_status, count_rows, drain, launched_campaign, make_contacts, wait_for
 
@@ -237,14 +240,10 @@ def test_work_held_by_a_limit_stays_scheduled_and_costs_no_attempt(api, sink, db
 
 
 def _campaign(cid: int, ws: int, from_email: str = "a@example.com", limits: dict | None = None):
-    from campaigns.models import Campaign
-
     return Campaign(id=cid, workspace_id=ws, from_email=from_email, limits=limits or {})
 
 
 def _limits(account: int, campaigns, ws_rooms=None, own=None, sender=None):
-    from campaigns.engine.planning import _Limits, _Room
-
     return _Limits(
         account=_Room("account", account, 0.0 if account > 0 else 0.5),
         own={c.id: (own or {}).get(c.id, []) for c in campaigns},
@@ -255,8 +254,6 @@ def _limits(account: int, campaigns, ws_rooms=None, own=None, sender=None):
 
 
 def test_the_account_budget_is_split_round_robin_across_workspaces_then_campaigns():
-    from campaigns.engine.planning import _allocate
-
     a, b = _campaign(1, 1), _campaign(2, 2)
     plan = _allocate([a, b], {1: 5000, 2: 50}, _limits(100, [a, b]), max_total=2000)
     assert plan.alloc == {1: 50, 2: 50} and plan.held[1] == {"account": 4950}
@@ -268,8 +265,6 @@ def test_the_account_budget_is_split_round_robin_across_workspaces_then_campaign
 
 
 def test_concurrency_and_shared_sender_rooms_are_split_fairly():
-    from campaigns.engine.planning import _allocate, _Room
-
     a1, a2, b = _campaign(1, 1, "x@example.com"), _campaign(2, 1, "x@example.com"), _campaign(3, 2)
     day = _Room("sender:1:x@example.com:day", 10, 0.0)
     lim = _limits(1000, [a1, a2, b], ws_rooms={1: 10**6, 2: 40}, sender={1: [day], 2: [day]})
@@ -281,8 +276,6 @@ def test_concurrency_and_shared_sender_rooms_are_split_fairly():
 
 def test_warm_up_day_0_is_the_senders_first_send_in_the_workspace(api, db):
     """From the ledger when the store has no mark (cached), else the mark set at the first send."""
-    from campaigns.engine.limits import _note_first_send, sender_rules
-    from campaigns.ratelimit import get_limiter
 
     warm = {"sender": {"warmup": {"start": 10, "increment": 10}, "daily_cap": 1000}}
     c = _campaign(99, api.workspace_id, "New@Example.com", warm)
@@ -306,11 +299,6 @@ def test_a_workspace_s_concurrency_budget_defaults_to_16_send_tasks(db):
     """The budget counts send tasks queued or sending (SEND_BATCH messages each); at 8 it, not the
     consumers, capped a workspace sending alone (bench/RESULTS.md). Both the model's default and
     the column's (a row written without the ORM) are 16."""
-    from sqlalchemy import text
-
-    from campaigns import accounts, engine
-    from campaigns.db import get_engine
-    from campaigns.models import DEFAULT_CONCURRENCY, Workspace
 
     assert DEFAULT_CONCURRENCY == 16
     with session_scope() as s:

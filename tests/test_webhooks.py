@@ -14,13 +14,16 @@ import uuid
 
 import pytest
 from sqlalchemy import select, update
+from werkzeug.serving import make_server
 
 from campaigns import engine
 from campaigns import events as ev
 from campaigns.db import session_scope
 from campaigns.models import Contact, Enrollment, Event, Message, Suppression
+from campaigns.ratelimit import get_limiter
 from sendgrid_sink import generate_key_pair, sign_events
 from tasks import huey
+from tasks.engine import HOOKS
 from tests.helpers import campaign_stats, count_rows, drain, launched_campaign, make_contacts
 from web import webhooks
 
@@ -207,7 +210,6 @@ def test_items_that_are_not_events_are_skipped_not_400(client, db, body, stored,
 def test_one_malformed_item_does_not_lose_the_batch(api, client, db, sink, private_key, caplog):
     """SendGrid resends a refused batch unchanged for 24 hours: the good events are stored now,
     the bad items are skipped but visible (logged with index and reason, counted)."""
-    from campaigns.ratelimit import get_limiter
 
     cid, (m0, m1) = sent_campaign(api, db, 2)
     batch = [sg_event(m0, "delivered"), {"email": "x@y.z"}, 5, sg_event(m1, "delivered"), {"event": 7}]
@@ -479,8 +481,6 @@ def test_an_unmatched_bounce_suppresses_in_the_workspace_its_custom_args_name(ap
 
 
 def test_processed_settles_an_ambiguous_message_and_its_sequence_moves_on(api, client, db, sink):
-    from tasks.engine import HOOKS
-
     list_id = make_contacts(api, 1)
     sink.behaviour(mode="hang", count=1, delay=4)
     steps = ONE_STEP + [{"type": "wait", "seconds": 1}, {"type": "email", "subject": "Two", "html": "<p>2</p>"}]
@@ -527,7 +527,6 @@ def test_a_768_kb_batch_is_accepted(api, client, db, sink, private_key):
 
 def test_the_sink_posts_signed_events_to_a_running_app(api, app, db, sink, sink_server):
     """The local flow: the sink posts signed events (its key) to the live webhook, a task applies them."""
-    from werkzeug.serving import make_server
 
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
