@@ -12,6 +12,7 @@ import sys
 def on_starting(server):
     # web.streams bounds open live-progress streams to half of each worker's threads
     os.environ["HERALD_WEB_THREADS"] = str(server.cfg.threads)
+    # Loaded when the server starts, not whenever gunicorn reads this file (gunicorn --check-config).
     from campaigns.config import ConfigError, load_settings
     from web import _check_database
 

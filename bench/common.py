@@ -9,8 +9,10 @@ instance folder instead of starting them with ``-q``.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import platform
+import re
 import secrets
 import signal
 import socket
@@ -22,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import redis
+from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("HERALD_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -49,8 +52,6 @@ def free_port() -> int:
 
 
 def _admin(sql: str) -> None:
-    from sqlalchemy import create_engine, text
-
     engine = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(text(sql))
@@ -88,8 +89,6 @@ def setup_environment(name: str, rate: str = "1000000/second", extra: dict | Non
 
 
 def _flush_redis(prefix: str) -> None:
-    import re
-
     r = redis.Redis.from_url(REDIS_URL)
     keys = set(r.scan_iter(match=f"*{prefix}*", count=1000))
     keys |= set(r.scan_iter(match=f"*{re.sub('[^A-Za-z0-9_]', '', prefix)}*", count=1000))  # Huey's names
@@ -98,7 +97,7 @@ def _flush_redis(prefix: str) -> None:
 
 
 def spawn(cmd: list[str], log_name: str) -> subprocess.Popen:
-    log = open(Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{log_name}.log", "wb")  # noqa: SIM115
+    log = open(Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{log_name}.log", "wb")  # the child writes to it
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log,
                             stderr=subprocess.STDOUT)
     _children.append(proc)
@@ -153,8 +152,6 @@ atexit.register(stop_all)
 
 
 def sink_stats(url: str) -> dict:
-    import json
-
     return json.loads(urllib.request.urlopen(url + "/_sink/stats", timeout=10).read())
 
 
@@ -176,7 +173,6 @@ def wait_for_accepted(url: str, n: int, timeout: float = 600) -> float:
 
 def seed_contacts(n: int, workspace: str = "bench") -> tuple[int, int]:
     """A workspace and a list of n contacts, inserted set-based. Returns (workspace_id, list_id)."""
-    from sqlalchemy import text
 
     from campaigns import accounts
     from campaigns.db import get_engine, session_scope

@@ -29,7 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
+from sqlalchemy import event, select, text
+
+from bench import common
 
 COUNT_SQL = ("SELECT workspace_id, campaign_id, is_test, count(*) FROM messages "
              "WHERE status IN ('queued', 'sending') GROUP BY workspace_id, campaign_id, is_test")
@@ -42,7 +44,6 @@ DUE_SQL = ("SELECT id FROM messages WHERE campaign_id = (SELECT min(id) FROM cam
 
 def explain_next_due(conn) -> None:
     """The plan of the engine's own next-due statement, as the engine binds it."""
-    from sqlalchemy import event
 
     from campaigns import engine
 
@@ -59,8 +60,6 @@ def explain_next_due(conn) -> None:
 
 
 def measure(repeat: int = 15) -> dict:
-    from sqlalchemy import select, text
-
     from campaigns import engine
     from campaigns.db import get_engine, session_scope
     from campaigns.models import Campaign
@@ -107,7 +106,6 @@ def main() -> None:
     global EXPLAIN
     EXPLAIN = args.explain
     common.setup_environment("dispatch_scale")
-    from sqlalchemy import text
 
     from campaigns import engine
     from campaigns.db import get_engine, session_scope

@@ -33,8 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis  # noqa: E402
-from huey import PriorityRedisExpireHuey  # noqa: E402
+import redis
+from huey import PriorityRedisExpireHuey
+from sqlalchemy import func, select
 
 # The baseline's tasks: huey_consumer imports this module as ``bench.fairness``; nothing below
 # runs at import time except these definitions (no connection is made until a task runs).
@@ -110,8 +111,6 @@ def wait_until(pred, timeout: float, what: str) -> None:
 
 
 def run_herald(sink: str, a_n: int, b_n: int, c_n: int) -> dict:
-    from sqlalchemy import func, select
-
     from bench import common
     from campaigns import engine
     from campaigns.db import session_scope

@@ -19,7 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
+from sqlalchemy import text
+
+from bench import common
 
 
 def rss_mb() -> float:
@@ -31,7 +33,6 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=1_000_000, help="contacts (default 1,000,000)")
     args = ap.parse_args()
     common.setup_environment("fanout")
-    from sqlalchemy import text
 
     from campaigns import engine
     from campaigns.db import get_engine, session_scope

@@ -14,7 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
+from sqlalchemy import text
+
+from bench import common
 
 
 def pct(values, q):
@@ -29,7 +31,6 @@ def main() -> None:
     args = ap.parse_args()
     common.setup_environment("lateness")
     sink = common.start_sink()
-    from sqlalchemy import text
 
     from campaigns import engine
     from campaigns.db import get_engine, session_scope

@@ -28,7 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
+from sqlalchemy import func, select, text
+
+from bench import common
 
 
 def _timed(fn, repeat: int) -> tuple[float, object]:
@@ -55,7 +57,6 @@ def main() -> None:
     ap.add_argument("-r", "--repeat", type=int, default=5)
     args = ap.parse_args()
     common.setup_environment("metrics")
-    from sqlalchemy import func, select, text
 
     from campaigns import queue_health, stats
     from campaigns.db import get_engine, session_scope

@@ -12,6 +12,7 @@ Neither claims, leases or records anything: nothing makes a repeat safe.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import redis
 from huey import PriorityRedisExpireHuey
@@ -50,8 +51,6 @@ def send_one(i: int) -> None:
 
 @huey.task()
 def send_rendered(contact_id: int, campaign_id: int, step_id: int) -> None:
-    from types import SimpleNamespace
-
     from campaigns.db import session_scope
     from campaigns.engine import build_email
     from campaigns.models import Campaign, Contact, Step

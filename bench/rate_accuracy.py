@@ -30,8 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis  # noqa: E402
-from huey import PriorityRedisExpireHuey  # noqa: E402
+import tempfile
+import threading
+
+import redis
+from huey import PriorityRedisExpireHuey
 
 # The baseline's tasks: huey_consumer imports this module as ``bench.rate_accuracy``, so nothing
 # below runs at import time except these definitions (no connection is made until a task runs).
@@ -119,8 +122,6 @@ def run_builtin(sink: str, n: int, rate: int, burst: int) -> dict:
 def take_cost(seconds: float = 2.0) -> list[tuple[str, int, float, float]]:
     """Takes per second (one unit against an account GCRA, a per-minute GCRA and a rolling daily
     cap: a send's usual rules) for each store, from 1 and 8 threads of this process."""
-    import tempfile
-    import threading
 
     from campaigns.config import get_settings, parse_rate
     from campaigns.db import session_factory

@@ -25,7 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
+import json
+import urllib.request
+
+from sqlalchemy import select
+
+from bench import common
 
 
 def _client_proc(args):
@@ -48,9 +53,6 @@ def floor(host: str, n: int, procs: int = 2, threads: int = 8, library: bool = F
 
 
 def _accept_times(sink: str) -> list[float]:
-    import json
-    import urllib.request
-
     url = sink + "/_sink/messages?fields=summary&status=202&limit=1000000"
     return sorted(m["time"] for m in json.loads(urllib.request.urlopen(url, timeout=60).read())["messages"])
 
@@ -103,7 +105,6 @@ def naive(sink: str, n: int) -> tuple[float, float]:
 def naive_engine(sink: str, n: int, round_no: int = 0) -> float:
     """One task per email doing a send's own work (read, render, post) without the ledger:
     queue filled first, then drained by 2 consumers (time = enqueueing + first to last accept)."""
-    from sqlalchemy import select
 
     from bench.naive_tasks import send_rendered
     from campaigns.db import session_scope

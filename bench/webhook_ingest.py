@@ -35,7 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
+from sqlalchemy import func, select
+
+from bench import common
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "Delivery events"
@@ -261,7 +263,6 @@ def main() -> None:
     big_sizes = [len(b) for b in big_bodies]
     big_events = statistics.mean(b.count(b'"event":') for b in big_bodies)
 
-    from sqlalchemy import func, select
 
     from campaigns import events
     from campaigns.db import new_session
@@ -324,7 +325,7 @@ def _clear_queue() -> None:
         from tasks import huey
 
         huey.storage.flush_all()
-    except Exception as exc:  # noqa: BLE001 - best effort at exit
+    except Exception as exc:  # best effort at exit
         print(f"could not clear the bench queue: {exc}", file=sys.stderr)
 
 

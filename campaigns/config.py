@@ -256,10 +256,6 @@ class Settings:
     def uses_sink(self) -> bool:
         return not self.sendgrid_api_key
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
 
 def _instance_dir(path: Path) -> Path:
     """Create the instance folder (the embedded defaults keep their files there), or say why not."""

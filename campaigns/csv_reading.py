@@ -26,7 +26,6 @@ from .contacts import (
 from .errors import BadRequest
 
 SNIFF_BYTES = 8_192
-KNOWN_COLUMNS = ("email", "first_name", "last_name", "timezone")
 DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}  # in order of preference on a tie
 # The header names of the known columns, as :func:`_column_key` writes them (lower case, without
 # spaces, dashes and underscores). Deliberately narrow: a name that could mean something else

@@ -32,6 +32,9 @@ T = TypeVar("T")
 # failover, a network cut), the pool had none to give, a deadlock or serialization failure,
 # SQLite's lock stayed busy. The same work may succeed when tried again.
 TRANSIENT_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+# Seconds a SQLite connection waits for another's write lock (the database's and the SQLite
+# queue's: the web app and the consumers share both files).
+SQLITE_BUSY_TIMEOUT = 30
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
@@ -46,7 +49,7 @@ def utcnow() -> datetime:
 def _sqlite_pragmas(dbapi_conn, _record):
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
@@ -146,7 +149,7 @@ def check_database(url: str | None = None) -> None:
     try:
         with get_engine(url).connect() as conn:
             conn.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - any driver error means "does not answer"
+    except Exception as exc:  # any driver error means "does not answer"
         raise ConfigError(f"DATABASE_URL: cannot connect to the database ({error_reason(exc)})") from None
 
 

@@ -68,7 +68,7 @@ def _run(session: Session, transaction) -> None:
             continue
         try:
             handler(*args)
-        except Exception as exc:  # noqa: BLE001 - the other effects still run; the first failure is raised
+        except Exception as exc:  # the other effects still run; the first failure is raised
             failure = failure or exc
     if failure is not None:
         raise failure

@@ -26,22 +26,7 @@ from .contacts import (
     add_list_members,
     get_list,
 )
-from .csv_reading import (  # noqa: F401  (importer.<name> as callers have always used them)
-    SNIFF_BYTES,
-    Columns,
-    CsvFormat,
-    CsvUnusable,
-    data_rows,
-    detect_format,
-    inspect_csv,
-    lines_note,
-    open_csv,
-    parse_header,
-    parse_row,
-    read_header,
-    unclosed_quote,
-    unreadable_row,
-)
+from .csv_reading import data_rows, open_csv, read_header
 from .db import dialect_insert, insert_many, is_postgres, new_session, utcnow
 from .errors import HeraldError
 from .models import Contact, Import
@@ -315,7 +300,7 @@ def queue_import(session: Session, workspace_id: int, list_id: int | None, path:
         raise
     try:
         enqueue(job.id)
-    except Exception:  # noqa: BLE001 - the queue store did not answer
+    except Exception:  # the queue store did not answer
         log.exception("could not queue import %s", job.id)
         job.status, job.error = "failed", "the task queue did not answer; try again"
         session.commit()

@@ -163,7 +163,7 @@ def snapshot(s: Session, queue, workspace_id: int | None = None) -> dict:
     durations = sorted(r.duration_ms for r in recent)
     try:
         depth = int(queue.pending_count())
-    except Exception:  # noqa: BLE001 - the queue store being down is itself a finding
+    except Exception:  # the queue store being down is itself a finding
         depth = -1
     return {
         "depth": depth,
@@ -186,7 +186,7 @@ def waiting_on_limits(s: Session, workspace_id: int | None = None) -> dict[str, 
     sees them now: from the ledger and the limiter's shared store, not this process's memory."""
     try:
         return dict(sorted(engine.waiting_on_limits(s, workspace_id=workspace_id).items()))
-    except Exception:  # noqa: BLE001 - the limiter's store being down must not hide the rest
+    except Exception:  # the limiter's store being down must not hide the rest
         log.exception("could not read the limits")
         return {}
 
@@ -244,7 +244,7 @@ def _queue_families(queue) -> list:
         g = GaugeMetricFamily(name, help_)
         try:
             g.add_metric([], int(count()))
-        except Exception:  # noqa: BLE001
+        except Exception:
             g.add_metric([], -1)
         fams.append(g)
     return fams

@@ -152,6 +152,9 @@ def empty_step_stats() -> dict:
 # campaign is counted about every 4 s however many people watch it, and a small one every
 # interval as before.
 REUSE_FACTOR = 5.0
+# How old (seconds) the counts on a page of campaigns may be: each count reads all of a
+# campaign's messages, so a list of big running campaigns is not counted afresh for every visit.
+LIST_MAX_AGE = 5.0
 clock = time.monotonic  # tests replace it
 _shared: dict[tuple, tuple[float, float, object]] = {}  # key -> (made at, cost, value)
 _locks: dict[tuple, threading.Lock] = {}

@@ -22,7 +22,6 @@ from .db import get_engine, session_factory
 from .models import Counter
 
 KEY = "stop_generation"
-_local = threading.local()
 _redis = None
 _lock = threading.Lock()
 
@@ -82,8 +81,3 @@ def current() -> int:
     # A plain read: no transaction, so no SQLite write lock (see campaigns.db._sqlite_begin).
     with get_engine().execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
         return int(conn.scalar(select(Counter.value).where(Counter.name == KEY)) or 0)
-
-
-def reset_client() -> None:
-    global _redis
-    _redis = None

@@ -29,6 +29,8 @@ import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import select
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
@@ -70,7 +72,7 @@ class Processes:
         self.instance, self.env, self.procs = instance, env, []
 
     def start(self, name: str, cmd: list[str]) -> None:
-        log = open(self.instance / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        log = open(self.instance / f"{name}.log", "wb")  # closed in stop()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append((name, proc, log))
 
@@ -89,7 +91,6 @@ class Processes:
 
 def seed(sink_url: str) -> dict:
     """Workspaces, contacts, lists, suppressions and campaigns (run by the consumer)."""
-    from sqlalchemy import select
 
     from campaigns import accounts, campaign_rules, contacts, engine, suppressions
     from campaigns.db import session_scope
@@ -182,7 +183,6 @@ def seed(sink_url: str) -> dict:
 def backdate(campaign_id: int, rng: random.Random) -> int:
     """Spread a finished campaign's history over the last hour, with believable engagement;
     returns the id of a message given a full set of events."""
-    from sqlalchemy import select
 
     from campaigns.db import session_scope, utcnow
     from campaigns.models import Campaign, Event, Message

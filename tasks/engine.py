@@ -47,7 +47,7 @@ def _covered(ts: float, now: float) -> bool:
             log.debug("wake at %.3f covered by the wake at %s", ts, cur)
             return True
         huey.storage.put_data(WAKE_KEY, repr(ts).encode())
-    except Exception:  # noqa: BLE001 - a lost wake is found again by the reconciler
+    except Exception:  # a lost wake is found again by the reconciler
         log.exception("could not record the dispatcher wake")
     return False
 
@@ -127,7 +127,7 @@ def dispatch() -> None:
         cur = huey.storage.peek_data(WAKE_KEY)
         if cur is not EmptyData and float(cur) <= time.time() + EARLY + 0.05:
             huey.storage.delete_data(WAKE_KEY)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     # The database or the queue store did not answer (a restart, a failover): dispatch again in a
     # moment, not at the reconciler's next minute; while the queue store cannot even take the
@@ -212,7 +212,7 @@ def _reconcile_at_start() -> None:
         _started_once.append(True)
     try:
         huey.enqueue(reconcile.s())
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("could not queue the start-up reconcile")
     _warm_up()
 
@@ -225,7 +225,7 @@ def _warm_up() -> None:
         from campaigns.providers import get_mailer
 
         get_mailer()
-    except Exception:  # noqa: BLE001 - a bad setting shows at the first send, with its reason
+    except Exception:  # a bad setting shows at the first send, with its reason
         log.exception("warm-up failed")
 
 

@@ -41,7 +41,7 @@ def _run() -> None:
 def process_events() -> None:
     try:
         huey.storage.delete_data(PENDING_KEY)
-    except Exception:  # noqa: BLE001 - the sweep clears it too
+    except Exception:  # the sweep clears it too
         log.exception("could not clear the events marker")
     _run()
 
@@ -50,7 +50,7 @@ def process_events() -> None:
 def sweep_events() -> None:
     try:
         huey.storage.delete_data(PENDING_KEY)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     _run()
 
@@ -64,5 +64,5 @@ def events_stored() -> None:
             first = huey.storage.put_if_empty(PENDING_KEY, b"1")
         if first:
             process_events()
-    except Exception:  # noqa: BLE001 - the events are stored; the minute sweep applies them
+    except Exception:  # the events are stored; the minute sweep applies them
         log.exception("could not queue event processing")

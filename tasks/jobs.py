@@ -23,5 +23,5 @@ def notify_enrolled(enrolled: int) -> None:
         return
     try:
         engine.wake_dispatcher(None)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("could not wake the dispatcher after an enrollment")

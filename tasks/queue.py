@@ -8,7 +8,7 @@ from huey import PriorityRedisExpireHuey, SqliteHuey
 from huey.storage import SqliteStorage
 
 from campaigns.config import ConfigError, get_settings
-from campaigns.db import check_database, dispose_engines, private_file
+from campaigns.db import SQLITE_BUSY_TIMEOUT, check_database, dispose_engines, private_file
 
 # The queue store (Redis) did not answer: a restart, a failover, a network cut.
 STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -77,7 +77,7 @@ def make_huey():
     return LazySqliteHuey(
         settings.queue_name,
         filename=str(settings.instance_dir / "huey.db"),
-        timeout=30,
+        timeout=SQLITE_BUSY_TIMEOUT,
         **common,
     )
 
@@ -100,7 +100,7 @@ def check_services() -> None:
         dispose_engines()  # no connection outlives the check (a process-mode consumer forks after it)
     try:
         queue_store_ok()
-    except Exception as exc:  # noqa: BLE001 - any client error means "does not answer"
+    except Exception as exc:  # any client error means "does not answer"
         name = "REDIS_URL" if get_settings().redis_url else "HERALD_INSTANCE_DIR"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SystemExit(f"error: {name}: cannot connect to the task queue ({reason})") from None

@@ -13,24 +13,26 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
-import uuid
 from pathlib import Path
 
 import pytest
 
-BACKEND = os.environ.get("HERALD_TEST_BACKEND", "postgres")
-PG_ADMIN_URL = os.environ.get("HERALD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+from tests.helpers import (
+    BACKEND,
+    PG_ADMIN_URL,
+    ApiClient,
+    ServiceProcess,
+    SinkClient,
+    UiClient,
+    admin_execute,
+    consumer_command,
+    free_port,
+    make_workspace,
+)
+
 REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "15"))
 RUN_ID = f"{os.getpid()}_{secrets.token_hex(3)}"
 INSTANCE = Path(tempfile.mkdtemp(prefix=f"herald-test-{RUN_ID}-"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 SINK_PORT = free_port()
@@ -60,15 +62,6 @@ if BACKEND == "postgres":
 elif BACKEND != "sqlite":
     raise SystemExit(f"HERALD_TEST_BACKEND: {BACKEND!r} is neither postgres nor sqlite")
 os.environ.update(_env)
-
-
-def _admin_execute(sql: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(sql))
-    engine.dispose()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -101,12 +94,12 @@ def database():
 
     reset_settings()
     if BACKEND == "postgres":
-        _admin_execute(f'CREATE DATABASE "{TEST_DB_NAME}"')
+        admin_execute(f'CREATE DATABASE "{TEST_DB_NAME}"')
     upgrade()
     yield os.environ.get("DATABASE_URL") or "sqlite"
     dispose_engines()
     if BACKEND == "postgres":
-        _admin_execute(f'DROP DATABASE IF EXISTS "{TEST_DB_NAME}" WITH (FORCE)')
+        admin_execute(f'DROP DATABASE IF EXISTS "{TEST_DB_NAME}" WITH (FORCE)')
 
 
 def _clean_tables():
@@ -168,8 +161,6 @@ def sink_server():
 @pytest.fixture
 def sink(sink_server):
     """A reset sink and a small client for its control endpoints."""
-    from tests.helpers import SinkClient
-
     client = SinkClient(sink_server.url)
     client.reset()
     return client
@@ -204,50 +195,6 @@ def db():
     session.close()
 
 
-class ApiClient:
-    """The test client with a workspace's Bearer key; ``.get/.post/...`` return responses."""
-
-    def __init__(self, client, key: str, workspace_id: int, workspace_name: str):
-        self.client = client
-        self.key = key
-        self.workspace_id = workspace_id
-        self.workspace_name = workspace_name
-
-    def _call(self, method, path, **kwargs):
-        headers = dict(kwargs.pop("headers", None) or {})
-        headers.setdefault("Authorization", f"Bearer {self.key}")
-        return getattr(self.client, method)(path, headers=headers, **kwargs)
-
-    def get(self, path, **kw):
-        return self._call("get", path, **kw)
-
-    def post(self, path, **kw):
-        return self._call("post", path, **kw)
-
-    def put(self, path, **kw):
-        return self._call("put", path, **kw)
-
-    def patch(self, path, **kw):
-        return self._call("patch", path, **kw)
-
-    def delete(self, path, **kw):
-        return self._call("delete", path, **kw)
-
-
-def make_workspace(name: str | None = None, email: str | None = None, password: str = "correct horse"):
-    """A workspace with a user and an API key: (workspace_id, name, key, user email)."""
-    from campaigns import accounts
-    from campaigns.db import session_scope
-
-    name = name or f"ws-{uuid.uuid4().hex[:8]}"
-    email = email or f"owner-{uuid.uuid4().hex[:6]}@example.com"
-    with session_scope() as s:
-        ws = accounts.create_workspace(s, name)
-        accounts.create_user(s, email, password, ws)
-        _, key = accounts.create_api_key(s, ws, "test")
-        return ws.id, ws.name, key, email
-
-
 @pytest.fixture
 def api(client):
     ws_id, name, key, _ = make_workspace()
@@ -263,8 +210,6 @@ def other_api(app):
 @pytest.fixture
 def consumers():
     """Start real ``huey_consumer`` processes: ``consumers(n, workers)``; stopped (SIGTERM) after."""
-    from tests.helpers import ServiceProcess, consumer_command
-
     started: list[ServiceProcess] = []
 
     def start(n: int = 1, workers: int = 4):
@@ -275,3 +220,16 @@ def consumers():
     yield start
     for c in started:
         c.stop()
+
+
+@pytest.fixture
+def ui(app):
+    """A signed-in UI client of a fresh workspace."""
+    ws_id, name, key, email = make_workspace(password="correct horse")
+    return UiClient(app, email, "correct horse", ws_id, key, name)
+
+
+@pytest.fixture
+def spec(client):
+    """The API's OpenAPI document."""
+    return client.get("/api/v1/openapi.json").json

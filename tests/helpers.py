@@ -1,11 +1,93 @@
-"""Test helpers: the sink's control client, stepping the Huey queue by hand, building campaigns."""
+"""Test helpers: the sink's control client, stepping the Huey queue by hand, building campaigns,
+workspaces with an API client, and the suite's subprocesses.
+
+``tests/conftest.py`` imports this module before it sets the environment, so nothing here
+imports ``campaigns``, ``web`` or ``tasks`` at module level.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
+import uuid
 from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import create_engine, func, select, text
+
+BACKEND = os.environ.get("HERALD_TEST_BACKEND", "postgres")
+PG_ADMIN_URL = os.environ.get("HERALD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def instance_dir() -> Path:
+    """This run's instance folder (conftest makes it and names it in HERALD_INSTANCE_DIR)."""
+    return Path(os.environ["HERALD_INSTANCE_DIR"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def admin_execute(sql: str) -> None:
+    """One statement on the PostgreSQL server's admin database (CREATE / DROP DATABASE)."""
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(sql))
+    engine.dispose()
+
+
+class ApiClient:
+    """The test client with a workspace's Bearer key; ``.get/.post/...`` return responses."""
+
+    def __init__(self, client, key: str, workspace_id: int, workspace_name: str):
+        self.client = client
+        self.key = key
+        self.workspace_id = workspace_id
+        self.workspace_name = workspace_name
+
+    def _call(self, method, path, **kwargs):
+        headers = dict(kwargs.pop("headers", None) or {})
+        headers.setdefault("Authorization", f"Bearer {self.key}")
+        return getattr(self.client, method)(path, headers=headers, **kwargs)
+
+    def get(self, path, **kw):
+        return self._call("get", path, **kw)
+
+    def post(self, path, **kw):
+        return self._call("post", path, **kw)
+
+    def put(self, path, **kw):
+        return self._call("put", path, **kw)
+
+    def patch(self, path, **kw):
+        return self._call("patch", path, **kw)
+
+    def delete(self, path, **kw):
+        return self._call("delete", path, **kw)
+
+
+def make_workspace(name: str | None = None, email: str | None = None, password: str = "correct horse"):
+    """A workspace with a user and an API key: (workspace_id, name, key, user email)."""
+    # Imported when called: the environment is not set yet when conftest imports this module.
+    from campaigns import accounts
+    from campaigns.db import session_scope
+
+    name = name or f"ws-{uuid.uuid4().hex[:8]}"
+    email = email or f"owner-{uuid.uuid4().hex[:6]}@example.com"
+    with session_scope() as s:
+        ws = accounts.create_workspace(s, name)
+        accounts.create_user(s, email, password, ws)
+        _, key = accounts.create_api_key(s, ws, "test")
+        return ws.id, ws.name, key, email
 
 
 class SinkClient:
@@ -44,6 +126,105 @@ class SinkClient:
 
     def accepted(self) -> list[dict]:
         return [m for m in self.messages() if m.get("status") == 202]
+
+
+CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+
+
+class UiClient:
+    """A signed-in test client; ``post`` adds the page's CSRF token unless told not to."""
+
+    def __init__(self, app, email: str, password: str, workspace_id: int, key: str, name: str):
+        self.client = app.test_client()
+        self.workspace_id = workspace_id
+        self.email = email
+        self.api = ApiClient(self.client, key, workspace_id, name)
+        page = self.client.get("/login")
+        token = CSRF_META.search(page.get_data(as_text=True)).group(1)
+        resp = self.client.post("/login", data={"email": email, "password": password, "csrf_token": token})
+        assert resp.status_code == 302, resp.get_data(as_text=True)
+        self._token = None
+
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            self._token = CSRF_META.search(self.client.get("/settings").get_data(as_text=True)).group(1)
+        return self._token
+
+    def get(self, path, **kw):
+        return self.client.get(path, **kw)
+
+    def post(self, path, data=None, csrf=True, **kw):
+        data = dict(data or {})
+        if csrf:
+            data.setdefault("csrf_token", self.token)
+        return self.client.post(path, data=data, **kw)
+
+    def text(self, path, status=200, **kw) -> str:
+        resp = self.get(path, **kw)
+        assert resp.status_code == status, (path, resp.status_code, resp.get_data(as_text=True)[:2000])
+        return resp.get_data(as_text=True)
+
+
+def location(resp) -> str:
+    return resp.headers["Location"]
+
+
+def flashes(html: str) -> list[str]:
+    return re.findall(r'<p class="flash flash-\w+"[^>]*>(.*?)</p>', html, re.S)
+
+
+def campaign_stats(api, cid) -> dict:
+    return api.get(f"/api/v1/campaigns/{cid}").json["stats"]
+
+
+def count_rows(db, model, *where) -> int:
+    """Rows of ``model`` matching ``where``, read afresh through the test's session."""
+    db.expire_all()
+    return db.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+
+def post_csv(api, body: bytes, content_type="text/csv", **params):
+    return api.post("/api/v1/contacts/import", data=body, content_type=content_type, query_string=params)
+
+
+def contacts_by_email(workspace_id) -> dict:
+    from campaigns.db import session_scope
+    from campaigns.models import Contact
+
+    with session_scope() as s:
+        rows = s.scalars(select(Contact).where(Contact.workspace_id == workspace_id)).all()
+        return {c.email: c for c in rows}
+
+
+def run_queued_imports() -> int:
+    """Step the queue by hand: run the queued import tasks in this process (errors surface)."""
+    from tasks import huey
+    from tasks.imports import run_import
+
+    ran = 0
+    while huey.pending_count() and (task := huey.dequeue()) is not None:  # dequeue blocks when empty
+        if isinstance(task, run_import.task_class):
+            task.execute()
+            ran += 1
+    return ran
+
+
+def wait_for(predicate, timeout: float, reconcile_every: float | None = 2.0):
+    """Poll until ``predicate()``; run the reconciler now and then, as the periodic task would."""
+    from campaigns import engine
+    from tasks.engine import HOOKS
+
+    deadline = time.monotonic() + timeout
+    last = 0.0
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if reconcile_every and time.monotonic() - last > reconcile_every:
+            engine.reconcile(HOOKS)
+            last = time.monotonic()
+        time.sleep(0.2)
+    raise AssertionError("timed out")
 
 
 def run_ready_tasks(huey, limit: int = 10_000) -> int:
@@ -166,27 +347,18 @@ class ServiceProcess:
     the test instance folder; ``stop`` sends SIGTERM (then SIGKILL), ``kill9`` kills it outright."""
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str] | None = None):
-        import os
-        import subprocess
-        from pathlib import Path
-
         root = Path(__file__).resolve().parent.parent
         env = dict(os.environ, **(env or {}), PYTHONPATH=str(root))
-        self.log_path = Path(os.environ["HERALD_INSTANCE_DIR"]) / f"{name}-{time.monotonic_ns()}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()/kill9()
+        self.log_path = instance_dir() / f"{name}-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "wb")  # closed in stop()/kill9()
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def kill9(self) -> None:
-        import signal
-
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
         self.log.close()
 
     def stop(self) -> None:
-        import signal
-        import subprocess
-
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -202,8 +374,5 @@ class ServiceProcess:
 
 def consumer_command(workers: int = 4) -> list[str]:
     """The contract's consumer command, polling promptly (the SQLite queue is polled)."""
-    import sys
-    from pathlib import Path
-
     return [str(Path(sys.executable).parent / "huey_consumer"), "tasks.huey", "-k", "thread", "-w", str(workers),
             "-g", "TERM", "-t", "30", "-d", "0.05", "-m", "0.3"]

@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -24,12 +26,7 @@ from sqlalchemy import func, select
 from campaigns.models import Message
 from tasks import huey
 from tests.apidoc import assert_documented
-from tests.helpers import drain
-
-
-@pytest.fixture
-def spec(client):
-    return client.get("/api/v1/openapi.json").json
+from tests.helpers import drain, make_workspace
 
 
 def campaign_body(list_id: int, **overrides) -> dict:
@@ -233,8 +230,6 @@ def test_a_body_past_the_size_limit_is_a_documented_413(api, spec, setup, small_
 
 
 def test_an_unsafe_method_without_the_csrf_token_is_a_documented_400(app, spec):
-    from tests.conftest import make_workspace
-
     _, _, key, email = make_workspace()
     client = app.test_client()
     token = re.search(r'<meta name="csrf-token" content="([^"]+)">', client.get("/login").get_data(as_text=True))
@@ -273,10 +268,6 @@ def test_a_form_encoded_body_is_told_to_use_json(api):
 
 
 def test_the_readme_campaign_example_is_accepted(api):
-    import json
-    import re
-    from pathlib import Path
-
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     body = json.loads(re.search(r"```json\n(.*?)```", readme, re.S).group(1))
     body["list_id"] = api.post("/api/v1/lists", json={"name": "Prospects"}).json["id"]

@@ -14,7 +14,7 @@ import pytest
 
 from campaigns import config
 from campaigns.config import ConfigError, load_settings
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -137,7 +137,7 @@ def _make_key(directory, barrier, results):
     barrier.wait()
     try:
         results.put(config._secret_key({}, Path(directory), False))
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
+    except Exception as exc:  # reported to the parent
         results.put(repr(exc))
 
 

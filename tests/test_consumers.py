@@ -7,32 +7,17 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+import redis
+from sqlalchemy import func, select, text
 
-from campaigns import engine
+from campaigns.db import get_engine
 from campaigns.models import Message
 from tasks import huey
-from tasks.engine import HOOKS
-from tests.conftest import BACKEND
-from tests.helpers import campaign_status, launched_campaign, make_contacts
+from tests.helpers import BACKEND, campaign_status, launched_campaign, make_contacts, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 ONE_STEP = [{"type": "email", "subject": "Hi {{ contact.first_name }}", "html": "<p>Hello</p>"}]
-
-
-def wait_for(predicate, timeout: float, reconcile_every: float | None = 2.0):
-    """Poll until ``predicate()``; run the reconciler now and then, as the periodic task would."""
-    deadline = time.monotonic() + timeout
-    last = 0.0
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if reconcile_every and time.monotonic() - last > reconcile_every:
-            engine.reconcile(HOOKS)
-            last = time.monotonic()
-        time.sleep(0.2)
-    raise AssertionError("timed out")
 
 
 def test_two_consumers_send_everything_once(api, sink, consumers):
@@ -83,7 +68,6 @@ def test_kill_9_mid_campaign_then_restart(api, sink, db, consumers):
 @pytest.mark.postgres_only
 def test_queue_store_flushed_mid_campaign(api, sink, db, consumers):
     assert BACKEND == "postgres"
-    import redis
 
     list_id = make_contacts(api, 300)
     sink.behaviour(mode="slow", delay=0.01, seconds=600)
@@ -123,9 +107,6 @@ def test_sigterm_lets_in_flight_sends_finish(api, sink, db, consumers):
 def test_database_connections_cut_mid_campaign(api, sink, db, consumers):
     """PostgreSQL drops every connection mid-campaign (a restart, a failover): the consumer
     carries on once it answers again, and a send whose outcome it knew is recorded, not resent."""
-    from sqlalchemy import text
-
-    from campaigns.db import get_engine
 
     list_id = make_contacts(api, 600)
     sink.behaviour(mode="slow", delay=0.1, seconds=600)
@@ -163,7 +144,6 @@ def test_queue_store_connections_cut_mid_campaign(api, sink, db, consumers):
     """Redis drops every client connection again and again for two seconds (a restart, a
     failover): the consumer keeps running and comes back by itself, every message goes once.
     (Every client of the server is cut, other programs' too: the suite owns its Redis in CI.)"""
-    import redis
 
     list_id = make_contacts(api, 600)
     sink.behaviour(mode="slow", delay=0.1, seconds=600)

@@ -12,18 +12,10 @@ from sqlalchemy import func, select
 from campaigns import contact_rules
 from campaigns.db import session_scope
 from campaigns.models import Contact
-from tests.conftest import make_workspace
-from tests.test_import import contacts_by_email, post_csv
-from tests.test_ui import UiClient
+from tests.helpers import contacts_by_email, post_csv
 
 MAX = contact_rules.MAX_FIELDS
 VALUE_MAX = contact_rules.FIELD_VALUE_MAX
-
-
-@pytest.fixture
-def ui(app):
-    ws_id, name, key, email = make_workspace(password="correct horse")
-    return UiClient(app, email, "correct horse", ws_id, key, name)
 
 
 def _count_contacts(workspace_id: int) -> int:

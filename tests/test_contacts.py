@@ -6,8 +6,9 @@ import pytest
 from sqlalchemy import func, select
 
 from campaigns import contacts, suppressions
-from campaigns.db import session_scope
+from campaigns.db import new_session, session_scope
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Step, Suppression
+from tasks import jobs
 
 
 def _error(resp):
@@ -20,8 +21,6 @@ def _error(resp):
 @pytest.fixture
 def notified(monkeypatch):
     """Record notify_list_changed calls, checking the new members were committed first."""
-    from campaigns.db import new_session
-    from tasks import jobs
 
     calls = []
 
@@ -265,7 +264,7 @@ def test_suppressions_bulk_list_and_delete(api):
     api.post("/api/v1/contacts", json={"email": "bob@example.com"})
 
     resp = api.post("/api/v1/suppressions", json={
-        "emails": ["Ann@example.com", "ghost@example.com", "ghost@example.com ", "nope", 7 if False else "x@"],
+        "emails": ["Ann@example.com", "ghost@example.com", "ghost@example.com ", "nope", "x@"],
         "reason": "unsubscribe",
     })
     assert resp.status_code == 200, resp.json

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+import redis
+from sqlalchemy import event, func, select, text, update
+from sqlalchemy.exc import OperationalError
 
-from campaigns import engine
-from campaigns.db import session_factory, session_scope, utcnow
+import campaigns.providers as providers
+from campaigns import engine, leases, queue_health, stats
+from campaigns.db import get_engine, session_factory, session_scope, utcnow
 from campaigns.errors import Conflict
-from campaigns.models import Campaign, Enrollment, Event, JobLock, Message, MessageAttempt
+from campaigns.models import Campaign, Enrollment, Event, JobLock, Message, MessageAttempt, Step
+from campaigns.providers import get_mailer
+from tasks import engine as task_engine
 from tasks import huey
-from tasks.engine import HOOKS
-from tests.helpers import campaign_status, drain, launched_campaign, make_contacts, run_through
+from tasks.engine import HOOKS, fanout_campaign, wake_dispatcher
+from tests.helpers import (
+    UiClient,
+    campaign_status,
+    drain,
+    launched_campaign,
+    make_contacts,
+    make_workspace,
+    run_through,
+)
 
 
 def _messages(db, cid, **filters):
@@ -75,7 +91,6 @@ def test_launch_twice_is_launched_once(api, sink, db):
     list_id = make_contacts(api, 5)
     cid = launched_campaign(api, list_id)
     assert api.post(f"/api/v1/campaigns/{cid}/launch").status_code == 202
-    from tasks.engine import fanout_campaign
 
     fanout_campaign(cid)  # a repeated fan-out task changes nothing
     drain(huey, until=_completed(api, cid), timeout=60)
@@ -84,10 +99,6 @@ def test_launch_twice_is_launched_once(api, sink, db):
 
 
 def test_fanout_gives_each_new_enrollment_one_first_message_in_one_statement(api, sink, db):
-    from sqlalchemy import event
-
-    from campaigns.db import get_engine
-
     list_id = make_contacts(api, 30)
     api.post("/api/v1/suppressions", json={"emails": ["person3@example.com"], "reason": "manual"})
     cid = launched_campaign(api, list_id)
@@ -119,7 +130,6 @@ def test_fanout_gives_each_new_enrollment_one_first_message_in_one_statement(api
 def test_launch_fanout_runs_in_parts_and_sends_start_after_the_first(api, db):
     """The launch fan-out commits the list in parts (contact-id order), waking the dispatcher
     after each; the campaign counts as fanned out only after the last part."""
-    from campaigns import leases
 
     list_id = make_contacts(api, 12)
     api.post("/api/v1/suppressions", json={"emails": ["person4@example.com"], "reason": "manual"})
@@ -142,8 +152,6 @@ def test_launch_fanout_runs_in_parts_and_sends_start_after_the_first(api, db):
 
 
 def test_a_fanout_cancelled_midway_stops_and_a_dead_one_is_finished_by_the_reconciler(api, db):
-    from campaigns import leases
-
     list_id = make_contacts(api, 10)
     cid = launched_campaign(api, list_id)
     ws_id = db.get(Campaign, cid).workspace_id
@@ -177,7 +185,6 @@ def test_a_fanout_cancelled_midway_stops_and_a_dead_one_is_finished_by_the_recon
 def _plan_of(conn, stmt, params: dict) -> str:
     """PostgreSQL's plan for an engine statement, as the engine binds it (EXPLAIN run on the same
     cursor just before the statement itself)."""
-    from sqlalchemy import event
 
     plans: list[str] = []
 
@@ -199,11 +206,6 @@ def test_the_send_path_finds_its_rows_by_id_whatever_the_statistics(api, db, mon
     fan-out (none here: the ANALYZE after it is switched off), PostgreSQL drove these statements
     from the status indexes or a sequential scan, reading every row of the status (and, through
     bitmap scans, the dead entries of every message sent before) for each claim and record."""
-    import json
-
-    from sqlalchemy import text
-
-    from campaigns.db import get_engine
 
     monkeypatch.setattr(engine.enrollment, "_refresh_statistics", lambda session, added: None)
     list_id = make_contacts(api, 1500)
@@ -237,9 +239,6 @@ def test_the_next_due_probe_reads_each_campaign_by_its_own_index(api, db):
     row of the big one, on every pass. The probe now asks for an order only the campaign's index
     gives, and gives the same answers. (At this size the planner picks the right index for the
     old statement too; bench/dispatch_scale.py shows the flip, at 500,000 scheduled rows.)"""
-    from sqlalchemy import text
-
-    from campaigns.db import get_engine
 
     big = launched_campaign(api, make_contacts(api, 3000, list_name="Big"))
     with session_scope() as s:
@@ -273,9 +272,6 @@ def test_the_next_due_probe_reads_each_campaign_by_its_own_index(api, db):
 def test_a_large_fanout_refreshes_the_statistics(api, db):
     """A fan-out that adds >= 1,000 rows and 10% of the table runs ANALYZE (as autovacuum would,
     a minute later): the planner's row count for messages is the fan-out's, at once."""
-    from sqlalchemy import text
-
-    from campaigns.db import get_engine
 
     list_id = make_contacts(api, 1200)
     cid = launched_campaign(api, list_id)
@@ -622,7 +618,6 @@ def test_suppressed_contacts_are_skipped_and_suppression_stops_sequences(api, si
     api.post("/api/v1/suppressions", json={"emails": ["person1@example.com"], "reason": "unsubscribe"})
     with session_scope() as s:
         s.execute(update(Message).where(Message.status == "scheduled").values(due_at=utcnow()))
-    from tasks.engine import wake_dispatcher
 
     wake_dispatcher(None)
     drain(huey, until=_completed(api, cid), timeout=30)
@@ -835,8 +830,6 @@ def test_an_address_taken_off_the_suppression_list_is_enrolled_in_running_campai
     """Skipped at launch while suppressed, then un-suppressed (a mistaken bounce): its running
     campaigns enroll it, as they would a member added now. A sequence the suppression stopped
     stays stopped, and a campaign of another list is not touched."""
-    from tests.conftest import make_workspace
-    from tests.test_ui import UiClient
 
     ws_id, name, key, email = make_workspace(password="correct horse")
     ui = UiClient(app, email, "correct horse", ws_id, key, name)
@@ -899,9 +892,6 @@ def test_stream_reports_progress(api, sink, app):
 def test_stream_keeps_going_through_a_database_that_stops_answering(api, sink, monkeypatch):
     """An error in the open stream (after its 200) would cut it; the browser's reconnect would
     then meet a 503 and stop for good. The stream says so in a comment and tries again."""
-    from sqlalchemy.exc import OperationalError
-
-    from campaigns import stats
 
     list_id = make_contacts(api, 1)
     cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
@@ -944,7 +934,6 @@ def test_metrics_count_open_messages_at_every_scrape_and_settled_ones_at_most_on
         api, sink, client, monkeypatch):
     """The settled statuses grow with the whole history: /metrics reuses their count for
     SETTLED_MAX_AGE seconds; the open ones (work to do, dead letters) are counted each time."""
-    from campaigns import queue_health
 
     list_id = make_contacts(api, 3)
     sink.fail_addresses(["person2@example.com"])
@@ -987,7 +976,6 @@ def test_recording_outcomes_waits_out_a_database_that_stops_answering(api, sink,
     """A sent message left unrecorded would become ambiguous and be sent again: the recording is
     tried again, and a try whose COMMIT went through unanswered leaves no second attempt row and
     no second next message."""
-    from sqlalchemy.exc import OperationalError
 
     list_id = make_contacts(api, 4)
     cid = launched_campaign(api, list_id, steps=[
@@ -1093,9 +1081,6 @@ def test_a_test_send_that_fails_before_its_call_goes_back_to_the_ledger(api, sin
 
 def test_a_dispatch_the_database_failed_runs_again_in_seconds(monkeypatch):
     """Not at the reconciler's next minute: a restart of the database stalls sending for seconds."""
-    from sqlalchemy.exc import OperationalError
-
-    from tasks import engine as task_engine
 
     def down(*args, **kwargs):
         raise OperationalError("SELECT", {}, Exception("connection refused"))
@@ -1111,9 +1096,6 @@ def test_a_dispatch_the_queue_store_failed_hands_back_and_tries_again(api, db, m
     """Redis refuses the send tasks midway: the messages it did not take go back to scheduled at
     once (not after the stale-queue sweep), and the dispatch task tries again in a few seconds,
     in its own worker while Redis cannot even take a delayed task."""
-    import redis
-
-    from tasks import engine as task_engine
 
     list_id = make_contacts(api, 30)
     cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
@@ -1159,8 +1141,6 @@ def test_a_dispatch_the_queue_store_failed_hands_back_and_tries_again(api, db, m
 
 
 def _step_ids(db, cid: int) -> list[int]:
-    from campaigns.models import Step
-
     return db.scalars(select(Step.id).where(Step.campaign_id == cid, Step.type == "email")
                       .order_by(Step.position)).all()
 
@@ -1191,9 +1171,6 @@ def test_dispatcher_with_sends_in_flight_looks_again_when_the_next_message_falls
 def test_bulk_batches_take_turns_but_test_sends_never_wait(monkeypatch):
     """HERALD_SEND_BATCHES caps the bulk batches running at once in a process; a test send
     (urgent, enqueued through HOOKS at PRIORITY_TEST) goes past a full gate."""
-    import threading
-
-    from tasks import engine as task_engine
 
     gate = threading.BoundedSemaphore(1)
     monkeypatch.setattr(task_engine, "_bulk_batches", gate)
@@ -1218,9 +1195,6 @@ def test_bulk_batches_take_turns_but_test_sends_never_wait(monkeypatch):
 
 def test_pause_mid_batch_stops_the_rest_of_the_batch(api, sink, db, monkeypatch):
     """Once pause has returned, no further call of the batch starts (the stop generation)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from campaigns.providers import get_mailer
 
     cid, queued, hooks = _dispatched_by_hand(api, 5)
     monkeypatch.setattr(engine.send, "_pool", ThreadPoolExecutor(1))  # one call at a time, in order
@@ -1244,10 +1218,6 @@ def test_pause_mid_batch_stops_the_rest_of_the_batch(api, sink, db, monkeypatch)
 
 
 def test_unsubscribe_mid_batch_is_honoured_before_the_next_call(api, sink, db, monkeypatch):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from campaigns.providers import get_mailer
-
     cid, queued, hooks = _dispatched_by_hand(api, 3)
     monkeypatch.setattr(engine.send, "_pool", ThreadPoolExecutor(1))
     real = get_mailer()
@@ -1273,10 +1243,6 @@ def test_unsubscribe_mid_batch_is_honoured_before_the_next_call(api, sink, db, m
 
 
 def test_a_retry_or_a_cancel_mid_batch_never_leaves_work_that_cannot_go(api, sink, db, monkeypatch):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from campaigns.providers import get_mailer
-
     cid, queued, hooks = _dispatched_by_hand(api, 4)
     monkeypatch.setattr(engine.send, "_pool", ThreadPoolExecutor(1))
     real = get_mailer()
@@ -1344,9 +1310,6 @@ def test_late_event_after_the_window_cancels_the_pending_resend(api, sink, db):
 
 
 def test_consumer_start_loads_the_mailer_and_templates_before_the_first_send():
-    import campaigns.providers as providers
-    from tasks import engine as task_engine
-
     saved = providers._mailer
     providers.set_mailer(None)
     try:

@@ -1,5 +1,6 @@
 """App factory, configuration, sign-in and health."""
 
+import base64
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from campaigns.config import ConfigError, load_settings, parse_rate
+from tests.helpers import make_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,8 +95,6 @@ def test_healthz(client):
 
 
 def test_login_flow_and_csrf(app):
-    from tests.conftest import make_workspace
-
     _, _, _, email = make_workspace(password="s3cret-pass")
     client = app.test_client()
     assert client.get("/").status_code == 302
@@ -133,7 +133,6 @@ def test_api_requires_auth(client):
 def test_api_bad_bodies_and_cursors_are_4xx(api):
     assert api.post("/api/v1/lists", data="[" * 100000, headers={"Content-Type": "application/json"}).status_code == 400
     assert api.get("/api/v1/lists?cursor=" + "9" * 40).status_code == 400
-    import base64
 
     huge = base64.urlsafe_b64encode(str(2**70).encode()).decode().rstrip("=")
     assert api.get(f"/api/v1/lists?cursor={huge}").status_code == 400

@@ -69,7 +69,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 @pytest.fixture
 def signed_in(app):
-    from tests.conftest import make_workspace
+    from tests.helpers import make_workspace
     from tests.test_ui import UiClient
 
     ws_id, name, key, email = make_workspace(password="correct horse")

@@ -17,34 +17,14 @@ from campaigns import contacts, csv_reading, importer
 from campaigns.config import get_settings
 from campaigns.db import session_scope
 from campaigns.models import Contact, Import, ListMember, Suppression
-
-
-def post_csv(api, body: bytes, content_type="text/csv", **params):
-    return api.post("/api/v1/contacts/import", data=body, content_type=content_type, query_string=params)
+from tasks import huey, jobs
+from tasks.imports import requeue_interrupted_import, requeue_stale_imports, run_import
+from tests.helpers import contacts_by_email, post_csv, run_queued_imports
 
 
 def count(model, *where) -> int:
     with session_scope() as s:
         return s.scalar(select(func.count()).select_from(model).where(*where))
-
-
-def contacts_by_email(workspace_id) -> dict[str, Contact]:
-    with session_scope() as s:
-        rows = s.scalars(select(Contact).where(Contact.workspace_id == workspace_id)).all()
-        return {c.email: c for c in rows}
-
-
-def run_queued_imports() -> int:
-    """Step the queue by hand: run the queued import tasks in this process (errors surface)."""
-    from tasks import huey
-    from tasks.imports import run_import
-
-    ran = 0
-    while huey.pending_count() and (task := huey.dequeue()) is not None:  # dequeue blocks when empty
-        if isinstance(task, run_import.task_class):
-            task.execute()
-            ran += 1
-    return ran
 
 
 MIXED = (
@@ -207,7 +187,7 @@ def test_semicolon_file_with_bom_and_crlf(api, other_api):
     # Excel in a European locale: semicolons, a BOM, CRLF; commas are plain text in the cells.
     # Only the header decides the delimiter: the rows past the sniffed head are read the same way.
     filler = "".join(f"f{i}@example.com;F{i};;Note, with comma {i}\r\n" for i in range(400))
-    assert len(filler) > importer.SNIFF_BYTES
+    assert len(filler) > csv_reading.SNIFF_BYTES
     body = (
         "\ufeffE-mail;Vorname;First Name;Notes\r\n"  # row 1
         "ann@example.com;Anna;Ann;\"Met in Köln; said \"\"hi\"\",\r\nthen left\"\r\n"  # row 2, lines 2-3
@@ -307,7 +287,7 @@ def test_header_aliases_of_the_known_columns(api, header):
 ], ids=["semicolon", "comma", "tab", "quoted"])
 def test_a_header_holding_two_delimiters_is_read_with_the_one_that_finds_the_email_column(api, body, delimiter,
                                                                                           fields):
-    assert importer.detect_format(body).delimiter == delimiter
+    assert csv_reading.detect_format(body).delimiter == delimiter
     r = post_csv(api, body).json
     assert (r["created"], r["errors"]) == (1, [])
     assert contacts_by_email(api.workspace_id)["a@example.com"].fields == fields
@@ -325,7 +305,7 @@ def test_ambiguous_header_error_shows_both_readings(api):
 def test_undecodable_bytes_and_nul_in_a_later_row_are_row_errors(api):
     # NUL bytes near the start mean a binary file (400); further down they are one bad row
     filler = b"".join(b"f%d@example.com,Filler\n" % i for i in range(500))
-    assert len(filler) > importer.SNIFF_BYTES
+    assert len(filler) > csv_reading.SNIFF_BYTES
     body = (b"email,first_name\nok@example.com,Ok\nbad@example.com,Caf\xe9\n" + filler
             + b"nul@example.com,a\x00b\nz@example.com,Z\n")
     r = post_csv(api, body).json
@@ -468,8 +448,6 @@ def test_wrong_content_type_is_415(api):
 
 
 def test_import_into_a_list(api, other_api, monkeypatch):
-    from tasks import jobs
-
     calls = []
     monkeypatch.setattr(jobs, "notify_list_changed", calls.append)
     lst = api.post("/api/v1/lists", json={"name": "L"}).json
@@ -567,8 +545,6 @@ def test_async_progress_is_updated_every_batch(api, monkeypatch):
 
 
 def test_interrupted_async_import_resumes_after_its_last_batch(api, monkeypatch):
-    from tasks.imports import requeue_interrupted_import, run_import
-
     monkeypatch.setattr(importer, "BATCH_SIZE", 10)
     lines = [f"r{i}@example.com,R{i}" if i != 4 else "broken,X" for i in range(25)]
     body = ("email,first_name\n" + "\n".join(lines) + "\n").encode()
@@ -597,8 +573,6 @@ def test_interrupted_async_import_resumes_after_its_last_batch(api, monkeypatch)
 
 
 def test_interrupted_import_with_broken_quotes_resumes_to_the_same_report(api, other_api, monkeypatch):
-    from tasks.imports import requeue_interrupted_import, run_import
-
     monkeypatch.setattr(importer, "BATCH_SIZE", 10)
     lines = [f"r{i}@example.com,R{i}" for i in range(25)]
     lines[3], lines[5] = 'r3@example.com,"Oops', 'r5@example.com,"Q"'  # row 5: one record over lines 5-7
@@ -753,8 +727,6 @@ def _age_heartbeat(import_id: int, seconds: float) -> None:
 
 
 def test_an_import_whose_consumer_was_killed_is_found_and_resumed(api, monkeypatch):
-    from tasks.imports import requeue_stale_imports
-
     monkeypatch.setattr(importer, "BATCH_SIZE", 10)
     body = ("email,first_name\n" + "".join(f"k{i}@example.com,K{i}\n" for i in range(25))).encode()
     import_id = post_csv(api, body, **{"async": "1"}).json["import_id"]
@@ -800,9 +772,6 @@ def test_a_run_that_was_taken_over_stops_and_writes_nothing_more(api, monkeypatc
 
 
 def test_a_pending_import_whose_task_was_lost_is_queued_again(api):
-    from tasks import huey
-    from tasks.imports import requeue_stale_imports
-
     import_id = post_csv(api, b"email\nlost@example.com\n", **{"async": "1"}).json["import_id"]
     huey.flush()  # the queue store lost the task
     assert run_queued_imports() == 0

@@ -9,12 +9,12 @@ import uuid
 from urllib.parse import urlencode
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from campaigns.models import Enrollment, Message, Reply
 from campaigns.tokens import reply_address
 from tasks import huey
-from tests.helpers import drain, launched_campaign, make_contacts
+from tests.helpers import campaign_stats, count_rows, drain, launched_campaign, make_contacts
 
 SECRET = "parse-secret-0123456789"
 DOMAIN = "reply.example.com"
@@ -24,7 +24,6 @@ TWO_STEPS = [
     {"type": "wait", "seconds": 3600},
     {"type": "email", "subject": "Following up", "html": "<p>Again</p>"},
 ]
-
 
 
 @pytest.fixture
@@ -43,17 +42,12 @@ def sent(api, db, sink):
     list_id = make_contacts(api, 2)
     cid = launched_campaign(api, list_id, steps=TWO_STEPS)
     drain(huey, until=lambda: len(sink.accepted()) >= 2, timeout=60)
-    drain(huey, until=lambda: _count(db, Message, Message.status == "scheduled") == 2, timeout=30)
+    drain(huey, until=lambda: count_rows(db, Message, Message.status == "scheduled") == 2, timeout=30)
     db.expire_all()
     first = db.scalars(select(Message).where(Message.campaign_id == cid, Message.status == "sent")
                        .order_by(Message.email)).all()
     assert len(first) == 2
     return cid, first
-
-
-def _count(db, model, *where) -> int:
-    db.expire_all()
-    return db.scalar(select(func.count()).select_from(model).where(*where)) or 0
 
 
 def headers_block(**h) -> str:
@@ -79,10 +73,6 @@ def parse_post(client, *, to=None, sender="Person Zero <person0@example.com>", s
         "spam_score": "0.1",
     }
     return client.post(url, data=fields, content_type="multipart/form-data")
-
-
-def stats(api, cid):
-    return api.get(f"/api/v1/campaigns/{cid}").json["stats"]
 
 
 def enrollment_status(db, msg) -> str:
@@ -124,7 +114,7 @@ def test_a_malformed_post_is_400(client, inbound, db, kind):
     else:
         resp = client.post(URL, data={"from": "a@example.com", "envelope": "[1]"}, content_type="multipart/form-data")
     assert resp.status_code == 400, resp.data
-    assert _count(db, Reply) == 0
+    assert count_rows(db, Reply) == 0
 
 
 # --------------------------------------------------------------------------- matching
@@ -142,7 +132,7 @@ def test_a_reply_matched_by_its_token_counts_and_stops_the_sequence(api, client,
     db.expire_all()
     second = db.scalars(select(Message).where(Message.campaign_id == cid, Message.step_id != m0.step_id)).all()
     assert {m.email: m.status for m in second} == {m0.email: "cancelled", m1.email: "scheduled"}
-    s = stats(api, cid)
+    s = campaign_stats(api, cid)
     assert s["replied"] == 1 and s["rates"]["replied"] == 0.5
 
 
@@ -155,7 +145,7 @@ def test_a_reply_matched_by_in_reply_to_from_the_sent_message_id(api, client, in
     reply = db.scalars(select(Reply)).one()
     assert (reply.message_id, reply.matched_by) == (m1.id, "in-reply-to")
     assert enrollment_status(db, m1) == "stopped"
-    assert stats(api, cid)["replied"] == 1
+    assert campaign_stats(api, cid)["replied"] == 1
 
 
 def test_a_reply_matched_by_references_when_in_reply_to_is_unknown(api, client, inbound, db, sent):
@@ -164,7 +154,7 @@ def test_a_reply_matched_by_references_when_in_reply_to_is_unknown(api, client, 
                       References=f"<{m0.message_key}@127.0.0.1> <x@y.example>")
     assert resp.json["matched"] is True
     assert db.scalars(select(Reply.matched_by)).one() == "references"
-    assert stats(api, cid)["replied"] == 1
+    assert campaign_stats(api, cid)["replied"] == 1
 
 
 def test_a_reply_to_nothing_known_is_stored_and_answered_2xx(client, inbound, db):
@@ -188,8 +178,8 @@ def test_inbound_parse_retries_are_stored_and_counted_once(api, client, inbound,
     again = parse_post(client, to=to, message_id="<same-reply@mail.example.net>")
     assert first.status_code == again.status_code == 200
     assert first.json["duplicate"] is False and again.json["duplicate"] is True
-    assert _count(db, Reply) == 1
-    assert stats(api, cid)["replied"] == 1
+    assert count_rows(db, Reply) == 1
+    assert campaign_stats(api, cid)["replied"] == 1
 
 
 def test_replied_at_is_set_once(api, client, inbound, db, sent):
@@ -201,7 +191,7 @@ def test_replied_at_is_set_once(api, client, inbound, db, sent):
     parse_post(client, to=to, message_id="<two@mail.example.net>", text="And another thing")
     db.expire_all()
     assert db.get(Message, m0.id).replied_at == first
-    assert _count(db, Reply) == 2 and stats(api, cid)["replied"] == 1
+    assert count_rows(db, Reply) == 2 and campaign_stats(api, cid)["replied"] == 1
 
 
 # --------------------------------------------------------------------------- auto-replies
@@ -232,23 +222,23 @@ def test_auto_replies_are_stored_but_do_not_count(api, client, inbound, db, sent
     assert enrollment_status(db, m0) == "active"
     db.expire_all()
     assert db.get(Message, m0.id).replied_at is None
-    assert stats(api, cid)["replied"] == 0
+    assert campaign_stats(api, cid)["replied"] == 0
 
 
 def test_auto_submitted_no_is_a_person(api, client, inbound, db, sent):
     cid, (m0, _) = sent
     resp = parse_post(client, to=reply_address(m0.message_key, DOMAIN), auto_submitted="no")
     assert resp.json["auto"] is False
-    assert stats(api, cid)["replied"] == 1
+    assert campaign_stats(api, cid)["replied"] == 1
 
 
 def test_a_reply_does_not_stop_the_sequence_when_stop_on_lacks_reply(api, client, inbound, db, sink):
     list_id = make_contacts(api, 1)
     cid = launched_campaign(api, list_id, steps=TWO_STEPS, stop_on=["click"])
-    drain(huey, until=lambda: _count(db, Message, Message.status == "scheduled") == 1, timeout=60)
+    drain(huey, until=lambda: count_rows(db, Message, Message.status == "scheduled") == 1, timeout=60)
     m0 = db.scalars(select(Message).where(Message.status == "sent")).one()
     parse_post(client, to=reply_address(m0.message_key, DOMAIN))
-    assert stats(api, cid)["replied"] == 1
+    assert campaign_stats(api, cid)["replied"] == 1
     assert enrollment_status(db, m0) == "active"
 
 
@@ -262,7 +252,7 @@ def test_the_raw_mime_option_is_understood(api, client, inbound, db, sent):
                        content_type="multipart/form-data")
     assert resp.status_code == 200 and resp.json["matched"] is True
     assert db.scalars(select(Reply.text)).one().strip() == "Yes please."
-    assert stats(api, cid)["replied"] == 1
+    assert campaign_stats(api, cid)["replied"] == 1
 
 
 def _multipart(fields: dict[str, bytes], boundary: str = "hb0undary", types: dict[str, str] | None = None) -> bytes:
@@ -295,7 +285,7 @@ def test_fields_are_decoded_with_the_charsets_inbound_parse_names(api, client, i
     reply = db.scalars(select(Reply)).one()
     assert reply.subject == "Re: Grüße aus Köln"
     assert reply.text == "Grüße, gerne nächste Woche – bis dann"
-    assert stats(api, cid)["replied"] == 1
+    assert campaign_stats(api, cid)["replied"] == 1
 
 
 def test_an_unknown_or_wrong_charset_is_replaced_not_a_500(client, inbound, db):
@@ -362,7 +352,7 @@ def test_a_raw_mime_reply_larger_than_500_kb_is_stored_and_stops_the_sequence(ap
     assert resp.json["matched"] is True and resp.json["auto"] is False
     assert db.scalars(select(Reply.text)).one().strip() == "Signed copy attached."
     assert enrollment_status(db, m0) == "stopped" and enrollment_status(db, m1) == "active"
-    assert stats(api, cid)["replied"] == 1
+    assert campaign_stats(api, cid)["replied"] == 1
 
 
 @pytest.mark.parametrize("content_type", ["multipart/form-data", "application/x-www-form-urlencoded"])

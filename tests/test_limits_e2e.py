@@ -12,15 +12,17 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select, text
 
+from campaigns import accounts, engine
 from campaigns.config import reset_settings
-from campaigns.db import session_scope, utcnow
-from campaigns.models import Message, MessageAttempt, Step
-from campaigns.ratelimit import reset_limiter
+from campaigns.db import get_engine, session_scope, utcnow
+from campaigns.engine.limits import _note_first_send, sender_rules
+from campaigns.engine.planning import _allocate, _Limits, _Room
+from campaigns.models import DEFAULT_CONCURRENCY, Campaign, Message, MessageAttempt, Step, Workspace
+from campaigns.ratelimit import get_limiter, reset_limiter
 from tasks import huey
-from tests.helpers import campaign_status, drain, launched_campaign, make_contacts
-from tests.test_consumers import wait_for
+from tests.helpers import campaign_status, count_rows, drain, launched_campaign, make_contacts, wait_for
 
 JITTER_CALLS = 4  # 0.2 s of late delivery at 20/s: see the account-budget test
 ONE_STEP = [{"type": "email", "subject": "Hi {{ contact.first_name }}", "html": "<p>Hello</p>"}]
@@ -72,11 +74,6 @@ def received(sink, prefix: str | None = None, status: int = 202) -> list[float]:
                   if m["status"] == status and (prefix is None or m["to"][0].startswith(prefix)))
 
 
-def _count(db, *where) -> int:
-    db.expire_all()
-    return db.scalar(select(func.count()).select_from(Message).where(*where)) or 0
-
-
 @pytest.mark.slow
 def test_account_budget_holds_at_the_sink_and_a_test_send_goes_first(api, sink, db, env, consumers):
     """20/second;burst=2, 300 messages, two consumers: about 15 s in all, never more than 22 in
@@ -97,7 +94,7 @@ def test_account_budget_holds_at_the_sink_and_a_test_send_goes_first(api, sink, 
     most_queued = 0
     deadline = time.monotonic() + 60
     while len(received(sink)) < 100:
-        most_queued = max(most_queued, _count(db, Message.status == "queued"))
+        most_queued = max(most_queued, count_rows(db, Message, Message.status == "queued"))
         assert time.monotonic() < deadline, "the bulk run did not get going"
         time.sleep(0.1)
     asked = time.time()
@@ -105,7 +102,7 @@ def test_account_budget_holds_at_the_sink_and_a_test_send_goes_first(api, sink, 
     wait_for(lambda: received(sink, "boss@"), timeout=10, reconcile_every=None)
     test_latency = received(sink, "boss@")[0] - asked
     while campaign_status(api, cid) != "completed":
-        most_queued = max(most_queued, _count(db, Message.status == "queued"))
+        most_queued = max(most_queued, count_rows(db, Message, Message.status == "queued"))
         assert time.monotonic() < deadline + 30, "the bulk run did not finish"
         time.sleep(0.2)
 
@@ -205,7 +202,7 @@ def test_a_busy_workspace_does_not_delay_another(api, other_api, sink, db, env, 
     b_list = make_contacts(other_api, 50, prefix="bee")
     consumers(2)
     a = launched_campaign(api, a_list, steps=ONE_STEP)
-    wait_for(lambda: _count(db, Message.campaign_id == a) == 5000 and len(received(sink, "ay")) >= 400,
+    wait_for(lambda: count_rows(db, Message, Message.campaign_id == a) == 5000 and len(received(sink, "ay")) >= 400,
              timeout=60, reconcile_every=None)
     b_launch = time.time()
     b = launched_campaign(other_api, b_list, steps=ONE_STEP)
@@ -243,14 +240,10 @@ def test_work_held_by_a_limit_stays_scheduled_and_costs_no_attempt(api, sink, db
 
 
 def _campaign(cid: int, ws: int, from_email: str = "a@example.com", limits: dict | None = None):
-    from campaigns.models import Campaign
-
     return Campaign(id=cid, workspace_id=ws, from_email=from_email, limits=limits or {})
 
 
 def _limits(account: int, campaigns, ws_rooms=None, own=None, sender=None):
-    from campaigns.engine.planning import _Limits, _Room
-
     return _Limits(
         account=_Room("account", account, 0.0 if account > 0 else 0.5),
         own={c.id: (own or {}).get(c.id, []) for c in campaigns},
@@ -261,8 +254,6 @@ def _limits(account: int, campaigns, ws_rooms=None, own=None, sender=None):
 
 
 def test_the_account_budget_is_split_round_robin_across_workspaces_then_campaigns():
-    from campaigns.engine.planning import _allocate
-
     a, b = _campaign(1, 1), _campaign(2, 2)
     plan = _allocate([a, b], {1: 5000, 2: 50}, _limits(100, [a, b]), max_total=2000)
     assert plan.alloc == {1: 50, 2: 50} and plan.held[1] == {"account": 4950}
@@ -274,8 +265,6 @@ def test_the_account_budget_is_split_round_robin_across_workspaces_then_campaign
 
 
 def test_concurrency_and_shared_sender_rooms_are_split_fairly():
-    from campaigns.engine.planning import _allocate, _Room
-
     a1, a2, b = _campaign(1, 1, "x@example.com"), _campaign(2, 1, "x@example.com"), _campaign(3, 2)
     day = _Room("sender:1:x@example.com:day", 10, 0.0)
     lim = _limits(1000, [a1, a2, b], ws_rooms={1: 10**6, 2: 40}, sender={1: [day], 2: [day]})
@@ -287,8 +276,6 @@ def test_concurrency_and_shared_sender_rooms_are_split_fairly():
 
 def test_warm_up_day_0_is_the_senders_first_send_in_the_workspace(api, db):
     """From the ledger when the store has no mark (cached), else the mark set at the first send."""
-    from campaigns.engine.limits import _note_first_send, sender_rules
-    from campaigns.ratelimit import get_limiter
 
     warm = {"sender": {"warmup": {"start": 10, "increment": 10}, "daily_cap": 1000}}
     c = _campaign(99, api.workspace_id, "New@Example.com", warm)
@@ -312,11 +299,6 @@ def test_a_workspace_s_concurrency_budget_defaults_to_16_send_tasks(db):
     """The budget counts send tasks queued or sending (SEND_BATCH messages each); at 8 it, not the
     consumers, capped a workspace sending alone (bench/RESULTS.md). Both the model's default and
     the column's (a row written without the ORM) are 16."""
-    from sqlalchemy import text
-
-    from campaigns import accounts, engine
-    from campaigns.db import get_engine
-    from campaigns.models import DEFAULT_CONCURRENCY, Workspace
 
     assert DEFAULT_CONCURRENCY == 16
     with session_scope() as s:

@@ -17,7 +17,8 @@ from campaigns import accounts
 from campaigns.config import ConfigError, load_settings
 from campaigns.db import session_scope, utcnow
 from campaigns.models import LoginThrottle
-from tests.conftest import make_workspace
+from tests.helpers import make_workspace
+from web import auth, create_app
 
 CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
 TOKENS = re.compile(r'(?<=name="csrf-token" content=")[^"]+|(?<=name="csrf_token" value=")[^"]+')
@@ -38,8 +39,6 @@ class Clock:
 
 @pytest.fixture
 def clock(monkeypatch):
-    from web import auth
-
     c = Clock()
     monkeypatch.setattr(auth, "clock", c)
     return c
@@ -304,8 +303,6 @@ def _guess_twenty(browser):
 
 
 def test_behind_a_trusted_proxy_each_client_has_its_own_limit(monkeypatch, database, clock, user):
-    from web import create_app
-
     monkeypatch.setenv("HERALD_TRUSTED_PROXIES", "1")
     app = create_app({"TESTING": True})
     attacker = ProxiedBrowser(app, "198.51.100.1")

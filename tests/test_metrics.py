@@ -13,7 +13,7 @@ from sqlalchemy import func, insert, select
 
 from campaigns import engine, queue_health
 from campaigns.db import session_scope, utcnow
-from campaigns.models import Counter, MessageAttempt
+from campaigns.models import Counter, Message, MessageAttempt
 from tasks import huey
 from tasks.engine import HOOKS
 from tests.helpers import drain, launched_campaign, make_contacts
@@ -118,7 +118,7 @@ def test_concurrent_roll_ups_add_each_attempt_once(api, client, monkeypatch):
         try:
             for _ in range(40):
                 queue_health.roll_up(now=1e9)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=roll) for _ in range(6)]
@@ -162,8 +162,6 @@ def test_deleting_dead_letters_and_campaigns_takes_nothing_back(api, sink, clien
 
 
 def test_ambiguous_resends_are_counted_by_the_reconciler_and_kept(api, sink, client, db, monkeypatch):
-    from campaigns.models import Message
-
     list_id = make_contacts(api, 1)
     cid = launched_campaign(api, list_id, steps=[{"type": "email", "subject": "Hi", "html": "<p>x</p>"}])
     with session_scope() as s:

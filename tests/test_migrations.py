@@ -11,20 +11,20 @@ from sqlalchemy import JSON, Boolean, Date, DateTime, Float, Integer, MetaData, 
 
 from campaigns.db import get_engine
 from campaigns.migrate import alembic_config
-from tests.conftest import BACKEND, INSTANCE, PG_ADMIN_URL, _admin_execute
+from tests.helpers import BACKEND, PG_ADMIN_URL, admin_execute, instance_dir
 
 
 @pytest.fixture
 def scratch_url():
     if BACKEND == "postgres":
         name = f"herald_migration_{uuid.uuid4().hex[:8]}"
-        _admin_execute(f'CREATE DATABASE "{name}"')
+        admin_execute(f'CREATE DATABASE "{name}"')
         url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
         yield url
         get_engine(url).dispose()
-        _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
-        url = f"sqlite:///{INSTANCE / f'migration-{uuid.uuid4().hex[:8]}.db'}"
+        url = f"sqlite:///{instance_dir() / f'migration-{uuid.uuid4().hex[:8]}.db'}"
         yield url
         get_engine(url).dispose()
 

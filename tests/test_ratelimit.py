@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from campaigns.config import parse_rate
 from campaigns.ratelimit import BUCKET_SECONDS, DAY, RedisLimiter, Rule, SqlLimiter, _plan
@@ -31,8 +32,6 @@ class Clock:
 
 
 def _redis_limiter(clock):
-    import redis
-
     url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/15"
     client = redis.Redis.from_url(url)
     prefix = f"herald-rl-test-{secrets.token_hex(4)}:"

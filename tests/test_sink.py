@@ -481,7 +481,7 @@ class _Receiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
+            def do_POST(self):  # http.server's naming
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 received.append((dict(self.headers), body))
                 self.send_response(outer.status)

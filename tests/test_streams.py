@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from campaigns.config import ConfigError, load_settings
-from tests.conftest import free_port, make_workspace
-from tests.helpers import ServiceProcess
+from tests.helpers import ServiceProcess, free_port, make_workspace
 from web.streams import StreamLimiter, bounds
 
 BIN = Path(sys.executable).parent

@@ -9,7 +9,10 @@ import pytest
 
 from campaigns import templating
 from campaigns.errors import InvalidInput
+from campaigns.models import Message
 from campaigns.templating import RenderError, html_to_text, preview, render_step, sandbox, validate_step_templates
+from tasks import huey
+from tests.helpers import campaign_status, drain, launched_campaign
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -565,9 +568,6 @@ def test_a_template_whose_cost_depends_on_contact_data_fails_that_email_only(api
     # email (a permanent failure naming the field, line and limit); the other is sent.
     from sqlalchemy import select
 
-    from campaigns.models import Message
-    from tasks import huey
-    from tests.helpers import campaign_status, drain, launched_campaign
 
     list_id = api.post("/api/v1/lists", json={"name": "Tags"}).json["id"]
     rows = "email,first_name,tags\nsmall@example.com,S,abc\nbig@example.com,B," + "x" * 400 + "\n"

@@ -1,5 +1,8 @@
 """Signed tokens: unsubscribe links and reply addresses."""
 
+from itsdangerous import URLSafeSerializer
+
+from campaigns.config import get_settings
 from campaigns.tokens import read_reply_token, read_unsubscribe_token, reply_address, unsubscribe_token
 
 
@@ -27,9 +30,6 @@ def test_unsubscribe_tokens_are_itsdangerous_tokens_and_links_made_before_still_
     """The fast signer writes the same format as ``URLSafeSerializer.dumps`` (what earlier links
     were made with): byte for byte when that would not compress the payload; a compressed (older)
     token still reads; a token signed with another secret or salt does not."""
-    from itsdangerous import URLSafeSerializer
-
-    from campaigns.config import get_settings
 
     serializer = URLSafeSerializer(get_settings().secret_key, salt="herald.unsubscribe")
     cases = [(7, "a@example.com", "k1"), (1, "ünï@exämple.com", None), (99, "x@y.z", "k7Hd9sQ2xLmP0aZ3vB8nR1tY")]

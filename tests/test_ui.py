@@ -15,62 +15,27 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import func, select, update
 
+import web.outbox as outbox
+from campaigns import accounts, stats
 from campaigns.db import session_scope, utcnow
-from campaigns.models import Campaign, Contact, Message, MessageAttempt, Suppression
+from campaigns.models import Campaign, Contact, Message, MessageAttempt, Suppression, User, UserSession
 from tasks import huey
-from tests.conftest import ApiClient, free_port, make_workspace
-from tests.helpers import campaign_body, drain, make_contacts
-
-CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
-
-
-class UiClient:
-    """A signed-in test client; ``post`` adds the page's CSRF token unless told not to."""
-
-    def __init__(self, app, email: str, password: str, workspace_id: int, key: str, name: str):
-        self.client = app.test_client()
-        self.workspace_id = workspace_id
-        self.email = email
-        self.api = ApiClient(self.client, key, workspace_id, name)
-        page = self.client.get("/login")
-        token = CSRF_META.search(page.get_data(as_text=True)).group(1)
-        resp = self.client.post("/login", data={"email": email, "password": password, "csrf_token": token})
-        assert resp.status_code == 302, resp.get_data(as_text=True)
-        self._token = None
-
-    @property
-    def token(self) -> str:
-        if self._token is None:
-            self._token = CSRF_META.search(self.client.get("/settings").get_data(as_text=True)).group(1)
-        return self._token
-
-    def get(self, path, **kw):
-        return self.client.get(path, **kw)
-
-    def post(self, path, data=None, csrf=True, **kw):
-        data = dict(data or {})
-        if csrf:
-            data.setdefault("csrf_token", self.token)
-        return self.client.post(path, data=data, **kw)
-
-    def text(self, path, status=200, **kw) -> str:
-        resp = self.get(path, **kw)
-        assert resp.status_code == status, (path, resp.status_code, resp.get_data(as_text=True)[:2000])
-        return resp.get_data(as_text=True)
-
-
-@pytest.fixture
-def ui(app):
-    ws_id, name, key, email = make_workspace(password="correct horse")
-    return UiClient(app, email, "correct horse", ws_id, key, name)
-
-
-def location(resp) -> str:
-    return resp.headers["Location"]
-
-
-def flashes(html: str) -> list[str]:
-    return re.findall(r'<p class="flash flash-\w+"[^>]*>(.*?)</p>', html, re.S)
+from tasks.engine import PRIORITY_TEST
+from tests.helpers import (
+    CSRF_META,
+    UiClient,
+    campaign_body,
+    drain,
+    flashes,
+    free_port,
+    location,
+    make_contacts,
+    make_workspace,
+    run_queued_imports,
+)
+from web import create_app
+from web.ui import summaries as ui_campaigns
+from web.ui.summaries import chart_data
 
 
 def assert_labelled(html: str) -> None:
@@ -122,7 +87,6 @@ BAD_TARGETS = ["/lists\nX-Evil: 1", "/lists\r\nSet-Cookie: a=b", "/a\x00b", "/a\
 @pytest.mark.parametrize("target", BAD_TARGETS)
 def test_a_next_with_a_control_character_signs_in_to_the_home_page(app, target):
     """A newline in ?next= was a 500 after the session row was stored (no cookie handed out)."""
-    from campaigns.models import UserSession
 
     _, _, _, email = make_workspace(password="correct horse")
     client = app.test_client()
@@ -226,8 +190,6 @@ def test_a_domain_error_is_an_html_page_not_json(ui):
 
 
 def test_workspace_switcher(app):
-    from campaigns import accounts
-
     ws_a, _, key_a, email = make_workspace(name="Alpha", password="correct horse")
     with session_scope() as s:
         beta = accounts.create_workspace(s, "Beta")
@@ -344,14 +306,6 @@ def test_contact_lists_suppression_and_delete(ui):
 CSV = b"email,first_name,company\nada@example.com,Ada,Engines\ngrace@example.com,Grace,Navy\nnot-an-email,Bad,X\n\n"
 
 
-def run_imports():
-    from tasks.imports import run_import
-
-    while huey.pending_count() and (task := huey.dequeue()) is not None:
-        if isinstance(task, run_import.task_class):
-            task.execute()
-
-
 def test_csv_import_shows_progress_and_the_per_row_report(ui):
     resp = ui.post("/contacts/import", {"file": (io.BytesIO(CSV), "people.csv"), "new_list": "Imported"},
                    content_type="multipart/form-data")
@@ -360,7 +314,7 @@ def test_csv_import_shows_progress_and_the_per_row_report(ui):
     html = ui.text(page)
     assert "Waiting for a worker" in html and 'data-import-poll="/api/v1/imports/' in html
     assert 'data-finished="false"' in html and "<progress" in html
-    run_imports()
+    run_queued_imports()
     html = ui.text(page)
     assert 'data-finished="true"' in html and "badge-done" in html
     assert re.search(r'data-import-count="created">2<', html)
@@ -559,8 +513,6 @@ def test_live_preview_through_the_api_with_the_session(ui):
 
 
 def test_test_send_goes_first_and_stays_out_of_the_stats(ui, sink):
-    from tasks.engine import PRIORITY_TEST
-
     list_id = make_contacts(ui.api, 1)
     cid = new_campaign(ui, list_id)
     bad = ui.post(f"/campaigns/{cid}/test-send", {"email": "nope", "step": "0"}, follow_redirects=True)
@@ -607,8 +559,6 @@ def test_launch_summary_says_a_wait_after_the_last_email_does_nothing(ui):
 
 
 def test_the_campaigns_list_shares_its_counts_with_the_live_views(ui, monkeypatch):
-    from campaigns import stats
-
     list_id = make_contacts(ui.api, 1)
     cid = new_campaign(ui, list_id)
     now, calls, real = [1000.0], [], stats.campaign_stats
@@ -845,8 +795,6 @@ def test_queue_health_page(ui, sink):
 
 
 def test_the_test_send_address_defaults_to_the_users_own_only_when_mail_can_go_there(ui):
-    from campaigns.models import User
-
     cid = new_campaign(ui, make_contacts(ui.api, 1))
     assert f'id="test-email" name="email" type="email" required value="{ui.email}"' in ui.text(f"/campaigns/{cid}/edit")
     with session_scope() as s:  # a login at a special-use domain (the old demo login was demo@herald.local)
@@ -896,7 +844,6 @@ def test_outbox_lists_what_the_sink_received_for_this_workspace(ui, sink, app, m
     assert ui.get("/outbox/3").status_code == 404  # the other tool's call
     assert ui.get("/outbox/999").status_code == 404
 
-    import web.outbox as outbox
 
     settings = app.config["HERALD_SETTINGS"]
     down = dataclasses.replace(settings, sendgrid_api_host=f"http://127.0.0.1:{free_port()}")
@@ -909,7 +856,6 @@ def test_the_outbox_exists_only_when_mail_goes_to_the_local_sink(ui, monkeypatch
     nav_link = 'href="/outbox"'
     assert ui.get("/outbox").status_code == 200 and nav_link in ui.text("/settings")
 
-    from web import create_app
 
     monkeypatch.setenv("SENDGRID_API_KEY", "SG.real")
     real = create_app({"TESTING": True})
@@ -938,8 +884,6 @@ def test_another_workspaces_ids_are_not_found(ui, other_api, sink):
 
 
 def test_chart_buckets_sends_per_minute_and_widens_long_campaigns():
-    from web.ui.summaries import chart_data
-
     t0 = datetime(2025, 1, 1, 9, 0)
     assert chart_data([]) is None
     chart = chart_data([(t0, 3), (t0 + timedelta(minutes=2), 5)])
@@ -952,8 +896,6 @@ def test_chart_buckets_sends_per_minute_and_widens_long_campaigns():
 
 
 def test_the_live_chart_is_counted_once_for_every_viewer_while_the_campaign_sends(ui, monkeypatch):
-    from web.ui import summaries as ui_campaigns
-
     calls = []
     real = ui_campaigns.sends_per_minute
     monkeypatch.setattr(ui_campaigns, "sends_per_minute", lambda db, cid: calls.append(cid) or real(db, cid))

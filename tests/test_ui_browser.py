@@ -20,8 +20,7 @@ from sqlalchemy import select
 
 from campaigns.db import session_scope
 from campaigns.models import Campaign, Message
-from tests.conftest import free_port, make_workspace
-from tests.helpers import ServiceProcess, consumer_command
+from tests.helpers import ServiceProcess, consumer_command, free_port, make_workspace
 
 pytestmark = pytest.mark.browser
 playwright = pytest.importorskip("playwright.sync_api")

@@ -15,14 +15,7 @@ from campaigns import contacts
 from campaigns.db import session_scope
 from campaigns.models import Contact, Import, ListMember, Suppression
 from tasks import huey
-from tests.conftest import make_workspace
-from tests.test_ui import UiClient, flashes, location, run_imports
-
-
-@pytest.fixture
-def ui(app):
-    ws_id, name, key, email = make_workspace(password="correct horse")
-    return UiClient(app, email, "correct horse", ws_id, key, name)
+from tests.helpers import flashes, location, run_queued_imports
 
 
 def _contact(ui, email: str = "ada@example.com", fields: dict | None = None) -> int:
@@ -206,7 +199,7 @@ def test_the_import_status_counts_every_error_and_says_how_many_are_not_listed(u
     bad = b"email\n" + b"".join(b"not-an-address-%d\n" % i for i in range(1500)) + b"ok@example.com\n"
     resp = ui.post("/contacts/import", {"file": (io.BytesIO(bad), "bad.csv")}, content_type="multipart/form-data")
     assert resp.status_code == 303
-    run_imports()
+    run_queued_imports()
     page = ui.text(location(resp))
     assert 'data-import-count="errors">1,500<' in page
     more = re.search(r"<p[^>]*data-import-truncated[^>]*>(.*?)</p>", page, re.S)

@@ -13,15 +13,18 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
+from werkzeug.serving import make_server
 
 from campaigns import engine
 from campaigns import events as ev
 from campaigns.db import session_scope
 from campaigns.models import Contact, Enrollment, Event, Message, Suppression
+from campaigns.ratelimit import get_limiter
 from sendgrid_sink import generate_key_pair, sign_events
 from tasks import huey
-from tests.helpers import drain, launched_campaign, make_contacts
+from tasks.engine import HOOKS
+from tests.helpers import campaign_stats, count_rows, drain, launched_campaign, make_contacts
 from web import webhooks
 
 URL = "/webhooks/sendgrid/events"
@@ -34,7 +37,6 @@ _ids = itertools.count(1)
 
 
 # --------------------------------------------------------------------------- helpers (local)
-
 
 
 @pytest.fixture
@@ -100,18 +102,10 @@ def sent_campaign(api, db, n: int, steps=None, **extra) -> tuple[int, list[Messa
     return cid, first
 
 
-def stats(api, cid) -> dict:
-    return api.get(f"/api/v1/campaigns/{cid}").json["stats"]
-
-
 def apply_all(batch_size: int = ev.BATCH) -> ev.ProcessReport:
     report = ev.process_pending(batch_size=batch_size)
     assert report is not None
     return report
-
-
-def count(db, model, *where) -> int:
-    return db.scalar(select(func.count()).select_from(model).where(*where)) or 0
 
 
 def a_batch(n: int = 3) -> list[dict]:
@@ -155,15 +149,15 @@ def test_bad_signatures_are_refused_with_403(client, db, private_key, case):
     resp = client.post(URL, data=sent_body, headers=headers)
     assert resp.status_code == 403, resp.data
     assert resp.json["error"]["code"] == "forbidden"
-    assert count(db, Event) == 0
+    assert count_rows(db, Event) == 0
 
 
 def test_a_real_signature_is_accepted_and_stored(client, db, private_key):
     resp = post(client, a_batch(3), key=private_key)
     assert resp.status_code == 200, resp.json
     assert resp.json == {"received": 3, "stored": 3, "rejected": 0}
-    assert count(db, Event) == 3
-    assert count(db, Event, Event.message_id.is_(None), Event.workspace_id.is_(None)) == 3  # unmatched, kept
+    assert count_rows(db, Event) == 3
+    assert count_rows(db, Event, Event.message_id.is_(None), Event.workspace_id.is_(None)) == 3  # unmatched, kept
 
 
 def test_not_json_with_a_good_signature_is_400(client, private_key):
@@ -178,7 +172,7 @@ def test_unsigned_posts_are_accepted_without_a_key_with_one_warning(client, db, 
         assert post(client, a_batch(2)).status_code == 200
     warnings = [r for r in caplog.records if "SENDGRID_WEBHOOK_PUBLIC_KEY" in r.getMessage()]
     assert len(warnings) == 1
-    assert count(db, Event) == 4
+    assert count_rows(db, Event) == 4
 
 
 def test_a_signed_body_that_is_not_utf8_is_verified_then_read(client, db, private_key):
@@ -199,7 +193,7 @@ def test_wrong_shapes_are_400(client, db, body):
     resp = post(client, body)
     assert resp.status_code == 400, resp.data
     assert resp.json["error"]["code"] == "bad_request"
-    assert count(db, Event) == 0
+    assert count_rows(db, Event) == 0
 
 
 @pytest.mark.parametrize("body,stored,rejected", [
@@ -210,13 +204,12 @@ def test_items_that_are_not_events_are_skipped_not_400(client, db, body, stored,
     resp = post(client, body)
     assert resp.status_code == 200, resp.data
     assert resp.json == {"received": stored + rejected, "stored": stored, "rejected": rejected}
-    assert count(db, Event) == stored
+    assert count_rows(db, Event) == stored
 
 
 def test_one_malformed_item_does_not_lose_the_batch(api, client, db, sink, private_key, caplog):
     """SendGrid resends a refused batch unchanged for 24 hours: the good events are stored now,
     the bad items are skipped but visible (logged with index and reason, counted)."""
-    from campaigns.ratelimit import get_limiter
 
     cid, (m0, m1) = sent_campaign(api, db, 2)
     batch = [sg_event(m0, "delivered"), {"email": "x@y.z"}, 5, sg_event(m1, "delivered"), {"event": 7}]
@@ -237,7 +230,7 @@ def test_one_malformed_item_does_not_lose_the_batch(api, client, db, sink, priva
     again = post(client, batch, key=private_key)
     assert again.status_code == 200 and again.json["stored"] == 0
     apply_all()
-    assert stats(api, cid)["delivered"] == 2
+    assert campaign_stats(api, cid)["delivered"] == 2
 
 
 def test_odd_values_are_stored_not_500(client, db):
@@ -251,10 +244,10 @@ def test_odd_values_are_stored_not_500(client, db):
     ]
     resp = post(client, odd)
     assert resp.status_code == 200, resp.data
-    assert count(db, Event) == 5
+    assert count_rows(db, Event) == 5
     apply_all()  # nothing here names a message or an existing workspace: recorded only
-    assert count(db, Event, Event.processed_at.is_(None)) == 0
-    assert count(db, Suppression) == 0
+    assert count_rows(db, Event, Event.processed_at.is_(None)) == 0
+    assert count_rows(db, Suppression) == 0
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
@@ -280,9 +273,9 @@ def test_one_bad_event_never_blocks_the_others(api, client, db, sink, monkeypatc
     monkeypatch.setattr(ev.applying, "suppression_reason", fussy)
     with caplog.at_level(logging.ERROR, logger="herald.events"):
         report = apply_all()
-    assert report.failed == 1 and count(db, Event, Event.processed_at.is_(None)) == 0
+    assert report.failed == 1 and count_rows(db, Event, Event.processed_at.is_(None)) == 0
     assert sorted(db.scalars(select(Suppression.email))) == [msgs[0].email, msgs[2].email]
-    assert stats(api, cid)["bounced"] == 2
+    assert campaign_stats(api, cid)["bounced"] == 2
     assert any("could not be applied" in r.getMessage() for r in caplog.records)
 
 
@@ -294,7 +287,7 @@ def test_a_storage_failure_is_503_so_sendgrid_retries(client, db, monkeypatch):
     resp = post(client, a_batch(2))
     assert resp.status_code == 503
     monkeypatch.undo()
-    assert count(db, Event) == 0
+    assert count_rows(db, Event) == 0
     assert post(client, a_batch(2)).status_code == 200
 
 
@@ -307,15 +300,15 @@ def test_the_same_batch_three_times_is_stored_once_and_stats_do_not_change(api, 
     for _ in range(3):
         resp = post(client, batch)
         assert resp.status_code == 200
-    assert count(db, Event) == 9
+    assert count_rows(db, Event) == 9
     apply_all()
-    first = stats(api, cid)
+    first = campaign_stats(api, cid)
     assert (first["sent"], first["delivered"], first["opened"]) == (3, 3, 3)
     for _ in range(3):  # and again after processing
         assert post(client, batch).json["stored"] == 0
     apply_all()
-    assert stats(api, cid) == first
-    assert count(db, Event) == 9
+    assert campaign_stats(api, cid) == first
+    assert count_rows(db, Event) == 9
 
 
 def test_a_repeat_with_a_new_sg_event_id_is_stored_once(api, client, db, sink):
@@ -326,9 +319,9 @@ def test_a_repeat_with_a_new_sg_event_id_is_stored_once(api, client, db, sink):
     assert post(client, [original]).json["stored"] == 1
     assert post(client, [again]).json["stored"] == 0
     assert post(client, [original, again, other_url]).json["stored"] == 1  # a different click is new
-    assert count(db, Event) == 2
+    assert count_rows(db, Event) == 2
     apply_all()
-    assert stats(api, cid)["clicked"] == 1
+    assert campaign_stats(api, cid)["clicked"] == 1
 
 
 def test_delivered_before_processed_stays_delivered(api, client, db, sink):
@@ -340,7 +333,7 @@ def test_delivered_before_processed_stays_delivered(api, client, db, sink):
     db.expire_all()
     row = db.get(Message, msg.id)
     assert row.status == "delivered" and row.delivered_at is not None
-    assert stats(api, cid)["delivered"] == 1
+    assert campaign_stats(api, cid)["delivered"] == 1
 
 
 def test_a_late_delivered_never_moves_a_bounce_back(api, client, db, sink):
@@ -351,7 +344,7 @@ def test_a_late_delivered_never_moves_a_bounce_back(api, client, db, sink):
     apply_all()
     db.expire_all()
     assert db.get(Message, msg.id).status == "bounced"
-    s = stats(api, cid)
+    s = campaign_stats(api, cid)
     assert s["bounced"] == 1 and s["delivered"] == 1  # both happened; the status is the furthest
 
 
@@ -377,12 +370,12 @@ def test_stats_are_exact_under_repeats_and_any_order(api, client, db, sink):
         if i % 34 == 0:
             apply_all(batch_size=7)
     apply_all(batch_size=7)
-    s = stats(api, cid)
+    s = campaign_stats(api, cid)
     expected = {"sent": 12, "delivered": 8, "opened": 3, "clicked": 2, "bounced": 1, "dropped": 1,
                 "spam_reports": 1, "unsubscribed": 2}
     assert {k: s[k] for k in expected} == expected
     assert s["rates"]["delivered"] == round(8 / 12, 4)
-    assert count(db, Event) == len(events)
+    assert count_rows(db, Event) == len(events)
 
 
 # --------------------------------------------------------------------------- effects
@@ -403,13 +396,13 @@ def test_each_event_type_has_its_effect(api, client, db, sink):
         sg_event(m[9], "bounce", reason="550 blocked by policy", type="blocked"),
     ]
     assert post(client, batch).status_code == 200
-    drain(huey, until=lambda: count(db, Event, Event.processed_at.is_(None)) == 0, timeout=30)  # the task
+    drain(huey, until=lambda: count_rows(db, Event, Event.processed_at.is_(None)) == 0, timeout=30)  # the task
 
     db.expire_all()
     status = {i: db.get(Message, m[i].id).status for i in range(10)}
     assert status == {0: "delivered", 1: "delivered", 2: "bounced", 3: "dropped", 4: "dropped", 5: "sent",
                       6: "sent", 7: "sent", 8: "sent", 9: "bounced"}
-    s = stats(api, cid)
+    s = campaign_stats(api, cid)
     expected = {"sent": 10, "delivered": 2, "opened": 1, "clicked": 1, "bounced": 2, "dropped": 2,
                 "spam_reports": 1, "unsubscribed": 2, "replied": 0}
     assert {k: s[k] for k in expected} == expected
@@ -445,8 +438,8 @@ def test_open_and_click_stop_the_sequence_only_when_stop_on_names_them(api, clie
         got.add("click")
     assert got == stopped
     assert enrollments[m[2].contact_id].status == "active"  # a machine open never stops a sequence
-    assert stats(api, cid)["opened"] == 3
-    assert count(db, Suppression) == 0
+    assert campaign_stats(api, cid)["opened"] == 3
+    assert count_rows(db, Suppression) == 0
 
 
 def test_events_map_by_the_x_message_id_prefix_without_a_message_key(api, client, db, sink):
@@ -459,7 +452,7 @@ def test_events_map_by_the_x_message_id_prefix_without_a_message_key(api, client
     assert row.message_id == msg.id and row.workspace_id == msg.workspace_id
     assert row.message_key == msg.message_key  # so the reconciler sees it too
     apply_all()
-    assert stats(api, cid)["delivered"] == 1
+    assert campaign_stats(api, cid)["delivered"] == 1
 
 
 def test_an_event_stored_before_its_provider_id_is_mapped_when_processed(api, client, db, sink):
@@ -475,7 +468,7 @@ def test_an_event_stored_before_its_provider_id_is_mapped_when_processed(api, cl
     apply_all()
     db.expire_all()
     assert db.scalars(select(Event)).one().message_id == msg.id
-    assert stats(api, cid)["delivered"] == 1
+    assert campaign_stats(api, cid)["delivered"] == 1
 
 
 def test_an_unmatched_bounce_suppresses_in_the_workspace_its_custom_args_name(api, client, db):
@@ -488,8 +481,6 @@ def test_an_unmatched_bounce_suppresses_in_the_workspace_its_custom_args_name(ap
 
 
 def test_processed_settles_an_ambiguous_message_and_its_sequence_moves_on(api, client, db, sink):
-    from tasks.engine import HOOKS
-
     list_id = make_contacts(api, 1)
     sink.behaviour(mode="hang", count=1, delay=4)
     steps = ONE_STEP + [{"type": "wait", "seconds": 1}, {"type": "email", "subject": "Two", "html": "<p>2</p>"}]
@@ -506,7 +497,7 @@ def test_processed_settles_an_ambiguous_message_and_its_sequence_moves_on(api, c
     engine.reconcile(HOOKS)
     drain(huey, until=lambda: api.get(f"/api/v1/campaigns/{cid}").json["status"] == "completed", timeout=30)
     assert sink.keys()[msg.message_key] == 1
-    assert len(messages(db, cid)) == 2 and stats(api, cid)["sent"] == 2
+    assert len(messages(db, cid)) == 2 and campaign_stats(api, cid)["sent"] == 2
 
 
 def test_a_768_kb_batch_is_accepted(api, client, db, sink, private_key):
@@ -528,7 +519,7 @@ def test_a_768_kb_batch_is_accepted(api, client, db, sink, private_key):
     assert resp.status_code == 200 and resp.json["stored"] == len(batch), resp.json
     assert elapsed < 5.0
     apply_all()
-    assert stats(api, cid)["clicked"] == 5
+    assert campaign_stats(api, cid)["clicked"] == 5
 
 
 # --------------------------------------------------------------------------- the make-run flow
@@ -536,7 +527,6 @@ def test_a_768_kb_batch_is_accepted(api, client, db, sink, private_key):
 
 def test_the_sink_posts_signed_events_to_a_running_app(api, app, db, sink, sink_server):
     """The local flow: the sink posts signed events (its key) to the live webhook, a task applies them."""
-    from werkzeug.serving import make_server
 
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -549,16 +539,16 @@ def test_the_sink_posts_signed_events_to_a_running_app(api, app, db, sink, sink_
     try:
         list_id = make_contacts(api, 4)
         cid = launched_campaign(api, list_id, steps=ONE_STEP)
-        drain(huey, until=lambda: stats(api, cid)["delivered"] == 4, timeout=60)
+        drain(huey, until=lambda: campaign_stats(api, cid)["delivered"] == 4, timeout=60)
         key = messages(db, cid)[0].message_key
         answer = sink._call("POST", "/_sink/events", {"key": key, "event": "bounce"})
         assert answer["status"] == 200
         bad = sink._call("POST", "/_sink/events", {"key": key, "event": "open", "bad_signature": True})
         assert bad["status"] == 403
-        drain(huey, until=lambda: stats(api, cid)["bounced"] == 1, timeout=30)
-        s = stats(api, cid)
+        drain(huey, until=lambda: campaign_stats(api, cid)["bounced"] == 1, timeout=30)
+        s = campaign_stats(api, cid)
         assert (s["sent"], s["delivered"], s["bounced"], s["opened"]) == (4, 4, 1, 0)
-        assert count(db, Suppression) == 1
+        assert count_rows(db, Suppression) == 1
         assert sink.stats()["events"]["failed_posts"] == 0
     finally:
         sink._call("POST", "/_sink/events-url", {"url": None})
@@ -571,13 +561,13 @@ def test_processing_is_idempotent_when_run_twice(api, client, db, sink):
     cid, msgs = sent_campaign(api, db, 2)
     post(client, [sg_event(m, k) for m in msgs for k in ("delivered", "open")])
     apply_all()
-    before = stats(api, cid)
+    before = campaign_stats(api, cid)
     first_seen = db.execute(select(Message.id, Message.delivered_at, Message.opened_at).order_by(Message.id)).all()
     with session_scope() as s:  # as if a crash lost the "processed" marks
         s.execute(update(Event).values(processed_at=None))
     post(client, [sg_event(m, k, ts=1800000000) for m in msgs for k in ("delivered", "open")])  # later repeats
     apply_all()
-    assert stats(api, cid) == before
+    assert campaign_stats(api, cid) == before
     db.expire_all()
     assert db.execute(select(Message.id, Message.delivered_at, Message.opened_at).order_by(Message.id)).all() \
         == first_seen  # set once, never moved
@@ -624,7 +614,7 @@ def test_a_genuine_batch_signed_in_2020_is_refused_as_stale(client, db, max_age)
     assert error["code"] == "stale_timestamp"
     assert "seconds old" in error["message"] and "SENDGRID_WEBHOOK_MAX_AGE (600 seconds)" in error["message"]
     assert error["details"] == {"timestamp": VECTOR_TIMESTAMP, "max_age": 600}
-    assert count(db, Event) == 0
+    assert count_rows(db, Event) == 0
 
 
 def test_max_age_0_turns_the_check_off_for_the_official_vector(client, db, max_age):
@@ -639,7 +629,7 @@ def test_timestamps_within_max_age_either_way_are_accepted(client, db, private_k
     app.config["HERALD_SETTINGS"] = dataclasses.replace(app.config["HERALD_SETTINGS"], webhook_max_age=600)
     resp = post(client, a_batch(2), key=private_key, timestamp=str(int(time.time()) + offset))
     assert resp.status_code == status, resp.json
-    assert count(db, Event) == (2 if status == 200 else 0)
+    assert count_rows(db, Event) == (2 if status == 200 else 0)
 
 
 @pytest.mark.parametrize("timestamp,reason", [

@@ -8,9 +8,10 @@ import sys
 import click
 from flask import Flask
 
-from campaigns import accounts, contacts, importer
+from campaigns import accounts, contacts, csv_reading, importer
 from campaigns.db import new_session
 from campaigns.errors import HeraldError
+from tasks import jobs
 
 MAX_ERRORS_SHOWN = 1_000
 
@@ -40,7 +41,7 @@ def register(app: Flask) -> None:
         try:
             ws = accounts.get_workspace_by_name(session, workspace)
             with open(file, "rb") as fh:
-                importer.inspect_csv(fh)  # an unusable file stops here: no list created, no bar
+                csv_reading.inspect_csv(fh)  # an unusable file stops here: no list created, no bar
             list_id = None
             if list_name is not None:
                 lst, created = contacts.get_or_create_list(session, ws.id, list_name)
@@ -68,11 +69,9 @@ def register(app: Flask) -> None:
             session.close()
 
         if report.members_added and list_id is not None:
-            from tasks.jobs import notify_list_changed
-
             try:
-                notify_list_changed(list_id)
-            except Exception as exc:  # noqa: BLE001 - the import itself is done and stored
+                jobs.notify_list_changed(list_id)
+            except Exception as exc:  # the import itself is done and stored
                 click.echo(f"warning: running campaigns of the list were not told about the new members ({exc})",
                            err=True)
 

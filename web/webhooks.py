@@ -78,7 +78,7 @@ def signature_ok(public_key: str, body: bytes, signature: str | None, timestamp:
         key = _verifier(public_key).public_key
         key.verify(base64.b64decode(signature), timestamp.encode("utf-8") + body, ec.ECDSA(hashes.SHA256()))
         return True
-    except Exception:  # noqa: BLE001 - a wrong signature, malformed base64 or DER, a bad key: refused
+    except Exception:  # a wrong signature, malformed base64 or DER, a bad key: refused
         return False
 
 
@@ -126,7 +126,7 @@ def sendgrid_events():
         # The body's elements line up with the rows only when none was skipped.
         stored = events.store_batch(session, rows, None if rejected else body)
         session.commit()
-    except Exception:  # noqa: BLE001 - not stored: answer 5xx so SendGrid retries the batch
+    except Exception:  # not stored: answer 5xx so SendGrid retries the batch
         session.rollback()
         log.exception("could not store %d events", len(rows))
         return error_response(503, "not_stored", "the events could not be stored; retry later")
@@ -145,7 +145,7 @@ def _count_rejected(n: int) -> None:
 
     try:
         get_limiter().incr("events_rejected", n)
-    except Exception:  # noqa: BLE001 - the events are stored; a counter must not turn that into an error
+    except Exception:  # the events are stored; a counter must not turn that into an error
         log.exception("could not count %d rejected events", n)
 
 
@@ -154,7 +154,7 @@ def _form_fields() -> dict[str, str]:
         form = request.form
     except HTTPException:  # e.g. 413: werkzeug's answer stands
         raise
-    except Exception:  # noqa: BLE001 - a broken multipart body is bad input, not a 500
+    except Exception:  # a broken multipart body is bad input, not a 500
         raise BadRequest("the body is not a readable form post") from None
     return {k: form.get(k) or "" for k in form}
 
@@ -200,7 +200,7 @@ def _inbound_fields() -> dict[str, str]:
         form, _files = parser.parse(request.stream, boundary.encode("latin-1"), request.content_length)
     except HTTPException:  # e.g. 413: werkzeug's answer stands
         raise
-    except Exception:  # noqa: BLE001 - a broken multipart body is bad input, not a 500
+    except Exception:  # a broken multipart body is bad input, not a 500
         raise BadRequest("the body is not a readable form post") from None
     try:
         charsets = json.loads(form.get("charsets") or "{}")
@@ -235,7 +235,7 @@ def sendgrid_inbound(secret: str):
     except BadRequest:
         session.rollback()
         raise
-    except Exception:  # noqa: BLE001 - not stored: 5xx, Inbound Parse retries for up to 72 hours
+    except Exception:  # not stored: 5xx, Inbound Parse retries for up to 72 hours
         session.rollback()
         log.exception("could not store an inbound reply")
         return error_response(503, "not_stored", "the reply could not be stored; retry later")

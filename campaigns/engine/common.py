@@ -30,8 +30,10 @@ log = logging.getLogger("herald.engine")
 PENDING = ("scheduled", "queued")
 
 
-# A test send's priority, above bulk work's 0: its place in its batch (Message.priority, claimed
-# first) and its queue priority when the reconciler queues it again.
+# Message.priority and the queue priority handed to Hooks.enqueue_send: bulk work, and a test
+# send, above it: its place in its batch (claimed first) and its queue priority when the
+# reconciler queues it again.
+BULK_PRIORITY = 0
 TEST_PRIORITY = 10
 
 

@@ -18,7 +18,7 @@ from ..db import is_postgres, session_factory, utcnow
 from ..models import Campaign, Contact, Message
 from ..ratelimit import Limiter, get_limiter
 from ..windows import next_opening
-from .common import _M, SEND_BATCH, Hooks, _id_match, _memo, _not_by_index, _read_session, worker_id
+from .common import _M, BULK_PRIORITY, SEND_BATCH, Hooks, _id_match, _memo, _not_by_index, _read_session, worker_id
 from .ledger import _hand_back
 from .limits import _read_limits, dispatch_horizon
 from .planning import BATCH_SECONDS, INFLIGHT_POLL, _allocate, _jittered, _Limits, _Plan
@@ -40,7 +40,6 @@ SLEEP_BELOW = 2.0
 @dataclass
 class DispatchResult:
     queued: int = 0
-    deferred_window: int = 0
     next_wake: datetime | None = None
     more_now: bool = False
     waits: dict[str, int] = field(default_factory=dict)  # limit key -> due messages held back by it
@@ -139,7 +138,6 @@ def _defer_outside_windows(p: _Pass, now: datetime, result: DispatchResult) -> N
             else:
                 moves[opening].append(r.id)
         if len(inside) < len(rows):
-            result.deferred_window += len(rows) - len(inside)
             result.more_now = True  # what is behind the deferred rows is looked at next
         if inside:
             p.candidates[cid] = inside
@@ -191,7 +189,7 @@ def _enqueue(p: _Pass, claimed: list[int], hooks: Hooks) -> None:
         while any(queues):
             for q in queues:
                 if q:
-                    hooks.enqueue_send(q[0], 0)
+                    hooks.enqueue_send(q[0], BULK_PRIORITY)
                     q.pop(0)
     except Exception:
         # The queue store did not take them: back to the ledger now, not after the stale-queue sweep.

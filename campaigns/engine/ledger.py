@@ -67,7 +67,7 @@ def _hand_back(message_ids: list[int]) -> None:
     raising: what it leaves ``queued``, the stale-queue sweep schedules again."""
     try:
         retry_transient(lambda _: _settle_refused(sorted(message_ids)), "handing messages back to the ledger", 10.0)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("could not hand %s messages back to the ledger; the reconciler will", len(message_ids))
 
 

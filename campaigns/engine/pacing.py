@@ -43,7 +43,7 @@ class _WaitCounter:
         try:
             for k, n in pending.items():
                 limiter.incr(k, n)
-        except Exception:  # noqa: BLE001 - a counter must never stop a send
+        except Exception:  # a counter must never stop a send
             log.exception("could not count rate-limit waits")
 
 
@@ -75,7 +75,7 @@ def _bulk_rules(limiter: Limiter, campaign: Campaign) -> list[Rule]:
 def _give_back(limiter: Limiter, campaign: Campaign, n: int) -> None:
     try:
         limiter.give_back(_bulk_rules(limiter, campaign), n)
-    except Exception:  # noqa: BLE001 - a unit lost is a unit lost, not a reason to stop
+    except Exception:  # a unit lost is a unit lost, not a reason to stop
         log.exception("could not give back %s limiter units", n)
 
 
@@ -106,7 +106,7 @@ def pace(limiter: Limiter, campaign: Campaign, n: int, guard: _StopGuard | None 
             return 0
         try:
             g = limiter.take(rules, n, watch=watch)
-        except Exception:  # noqa: BLE001 - no limiter, no send: the ledger keeps the messages
+        except Exception:  # no limiter, no send: the ledger keeps the messages
             log.exception("the limiter did not answer; %s messages go back to the ledger", n)
             return 0
         if guard is not None:

@@ -173,7 +173,7 @@ def _render(claimed: list, contacts: dict, campaigns: dict, steps: dict, guard: 
             continue
         try:
             emails[r.id] = build_email(r, steps[r.step_id], campaigns[r.campaign_id], contacts.get(r.contact_id))
-        except Exception as exc:  # noqa: BLE001 - a template that cannot render fails the message
+        except Exception as exc:  # a template that cannot render fails the message
             guard.allows(r.id)
             run.add(_outcome(r, "failed", error=f"render: {exc}"))
     return emails
@@ -218,7 +218,7 @@ class _BatchRun:
     def _result(fut, r) -> Outcome:
         try:
             return fut.result()
-        except Exception:  # noqa: BLE001 - a call itself never raises: this failed before it, so nothing was sent
+        except Exception:  # a call itself never raises: this failed before it, so nothing was sent
             log.exception("message %s was not sent; it goes back to the ledger", r.id)
             return _outcome(r, "released")
 
@@ -375,7 +375,7 @@ def _call(r, email: OutgoingEmail, mailer, limiter: Limiter) -> Outcome:
             until = exc.retry_at or (utcnow() + timedelta(seconds=1))
             try:
                 limiter.hold(ACCOUNT_RULE_KEY, _epoch(until))
-            except Exception:  # noqa: BLE001 - the message is rescheduled either way
+            except Exception:  # the message is rescheduled either way
                 log.exception("could not hold the account budget after a 429")
     except AccountError as exc:
         out = _outcome(r, "account", started=started, status=exc.status, error=str(exc), body=exc.body)
@@ -383,7 +383,7 @@ def _call(r, email: OutgoingEmail, mailer, limiter: Limiter) -> Outcome:
         out = _outcome(r, "failed", started=started, status=exc.status, error=str(exc), body=exc.body)
     except AmbiguousSendError as exc:
         out = _outcome(r, "ambiguous", started=started, error=str(exc))
-    except Exception as exc:  # noqa: BLE001 - an unexpected client error: the request may have left
+    except Exception as exc:  # an unexpected client error: the request may have left
         out = _outcome(r, "ambiguous", started=started, error=f"unexpected: {exc!r}")
     out.finished = started + timedelta(seconds=time.perf_counter() - t0)
     return out

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from ..db import is_postgres
 from ..models import Campaign, Contact, Enrollment, Message, Step
-from .common import _M, _id_match, _insert, _not_by_index, new_message_key
+from .common import _M, BULK_PRIORITY, _id_match, _insert, _not_by_index, new_message_key
 
 
 def _first_email(campaign: Campaign) -> tuple[Step | None, int]:
@@ -92,7 +92,7 @@ def _advance_rows(s: Session, rows: list, now: datetime, active_checked: bool) -
             contact_id=r.contact_id, email=emails.get(r.contact_id, r.email), message_key=new_message_key(),
             status="scheduled", due_at=due,
             max_attempts=max_attempts, created_at=now, updated_at=now, attempts=0, resends=0,
-            priority=0, is_test=False,
+            priority=BULK_PRIORITY, is_test=False,
         ))
     if new_rows:
         s.execute(_insert(s, Message.__table__).on_conflict_do_nothing(), new_rows)

@@ -307,7 +307,7 @@ def _one_by_one(Session_, report: ProcessReport, limit: int) -> int:
                 process_batch(s, report, 1, only_id=event_id)
         except TRANSIENT_ERRORS:  # says nothing about the events: the batch is retried as it is
             raise
-        except Exception:  # noqa: BLE001 - logged with its id; the event stays stored
+        except Exception:  # logged with its id; the event stays stored
             log.exception("event %s could not be applied; marked processed without effect", event_id)
             with Session_() as s, s.begin():
                 _mark_processed(s, [event_id], utcnow())
@@ -341,7 +341,7 @@ def process_pending(owner: str | None = None, batch_size: int = BATCH, budget_se
                         n = process_batch(s, report, batch_size)
                 except TRANSIENT_ERRORS:  # says nothing about the events: the batch is retried as it is
                     raise
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("a batch of events failed; applying them one by one")
                     n = _one_by_one(Session_, report, batch_size)
                 if n < batch_size:

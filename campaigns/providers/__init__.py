@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import (  # noqa: F401
+from ..config import get_settings
+from .base import (
     AccountError,
     AmbiguousSendError,
     Mailer,
@@ -13,6 +14,19 @@ from .base import (  # noqa: F401
     SendResult,
 )
 
+__all__ = [
+    "AccountError",
+    "AmbiguousSendError",
+    "Mailer",
+    "OutgoingEmail",
+    "PermanentSendError",
+    "RetryableSendError",
+    "SendError",
+    "SendResult",
+    "get_mailer",
+    "set_mailer",
+]
+
 _mailer = None
 
 
@@ -20,8 +34,7 @@ def get_mailer():
     """The process's mailer (built lazily from the settings; one pooled HTTP client)."""
     global _mailer
     if _mailer is None:
-        from ..config import get_settings
-        from .sendgrid import SendGridMailer
+        from .sendgrid import SendGridMailer  # the sendgrid library loads with the first mailer, not on import
 
         s = get_settings()
         _mailer = SendGridMailer(api_key=s.sendgrid_api_key or "local-sink", host=s.sendgrid_api_host,

@@ -120,14 +120,14 @@ def check_template(source: str | None, kind: str = "plain") -> list[str]:
         return [f"line {exc.lineno}: {exc.message}"]
     except RecursionError:
         return ["line 1: the template is nested too deeply"]
-    except Exception as exc:  # noqa: BLE001 - e.g. Python refusing the generated code: refuse the template
+    except Exception as exc:  # e.g. Python refusing the generated code: refuse the template
         return [f"line 1: the template cannot be compiled ({type(exc).__name__})"]
     try:  # the sample contact: what fails here whoever the contact is, is the template's fault
         _render(template, template_context(SAMPLE_CONTACT, SAMPLE_CAMPAIGN, "https://example.invalid/u/check"),
                 "template")
     except (UnknownAttribute, SecurityError) as exc:  # a limit, an unknown attribute through an alias
         return [f"line {_template_line(exc) or 1}: {exc}"]
-    except Exception:  # noqa: BLE001, S110 - data-dependent failures are reported per message at send time
+    except Exception:  # data-dependent failures are reported per message at send time
         pass
     return []
 
@@ -167,14 +167,14 @@ def _render_one(field: str, source: str, context: dict, field_prefix: str) -> st
         template = _compiled(_kind(field), source)
     except TemplateSyntaxError as exc:
         raise RenderError(name, f"line {exc.lineno}: {exc.message}") from None
-    except Exception as exc:  # noqa: BLE001 - too deep to parse, or Python refusing the generated code
+    except Exception as exc:  # too deep to parse, or Python refusing the generated code
         raise RenderError(name, f"the template cannot be compiled ({type(exc).__name__})") from None
     try:
         return _render(template, context, field)
     except SecurityError as exc:
         line = _template_line(exc)
         raise RenderError(name, f"{f'line {line}: ' if line else ''}refused by the sandbox: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any failure inside a user template is that template's error
+    except Exception as exc:  # any failure inside a user template is that template's error
         raise RenderError(name, f"{type(exc).__name__}: {exc}") from None
 
 
@@ -195,7 +195,7 @@ def render_step(step_like: Any, contact_like: Any, campaign_like: Any, unsubscri
     else:
         try:
             plain = text.html_to_text(html, sandbox.MAX_RENDER_SECONDS)
-        except Exception as exc:  # noqa: BLE001 - HTML the parser gives up on, or takes too long over
+        except Exception as exc:  # HTML the parser gives up on, or takes too long over
             raise RenderError(_field_name(field_prefix, "text"),
                               f"the text part cannot be derived from the HTML ({exc}); give the step a text "
                               "version") from None

@@ -147,7 +147,7 @@ def _check_round(value, args, kwargs) -> None:
         raise TemplateLimitError(f"round(): precision {precision!r} must be a whole number from -20 to 20")
 
 
-def do_date(value, format="%Y-%m-%d"):  # noqa: A002 - the filter's argument as users write it
+def do_date(value, format="%Y-%m-%d"):  # the filter's argument as users write it
     """``|date('%d %B %Y')``: a date, datetime or ISO 8601 text formatted with strftime; text that
     is no date is left as it is."""
     if not isinstance(format, str) or len(format) > MAX_DATE_FORMAT:

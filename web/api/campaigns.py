@@ -12,7 +12,7 @@ from sqlalchemy.orm import selectinload
 
 from campaigns import campaign_rules as rules
 from campaigns.models import Campaign
-from campaigns.stats import campaign_stats, empty_step_stats, shared_campaigns_stats
+from campaigns.stats import LIST_MAX_AGE, campaign_stats, empty_step_stats, shared_campaigns_stats
 
 from ..db import get_db
 from ..params import paginate
@@ -152,7 +152,7 @@ def list_campaigns():
     session = get_db()
     stmt = rules.campaigns_query(g.workspace_id, request.args.get("status") or None)
     page = paginate(session, stmt.options(selectinload(Campaign.steps)), Campaign, lambda c: c)
-    stats = shared_campaigns_stats(session, [c.id for c in page["items"]], max_age=5.0)
+    stats = shared_campaigns_stats(session, [c.id for c in page["items"]], max_age=LIST_MAX_AGE)
     page["items"] = [_with_stats(c, stats[c.id]) for c in page["items"]]
     return CampaignPage().dump(page)
 

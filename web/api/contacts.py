@@ -18,10 +18,12 @@ from marshmallow import fields as mf
 from marshmallow.validate import Length, OneOf, Range
 from sqlalchemy import select
 
-from campaigns import contacts, engine, importer, suppressions
+from campaigns import contacts, csv_reading, engine, importer, suppressions
 from campaigns.config import get_settings
 from campaigns.errors import BadRequest, HeraldError, NotFound
 from campaigns.models import Contact, ContactList, Import, Suppression
+from tasks import jobs
+from tasks.imports import run_import
 
 from ..db import get_db
 from ..params import int_arg, paginate
@@ -240,11 +242,9 @@ def _no_content():
 def _notify_list_changed(list_id: int) -> None:
     """After the commit: running campaigns of the list enroll the new members. The members are
     stored whatever happens here, so a queue failure is logged, not turned into an error."""
-    from tasks import jobs
-
     try:
         jobs.notify_list_changed(list_id)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("could not notify the engine that list %s changed", list_id)
 
 
@@ -416,8 +416,6 @@ def delete_suppression(email: str):
     s = get_db()
     enrolled = engine.unsuppress(s, g.workspace_id, email)  # and enrolled where it was skipped
     s.commit()
-    from tasks import jobs
-
     jobs.notify_enrolled(enrolled)
     return _no_content()
 
@@ -448,7 +446,7 @@ def _save_upload() -> tuple[str, int]:
                 fh.write(chunk)
                 size += len(chunk)
         with open(path, "rb") as fh:
-            importer.inspect_csv(fh)  # an unusable file is a 400 now, not a failed import later
+            csv_reading.inspect_csv(fh)  # an unusable file is a 400 now, not a failed import later
     except BaseException:
         os.unlink(path)
         raise
@@ -487,8 +485,6 @@ def import_contacts():
 
 
 def _queue_import(s, list_id: int | None):
-    from tasks.imports import run_import
-
     path, size = _save_upload()
     job, queued = importer.queue_import(s, g.workspace_id, list_id, path, size, run_import)
     if not queued:

@@ -13,10 +13,11 @@ from marshmallow import Schema, fields, validate
 from sqlalchemy import false, select
 
 from campaigns import campaign_rules as rules
-from campaigns import contacts, engine, queue_health
+from campaigns import contacts, engine, queue_health, stats
 from campaigns.db import TRANSIENT_ERRORS, new_session
-from campaigns.errors import BadRequest
-from campaigns.models import Message, MessageAttempt
+from campaigns.errors import BadRequest, NotFound
+from campaigns.models import Event, Message, MessageAttempt
+from tasks import huey
 
 from .. import streams
 from ..db import get_db
@@ -215,8 +216,6 @@ def test_send(campaign_id):
      "429 with Retry-After past the bound on open streams",
      query=StreamQuery, response=EventStream({"progress": StreamProgressOut, "end": StreamEndOut}), errors=(429,))
 def campaign_stream(campaign_id):
-    from campaigns.stats import shared_campaign_stats
-
     engine.get_campaign(get_db(), g.workspace_id, campaign_id)
     get_db().close()
     try:
@@ -234,7 +233,7 @@ def campaign_stream(campaign_id):
     def snapshot(session):
         c = engine.get_campaign(session, g.workspace_id, campaign_id)
         # shared by every viewer of the campaign in this process; counted afresh once it has ended
-        totals, per_step = shared_campaign_stats(session, campaign_id, max_age=interval,
+        totals, per_step = stats.shared_campaign_stats(session, campaign_id, max_age=interval,
                                                  fresh=c.status in ("completed", "cancelled"))
         return {
             "id": c.id, "status": c.status, "status_reason": c.status_reason, "stats": totals,
@@ -302,8 +301,6 @@ def list_messages():
 
 
 def _own_message(message_id) -> Message:
-    from campaigns.errors import NotFound
-
     m = get_db().get(Message, message_id) if contacts.valid_id(message_id) else None
     if m is None or m.workspace_id != g.workspace_id:
         raise NotFound("no such message")
@@ -313,8 +310,6 @@ def _own_message(message_id) -> Message:
 @bp.get("/messages/<int:message_id>")
 @doc("One message with its attempts and events", response=MessageDetailOut)
 def get_message(message_id):
-    from campaigns.models import Event
-
     m = _own_message(message_id)
     db = get_db()
     attempts = db.scalars(select(MessageAttempt).where(MessageAttempt.message_id == m.id).order_by(MessageAttempt.id))
@@ -363,6 +358,4 @@ def delete_failed(campaign_id):
 @bp.get("/queue")
 @doc("Queue health: depth, scheduled, in flight, stalled, dead letters, failure rate, durations", response=QueueOut)
 def queue():
-    from tasks import huey
-
     return QueueOut().dump(queue_health.snapshot(get_db(), huey, workspace_id=g.workspace_id))

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from campaigns import campaign_rules as rules
 from campaigns import engine
 from campaigns.models import Campaign, Contact, ContactList, Message
-from campaigns.stats import campaign_stats, empty_step_stats, shared_campaign_stats
+from campaigns.stats import LIST_MAX_AGE, campaign_stats, empty_step_stats, shared_campaign_stats
 
 from ..auth import login_required
 from ..db import get_db
@@ -52,9 +52,8 @@ def campaigns_page():
     if status in rules.STATUSES:
         stmt = stmt.where(Campaign.status == status)
     rows, next_before = keyset_page(db, stmt, Campaign)
-    # shared with the campaigns' live views: a page of big running campaigns is not counted
-    # afresh for every visit (each count reads all of a campaign's messages)
-    stats = {c.id: shared_campaign_stats(db, c.id, max_age=5.0)[0] for c in rows}
+    # shared with the campaigns' live views (see campaigns.stats.LIST_MAX_AGE)
+    stats = {c.id: shared_campaign_stats(db, c.id, max_age=LIST_MAX_AGE)[0] for c in rows}
     list_names = dict(db.execute(select(ContactList.id, ContactList.name)
                                  .where(ContactList.workspace_id == g.workspace_id)).all())
     counts = {

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from campaigns import contacts, suppressions
 from campaigns.models import Campaign, Contact, ContactList, Enrollment, ListMember, Message, Suppression
+from tasks import jobs
 
 from ..auth import login_required
 from ..db import get_db
@@ -24,11 +25,9 @@ CONTACT_STATUSES = ("active", "unsubscribed", "bounced", "complained")
 def notify_list_changed(list_id: int) -> None:
     """After the commit: running campaigns of the list enroll the new members (a queue failure
     is logged; the members are stored either way and the reconciler finds them)."""
-    from tasks import jobs
-
     try:
         jobs.notify_list_changed(list_id)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("could not notify the engine that list %s changed", list_id)
 
 
@@ -36,6 +35,7 @@ def all_lists(db) -> list[ContactList]:
     return list(db.scalars(contacts.lists_query(g.workspace_id).order_by(func.lower(ContactList.name))))
 
 
+RECENT_ROWS = 20  # enrollments and messages shown on a contact's page
 SEARCH_MAX = contacts.EMAIL_MAX  # no stored address is longer, so a longer search matches nothing
 
 
@@ -205,10 +205,11 @@ def _contact_context(contact: Contact) -> dict:
         .join(Campaign, Campaign.id == Enrollment.campaign_id)
         .where(Enrollment.contact_id == contact.id)
         .order_by(Enrollment.id.desc())
-        .limit(20)
+        .limit(RECENT_ROWS)
     ).all()
     messages = list(
-        db.scalars(select(Message).where(Message.contact_id == contact.id).order_by(Message.id.desc()).limit(20))
+        db.scalars(select(Message).where(Message.contact_id == contact.id)
+                   .order_by(Message.id.desc()).limit(RECENT_ROWS))
     )
     suppression = db.scalar(
         select(Suppression).where(Suppression.workspace_id == g.workspace_id, Suppression.email == contact.email)

@@ -8,9 +8,11 @@ import uuid
 from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
-from campaigns import contacts, engine, importer, suppressions
+from campaigns import contacts, csv_reading, engine, importer, suppressions
 from campaigns.errors import BadRequest, NotFound
 from campaigns.models import Campaign, Contact, ContactList, Import, Suppression
+from tasks import jobs
+from tasks.imports import run_import
 
 from ..auth import login_required
 from ..db import get_db
@@ -51,7 +53,7 @@ def import_page():
     upload = request.files.get("file")
     with refused() as refusal:
         if upload is None or not upload.filename:
-            raise importer.CsvUnusable("choose a CSV file to import")
+            raise csv_reading.CsvUnusable("choose a CSV file to import")
         list_id = None
         if form["new_list"]:
             row, _ = contacts.get_or_create_list(db, g.workspace_id, form["new_list"])
@@ -72,8 +74,6 @@ def import_page():
 def _queue_import(db, upload, list_id: int | None) -> Import:
     """Save the upload under instance/imports, check it can be read, then queue the same
     background import as ``POST /api/v1/contacts/import?async=1``."""
-    from tasks.imports import run_import
-
     folder = settings().instance_dir / "imports"
     folder.mkdir(parents=True, exist_ok=True)
     path = str(folder / f"{uuid.uuid4().hex}.csv")
@@ -81,7 +81,7 @@ def _queue_import(db, upload, list_id: int | None) -> Import:
         upload.save(path)
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
-            importer.inspect_csv(fh)  # an unusable file is refused now, not failed later
+            csv_reading.inspect_csv(fh)  # an unusable file is refused now, not failed later
     except BaseException:
         if os.path.exists(path):
             os.unlink(path)
@@ -311,8 +311,6 @@ def suppression_remove():
     email = row.email
     enrolled = engine.unsuppress(db, g.workspace_id, email)  # and enrolled where it was skipped
     db.commit()
-    from tasks import jobs
-
     jobs.notify_enrolled(enrolled)
     joined = f" Enrolled in {enrolled} running campaign{'s' if enrolled != 1 else ''} of its lists." if enrolled else ""
     flash(f"{email} removed from the suppression list.{joined}", "success")

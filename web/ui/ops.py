@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from campaigns import contacts, engine, queue_health
 from campaigns.errors import NotFound
 from campaigns.models import Campaign, Contact, Event, Message, MessageAttempt, Step
+from tasks import huey
 
 from ..auth import login_required
 from ..db import get_db
@@ -205,8 +206,6 @@ def campaign_delete_failed(campaign_id: int):
 @bp.get("/queue")
 @login_required
 def queue_page():
-    from tasks import huey
-
     db = get_db()
     snap = queue_health.snapshot(db, huey, workspace_id=g.workspace_id)
     running = db.execute(select(Campaign.id, Campaign.name, Campaign.status)
