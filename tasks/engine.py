@@ -70,11 +70,15 @@ def _wake_dispatcher(at: datetime | None) -> None:
         dispatch.schedule(eta=datetime.fromtimestamp(start, UTC))
 
 
-HOOKS = engine.Hooks(
-    enqueue_send=lambda ids, priority=PRIORITY_BULK: huey.enqueue(
-        send_messages.s(ids, priority > PRIORITY_BULK, priority=priority)),
-    wake_dispatcher=_wake_dispatcher,
-)
+def _enqueue_send(ids: list[int], priority: int = engine.BULK_PRIORITY) -> None:
+    """Queue a send task. Any priority above bulk (the ledger's ``engine.TEST_PRIORITY``, which
+    the reconciler passes, or this module's PRIORITY_TEST) is the interactive lane: the task goes
+    ahead of the dispatcher and of bulk sends in the queue."""
+    interactive = priority > engine.BULK_PRIORITY
+    huey.enqueue(send_messages.s(ids, interactive, priority=PRIORITY_TEST if interactive else PRIORITY_BULK))
+
+
+HOOKS = engine.Hooks(enqueue_send=_enqueue_send, wake_dispatcher=_wake_dispatcher)
 YIELD_SECONDS = 0.5  # a lone worker's dispatcher comes back at least this much later
 
 

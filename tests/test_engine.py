@@ -1189,8 +1189,10 @@ def test_bulk_batches_take_turns_but_test_sends_never_wait(monkeypatch):
     monkeypatch.setattr(task_engine.huey, "enqueue", enqueued.append)
     task_engine.HOOKS.enqueue_send([3], task_engine.PRIORITY_TEST)
     task_engine.HOOKS.enqueue_send([4], task_engine.PRIORITY_BULK)
+    task_engine.HOOKS.enqueue_send([5], engine.TEST_PRIORITY)  # the reconciler's, from the ledger's scale
     assert [(t.args, t.priority) for t in enqueued] == [(([3], True), task_engine.PRIORITY_TEST),
-                                                        (([4], False), task_engine.PRIORITY_BULK)]
+                                                        (([4], False), task_engine.PRIORITY_BULK),
+                                                        (([5], True), task_engine.PRIORITY_TEST)]
 
 
 def test_pause_mid_batch_stops_the_rest_of_the_batch(api, sink, db, monkeypatch):

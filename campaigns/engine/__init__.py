@@ -26,7 +26,7 @@ from . import (
     send,
     sequence,
 )
-from .common import PENDING, SEND_BATCH, Hooks, get_campaign, new_message_key, worker_id
+from .common import BULK_PRIORITY, PENDING, SEND_BATCH, TEST_PRIORITY, Hooks, get_campaign, new_message_key, worker_id
 from .dead_letters import delete_dead_letter, delete_failed, replay_failed, replay_message, settle_ambiguous
 from .dispatch import DispatchResult, _next_due, _next_due_stmt, _queue_stmt, dispatch_once, run_dispatcher
 from .enrollment import enroll_contact, enroll_new_members_of_list, fanout, fanout_in_parts, fanout_lease, unsuppress
@@ -53,6 +53,7 @@ __all__ = [
     "utcnow", "get_limiter",
     "UNSETTLED", "maybe_complete", "common", "dead_letters", "dispatch", "enrollment", "lifecycle", "limits",
     "pacing", "planning", "record", "send", "reconciler", "sequence", "PENDING", "SEND_BATCH", "Hooks",
+    "BULK_PRIORITY", "TEST_PRIORITY",
     "get_campaign", "new_message_key", "worker_id", "delete_dead_letter", "delete_failed", "replay_failed",
     "replay_message", "settle_ambiguous", "DispatchResult", "_next_due", "_next_due_stmt", "_queue_stmt",
     "dispatch_once", "run_dispatcher", "enroll_contact", "enroll_new_members_of_list", "fanout", "fanout_in_parts",
