@@ -519,3 +519,27 @@ def preview_step(session: Session, campaign: Campaign, data, unsubscribe_url: st
         "contact": {"id": contact_id, "email": contact_email},
         **result,
     }
+
+
+# --------------------------------------------------------------------------- templates saved by older versions
+
+OPEN_STATUSES = ("draft", "scheduled", "running", "paused")
+
+
+def refused_templates(session: Session) -> list[tuple[Campaign, Step, dict]]:
+    """The email steps of campaigns that may still send (every workspace) whose templates the
+    template language refuses now, with ``{field: ["line N: message", ...]}``. Templates saved
+    by an older Herald may use what the allow-list no longer has (``|format``, methods...): each
+    of their emails would fail at send, so an upgrade is checked with this first
+    (``flask --app wsgi check-templates``)."""
+    found = []
+    rows = session.execute(
+        select(Campaign, Step).join(Step, Step.campaign_id == Campaign.id)
+        .where(Campaign.status.in_(OPEN_STATUSES), Step.type == "email")
+        .order_by(Campaign.id, Step.position)
+    ).all()
+    for campaign, step in rows:
+        errors = templating.template_errors(step.subject, step.html, step.text, f"steps[{step.position}]")
+        if errors:
+            found.append((campaign, step, errors))
+    return found

@@ -585,3 +585,31 @@ def test_a_template_whose_cost_depends_on_contact_data_fails_that_email_only(api
         "iterations and operations)")
     (accepted,) = sink.accepted()
     assert accepted["idempotency_key"] == msgs["small@example.com"].message_key
+
+
+def test_check_templates_lists_open_campaigns_steps_an_older_version_saved(api, app, db):
+    """A template saved before the allow-list (stored as an older Herald stored it) is named by
+    ``flask --app wsgi check-templates`` with its campaign, field and line; a finished campaign's
+    is not, and the command passes once the step is edited."""
+    from campaigns.models import Campaign, Step
+
+    lst = api.post("/api/v1/lists", json={"name": "Upgrade"}).json["id"]
+    body = {"name": "Old", "list_id": lst, "from_email": "team@example.com",
+            "steps": [{"type": "email", "subject": "Hi", "html": "<p>fine</p>"}]}
+    old, done = (api.post("/api/v1/campaigns", json={**body, "name": n}).json["id"] for n in ("Old", "Done"))
+    for cid, status in ((old, "running"), (done, "completed")):
+        step = db.query(Step).filter_by(campaign_id=cid).one()
+        step.html = "<p>Hi</p>\n<p>{{ '%s!' % contact.first_name }}</p>"
+        db.get(Campaign, cid).status = status
+    db.commit()
+
+    result = app.test_cli_runner().invoke(args=["check-templates"])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("workspace")]
+    assert len(lines) == 1 and f"campaign {old} ('Old', running), steps[0].html: line 2:" in lines[0], result.output
+    assert "1 step to edit" in result.output
+
+    db.query(Step).filter_by(campaign_id=old).one().html = "<p>{{ contact.first_name ~ '!' }}</p>"
+    db.commit()
+    result = app.test_cli_runner().invoke(args=["check-templates"])
+    assert result.exit_code == 0 and "accepted" in result.output, result.output

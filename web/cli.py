@@ -9,7 +9,7 @@ from flask import Flask
 from flask.cli import AppGroup
 from sqlalchemy import func, select
 
-from campaigns import accounts, engine
+from campaigns import accounts, campaign_rules, engine
 from campaigns.config import ConfigError, get_settings
 from campaigns.contacts import valid_id
 from campaigns.db import check_database, session_scope
@@ -190,6 +190,24 @@ def unlock_sign_in(emails, clients, everything):
         n = lift_lockouts(s, list(emails), list(clients), everything)
     what = "every address" if everything else ", ".join([*emails, *(f"client {c}" for c in clients)])
     click.echo(f"forgot the failed sign-ins of {what} ({n} count{'' if n == 1 else 's'} removed)")
+
+
+@commands.command("check-templates")
+def check_templates():
+    """List the email steps of open campaigns (draft, scheduled, running, paused) whose templates
+    the template language refuses (saved by an older version); exit status 1 when there are any.
+    Run it after an upgrade: such a step's emails fail at send until it is edited."""
+    with session_scope() as s:
+        found = campaign_rules.refused_templates(s)
+        for campaign, _step, errors in found:
+            for field, problems in errors.items():
+                for problem in problems:
+                    click.echo(f"workspace {campaign.workspace_id}, campaign {campaign.id} ({campaign.name!r}, "
+                               f"{campaign.status}), {field}: {problem}")
+    if found:
+        raise click.ClickException(f"{len(found)} step{'s' if len(found) != 1 else ''} to edit "
+                                   "(docs/templates.md lists what templates may use)")
+    click.echo("every open campaign's templates are accepted")
 
 
 @commands.command("demo")
