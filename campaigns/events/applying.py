@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from .. import engine, leases
 from ..db import TRANSIENT_ERRORS, is_postgres, one_of, session_factory, utcnow
+from ..ids import valid_id
 from ..models import Campaign, Event, Message, Workspace
 from ..sequences import stop_enrollments
 from ..suppressions import suppress
@@ -74,7 +75,7 @@ def _workspace_arg(payload: dict) -> int | None:
         value = int(raw) if isinstance(raw, str | int) and not isinstance(raw, bool) else None
     except ValueError:
         return None
-    return value if value and 0 < value < 2**63 else None
+    return value if valid_id(value) else None
 
 
 @dataclass
