@@ -91,11 +91,12 @@ def keyset(session, stmt, model, *, limit: int, start: int | None = None, newest
     return rows, (rows[-1].id if more and rows else None)
 
 
-def paginate(session, stmt, model, serialize, limit: int | None = None) -> dict:
-    """The API's page, oldest first: ``{"items": [...], "next_cursor": str | None}``."""
+def paginate(session, stmt, model, limit: int | None = None) -> dict:
+    """The API's page, oldest first: ``{"items": [rows], "next_cursor": str | None}`` (the
+    caller dumps it through its page schema)."""
     limit = limit or page_limit()
     rows, last = keyset(session, stmt, model, limit=limit, start=decode_cursor(request.args.get("cursor")))
-    return {"items": [serialize(r) for r in rows], "next_cursor": encode_cursor(last) if last is not None else None}
+    return {"items": rows, "next_cursor": encode_cursor(last) if last is not None else None}
 
 
 def keyset_page(session, stmt, model, limit: int = PAGE_SIZE):

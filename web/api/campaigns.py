@@ -151,7 +151,7 @@ def create_campaign():
 def list_campaigns():
     session = get_db()
     stmt = rules.campaigns_query(g.workspace_id, request.args.get("status") or None)
-    page = paginate(session, stmt.options(selectinload(Campaign.steps)), Campaign, lambda c: c)
+    page = paginate(session, stmt.options(selectinload(Campaign.steps)), Campaign)
     stats = shared_campaigns_stats(session, [c.id for c in page["items"]], max_age=LIST_MAX_AGE)
     page["items"] = [_with_stats(c, stats[c.id]) for c in page["items"]]
     return CampaignPage().dump(page)

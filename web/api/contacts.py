@@ -209,7 +209,7 @@ def _contacts(session, rows: list[Contact]) -> list[With]:
 
 
 def _contact_page(session, stmt) -> dict:
-    page = _paginate(session, stmt, Contact)
+    page = paginate(session, stmt, Contact)
     page["items"] = _contacts(session, page["items"])
     return ContactPage().dump(page)
 
@@ -228,11 +228,6 @@ def _import(row: Import) -> With:
     # listed are what the other counts leave over.
     return With(row, progress=importer.import_progress(row), rows=row.rows_done,
                 errors_truncated=max(0, row.rows_done - accounted))
-
-
-def _paginate(session, stmt, model) -> dict:
-    """``paginate`` whose page items are the rows themselves (dumped by the caller's schema)."""
-    return paginate(session, stmt, model, lambda row: row)
 
 
 def _no_content():
@@ -320,7 +315,7 @@ def create_list():
 @doc("List the lists, paged by cursor", query=PageQuery, response=ListPage, tags=["lists"])
 def list_lists():
     s = get_db()
-    page = _paginate(s, contacts.lists_query(g.workspace_id), ContactList)
+    page = paginate(s, contacts.lists_query(g.workspace_id), ContactList)
     counts = contacts.member_counts(s, (r.id for r in page["items"]))
     page["items"] = [With(r, member_count=counts.get(r.id, 0)) for r in page["items"]]
     return ListPage().dump(page)
@@ -394,7 +389,7 @@ def remove_member(list_id: int, contact_id: int):
 @doc("The suppression list, paged by cursor", query=PageQuery, response=SuppressionPage, tags=["suppressions"])
 def list_suppressions():
     s = get_db()
-    return SuppressionPage().dump(_paginate(s, suppressions.suppressions_query(g.workspace_id), Suppression))
+    return SuppressionPage().dump(paginate(s, suppressions.suppressions_query(g.workspace_id), Suppression))
 
 
 @bp.route("/suppressions", methods=["POST"])
@@ -497,7 +492,7 @@ def _queue_import(s, list_id: int | None):
 def list_imports():
     s = get_db()
     stmt = select(Import).where(Import.workspace_id == g.workspace_id)
-    page = _paginate(s, stmt, Import)
+    page = paginate(s, stmt, Import)
     page["items"] = [_import(row) for row in page["items"]]
     return ImportPage().dump(page)
 

@@ -297,7 +297,7 @@ def list_messages():
     step_id = int_arg("step_id")
     if step_id is not None:
         stmt = stmt.where(Message.step_id == step_id)
-    return MessagePage().dump(paginate(get_db(), stmt, Message, lambda m: m))
+    return MessagePage().dump(paginate(get_db(), stmt, Message))
 
 
 def _own_message(message_id) -> Message:
