@@ -248,6 +248,9 @@ class Step(Base):
     html: Mapped[str | None] = mapped_column(Text)
     text: Mapped[str | None] = mapped_column(Text)
     wait_seconds: Mapped[int | None] = mapped_column(Integer)
+    # Email steps: follow the previous email's thread (In-Reply-To/References, "Re:" when the
+    # subject is empty). NULL: the default (true for every email after the first).
+    thread: Mapped[bool | None] = mapped_column(Boolean)
     # Dead letters of this step deleted for good: still counted in its (cumulative) ``failed``.
     failed_deleted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
@@ -272,6 +275,9 @@ class Enrollment(Base):
     # active | completed | stopped
     status: Mapped[str] = mapped_column(String(20), default="active", server_default="active")
     stopped_reason: Mapped[str | None] = mapped_column(String(40))
+    # The sender this contact's whole sequence comes from: chosen when its first email is
+    # dispatched (by each sender's room), then kept (NULL: not chosen yet).
+    sender_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("senders.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
@@ -291,6 +297,8 @@ class Message(Base):
         Index("ix_messages_lease", "status", "lease_expires_at"),
         Index("ix_messages_provider_id", "provider_message_id"),
         Index("ix_messages_contact", "contact_id"),
+        # A sender's recent sends (sent today, bounce rate over its last sends).
+        Index("ix_messages_sender_sent", "sender_id", "sent_at"),
         {"sqlite_autoincrement": True},
     )
 
@@ -304,6 +312,12 @@ class Message(Base):
     contact_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("contacts.id", ondelete="SET NULL"))
     email: Mapped[str] = mapped_column(String(320))
     message_key: Mapped[str] = mapped_column(String(64), unique=True)
+    # The sender it goes from (NULL until the dispatcher assigns the enrollment's sender), the
+    # subject as sent (threads: "Re: <previous subject>"), and the recipient's mailbox provider
+    # (google | microsoft | yahoo | other: the per-provider spam guardrail), set at send time.
+    sender_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("senders.id", ondelete="SET NULL"))
+    subject: Mapped[str | None] = mapped_column(Text)
+    mailbox_provider: Mapped[str | None] = mapped_column(String(16))
     # scheduled | queued | sending | sent | delivered | bounced | dropped | ambiguous | failed | cancelled
     status: Mapped[str] = mapped_column(String(20), default="scheduled", server_default="scheduled")
     is_test: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
@@ -417,6 +431,98 @@ class Reply(Base):
     # sha256 of the reply's own Message-ID (else of its content): Inbound Parse retries store once.
     dedupe_key: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Where it came from: inbound_parse | imap; for IMAP, the mailbox (sender) it was read from.
+    source: Mapped[str] = mapped_column(String(20), default="inbound_parse", server_default="inbound_parse")
+    sender_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("senders.id", ondelete="SET NULL"))
+
+
+class Sender(Base):
+    """A From identity: a SendGrid sender identity or an SMTP mailbox (optionally read over IMAP).
+
+    ``smtp``/``imap`` hold the connection settings without secrets; ``credentials`` is one Fernet
+    token (``campaigns.secret_box``, key derived from SECRET_KEY) of a JSON object
+    ``{"smtp": {"kind": "password", "password": ...}, "imap": {...}}``: a later credential kind
+    (``{"kind": "xoauth2", ...}``) is a new ``kind`` in the same blob, not a migration.
+    ``status`` is ``ok`` or ``paused`` (a guardrail or a person; ``status_reason`` says why);
+    ``throttled`` is computed, never stored. ``imap_uidvalidity``/``imap_last_uid``: where the
+    mailbox poll got to.
+    """
+
+    __tablename__ = "senders"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "email", name="uq_senders_workspace_email"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    email: Mapped[str] = mapped_column(String(320))  # normalised (lower-cased) address
+    name: Mapped[str | None] = mapped_column(String(200))
+    reply_to: Mapped[str | None] = mapped_column(String(320))
+    signature_html: Mapped[str | None] = mapped_column(Text)
+    provider: Mapped[str] = mapped_column(String(20), default="sendgrid")  # sendgrid | smtp
+    smtp: Mapped[dict | None] = mapped_column(JSON)
+    imap: Mapped[dict | None] = mapped_column(JSON)
+    credentials: Mapped[str | None] = mapped_column(Text)
+    daily_cap: Mapped[int | None] = mapped_column(Integer)
+    warmup: Mapped[dict | None] = mapped_column(JSON)
+    min_gap_seconds: Mapped[int | None] = mapped_column(Integer)
+    max_gap_seconds: Mapped[int | None] = mapped_column(Integer)
+    forward_replies_to: Mapped[str | None] = mapped_column(String(320))
+    status: Mapped[str] = mapped_column(String(20), default="ok", server_default="ok")
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    paused_at: Mapped[datetime | None] = mapped_column(DateTime)
+    imap_uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
+    imap_last_uid: Mapped[int | None] = mapped_column(BigInteger)
+    imap_checked_at: Mapped[datetime | None] = mapped_column(DateTime)
+    imap_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class SenderAudit(Base):
+    """What happened to a sender's standing, kept for the record: ``paused`` (by a guardrail,
+    with the reason) and ``resumed`` (by whom: a user's address or an API key's prefix)."""
+
+    __tablename__ = "sender_audit"
+    __table_args__ = (Index("ix_sender_audit_sender", "sender_id", "id"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = _pk()
+    workspace_id: Mapped[int] = _ws()
+    sender_id: Mapped[int] = mapped_column(BigId, ForeignKey("senders.id", ondelete="CASCADE"))
+    action: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(320))
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class CampaignSender(Base):
+    """The senders a campaign sends from, in the order given (``sender_ids``)."""
+
+    __tablename__ = "campaign_senders"
+    __table_args__ = (Index("ix_campaign_senders_sender", "sender_id"),)
+
+    campaign_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
+    sender_id: Mapped[int] = mapped_column(BigId, ForeignKey("senders.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ProviderGuard(Base):
+    """The spam guardrail's standing for one recipient mailbox provider in one workspace:
+    ``ok``, ``halved`` (spam reports above 0.1% of the last 7 days' deliveries: half the rate)
+    or ``stopped`` (above 0.3%: nothing goes to that provider until a person resumes)."""
+
+    __tablename__ = "provider_guards"
+
+    workspace_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16), primary_key=True)  # google | microsoft | yahoo | other
+    state: Mapped[str] = mapped_column(String(20), default="ok")
+    reason: Mapped[str | None] = mapped_column(Text)
+    changed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    resumed_by: Mapped[str | None] = mapped_column(String(320))
+    resumed_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Import(Base):
