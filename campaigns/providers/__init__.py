@@ -24,6 +24,7 @@ __all__ = [
     "SendError",
     "SendResult",
     "get_mailer",
+    "mailer_for",
     "set_mailer",
 ]
 
@@ -45,3 +46,14 @@ def get_mailer():
 def set_mailer(mailer) -> None:
     global _mailer
     _mailer = mailer
+
+
+def mailer_for(sender) -> Mailer:
+    """The mailer that sends as ``sender`` (a ``Sender`` row or a detached copy; None: the
+    account's SendGrid mailer). SendGrid identities share the process's one SendGrid mailer;
+    an SMTP mailbox gets its own (``smtp.smtp_mailer``: pooled connections per consumer thread)."""
+    if sender is None or sender.provider != "smtp":
+        return get_mailer()
+    from .smtp import smtp_mailer  # smtplib and the pools load with the first SMTP sender
+
+    return smtp_mailer(sender)
